@@ -1,0 +1,63 @@
+# clip — developer and operator entry points.
+# `make demo` and `make test` are the two setup commands in the README: each installs what it
+# needs (Debian packages, then a virtualenv in .venv) and then does its job.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+# Debian packages the daemon, the tests and the demo use.
+APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
+	docker-registry redis-server skopeo stargz-snapshotter tar gzip zstd iproute2 \
+	golang-github-containerd-containerd-dev
+
+.PHONY: system-deps venv proto proto-check lint unit integration test demo demo-clean bench clean
+
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: system-deps $(VENV)/.installed
+
+# Regenerate the Python modules for proto/*.proto (see proto/README.md).
+proto: venv
+	$(PY) proto/generate.py
+
+lint: venv
+	$(VENV)/bin/ruff check snapshotter tests integration bench proto
+	$(VENV)/bin/mypy snapshotter
+
+unit: venv
+	$(PY) -m pytest tests
+
+integration: venv
+	$(PY) -m pytest integration
+
+test: venv lint
+	$(PY) -m pytest
+
+demo: venv
+	$(PY) -m snapshotter.demo
+
+demo-clean:
+	$(PY) -m snapshotter.demo --clean || rm -rf .work/demo
+
+bench: venv
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
