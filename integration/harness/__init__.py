@@ -1,0 +1,1 @@
+"""Test harness: real components (docker-registry, images, proxies) started by the tests."""
