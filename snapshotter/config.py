@@ -1,0 +1,194 @@
+"""The daemon's TOML configuration: schema, defaults, validation, flag overrides.
+
+Every key and its default is documented in config/clip.toml. Loading is strict: an unknown
+table or key, or a value of the wrong type or range, raises InvalidArgument naming the file
+and the dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from snapshotter.errors import InvalidArgument
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    root: str = "/var/lib/clip"
+    address: str = "/run/clip/clip.sock"
+    socket_mode: int = 0o660
+    log_level: str = "info"
+    log_format: str = "json"
+    metrics_address: str = ""
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    plain_http: bool = False
+    mirrors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContentCacheConfig:
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    allow_other: bool = True
+    read_timeout_seconds: float = 30.0
+    max_read_ahead_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DiskCacheConfig:
+    dir: str = ""
+    limit_bytes: int = 10 * 1024**3
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    registry: dict[str, RegistryConfig] = field(default_factory=dict)
+    content_cache: ContentCacheConfig = field(default_factory=ContentCacheConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+    disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
+
+    def registry_for(self, host: str) -> RegistryConfig:
+        return self.registry.get(host, RegistryConfig())
+
+    def cache_dir(self) -> Path:
+        """The disk cache directory: configured, or <root>/cache."""
+        return Path(self.disk_cache.dir or Path(self.daemon.root) / "cache")
+
+
+class _Loader:
+    """Converts one parsed TOML document into a Config, naming every fault."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, why: str) -> InvalidArgument:
+        return InvalidArgument(f"config {self.source}: {key}: {why}")
+
+    def table(self, name: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(name, "expected a table")
+        return value
+
+    def section(self, cls: Any, name: str, raw: Any) -> Any:
+        values = self.table(name, raw)
+        known = {f.name: f for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise self.fail(f"{name}.{key}", "unknown key")
+            out[key] = self.value(f"{name}.{key}", getattr(cls(), key), value)
+        instance = cls(**out)
+        self.check(name, instance)
+        return instance
+
+    def value(self, key: str, default: Any, value: Any) -> Any:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise self.fail(key, f"expected true or false, got {value!r}")
+            return value
+        if key.endswith("_bytes"):
+            return self.size(key, value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(key, f"expected an integer, got {value!r}")
+            return value
+        if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise self.fail(key, f"expected a positive number, got {value!r}")
+            return float(value)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(key, f"expected a list of strings, got {value!r}")
+            return tuple(value)
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {value!r}")
+        return value
+
+    def size(self, key: str, value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        match = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if match is None:
+            raise self.fail(key, f"expected a size like 10GiB or a byte count, got {value!r}")
+        return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+
+    def check(self, name: str, section: Any) -> None:
+        if isinstance(section, DaemonConfig):
+            if section.log_level not in LOG_LEVELS:
+                raise self.fail(f"{name}.log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+            if section.log_format not in LOG_FORMATS:
+                raise self.fail(f"{name}.log_format", f"expected one of {', '.join(LOG_FORMATS)}")
+            if not 0 <= section.socket_mode <= 0o777:
+                raise self.fail(f"{name}.socket_mode", "expected a file mode such as 0o660")
+        if isinstance(section, RegistryConfig):
+            for mirror in section.mirrors:
+                if not re.match(r"^https?://[^/\s]+", mirror):
+                    raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
+        if (
+            isinstance(section, ContentCacheConfig)
+            and section.url
+            and not re.match(r"^(redis|rediss|unix)://", section.url)
+        ):
+            raise self.fail(f"{name}.url", f"{section.url!r}: expected redis:// or rediss://")
+
+    def config(self, doc: dict[str, Any]) -> Config:
+        kinds: dict[str, Any] = {
+            "daemon": DaemonConfig,
+            "content_cache": ContentCacheConfig,
+            "fuse": FuseConfig,
+            "disk_cache": DiskCacheConfig,
+        }
+        out: dict[str, Any] = {}
+        for name, raw in doc.items():
+            if name == "registry":
+                out["registry"] = {
+                    host: self.registry(host, value)
+                    for host, value in self.table(name, raw).items()
+                }
+            elif name in kinds:
+                out[name] = self.section(kinds[name], name, raw)
+            else:
+                raise self.fail(name, "unknown table")
+        return Config(**out)
+
+    def registry(self, host: str, raw: Any) -> RegistryConfig:
+        if not _HOST_RE.match(host):
+            raise self.fail(f'registry."{host}"', "expected HOST or HOST:PORT")
+        section: RegistryConfig = self.section(RegistryConfig, f'registry."{host}"', raw)
+        return section
+
+
+def load(path: Path | None) -> Config:
+    """Read a config file (None: all defaults)."""
+    if path is None:
+        return Config()
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidArgument(f"config {path}: cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"config {path}: not valid TOML: {exc}") from None
+    return _Loader(str(path)).config(doc)
+
+
+def with_overrides(config: Config, **daemon: Any) -> Config:
+    """Apply command-line flags (None = not given) over the file's daemon settings."""
+    given = {k: v for k, v in daemon.items() if v is not None}
+    return replace(config, daemon=replace(config.daemon, **given))
