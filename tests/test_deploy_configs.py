@@ -75,9 +75,7 @@ def test_every_toml_under_config_parses(path: Path) -> None:
     assert isinstance(_load_toml(path), dict)
 
 
-@pytest.mark.parametrize(
-    "path", _files("containerd*.toml"), ids=lambda p: str(p.relative_to(REPO))
-)
+@pytest.mark.parametrize("path", _files("containerd*.toml"), ids=lambda p: str(p.relative_to(REPO)))
 def test_containerd_configs_declare_the_clip_proxy_plugin(path: Path) -> None:
     """Any containerd config we ship reaches clip as a snapshot proxy plugin over a socket."""
     doc = _load_toml(path)
@@ -305,8 +303,9 @@ STR_MAP = {"*": str}
 OBJECT_META: Schema = {"name": str, "namespace": str, "labels": STR_MAP, "annotations": STR_MAP}
 LABEL_SELECTOR: Schema = {
     "matchLabels": STR_MAP,
-    "matchExpressions": [{"key": str, "operator": {"In", "NotIn", "Exists", "DoesNotExist"},
-                          "values": [str]}],
+    "matchExpressions": [
+        {"key": str, "operator": {"In", "NotIn", "Exists", "DoesNotExist"}, "values": [str]}
+    ],
 }
 TOLERATION: Schema = {
     "key": str,
@@ -346,21 +345,35 @@ CONTAINER: Schema = {
     "livenessProbe": PROBE,
     "startupProbe": PROBE,
     "resources": {"requests": QUANTITIES, "limits": QUANTITIES},
-    "volumeMounts": [{
-        "name": str,
-        "mountPath": str,
-        "readOnly": bool,
-        "subPath": str,
-        "mountPropagation": {"None", "HostToContainer", "Bidirectional"},
-    }],
+    "volumeMounts": [
+        {
+            "name": str,
+            "mountPath": str,
+            "readOnly": bool,
+            "subPath": str,
+            "mountPropagation": {"None", "HostToContainer", "Bidirectional"},
+        }
+    ],
 }
-HOST_PATH_TYPES = {"", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket",
-                   "CharDevice", "BlockDevice"}
+HOST_PATH_TYPES = {
+    "",
+    "DirectoryOrCreate",
+    "Directory",
+    "FileOrCreate",
+    "File",
+    "Socket",
+    "CharDevice",
+    "BlockDevice",
+}
 VOLUME: Schema = {
     "name": str,
     "hostPath": {"path": str, "type": HOST_PATH_TYPES},
-    "configMap": {"name": str, "optional": bool, "defaultMode": int,
-                  "items": [{"key": str, "path": str}]},
+    "configMap": {
+        "name": str,
+        "optional": bool,
+        "defaultMode": int,
+        "items": [{"key": str, "path": str}],
+    },
     "emptyDir": {"medium": str, "sizeLimit": str},
 }
 POD_SPEC: Schema = {
@@ -439,9 +452,7 @@ def _only(path: Path, kind: str) -> dict[str, Any]:
     return docs[0]
 
 
-@pytest.mark.parametrize(
-    "path", _files("*.yaml", "*.yml"), ids=lambda p: str(p.relative_to(REPO))
-)
+@pytest.mark.parametrize("path", _files("*.yaml", "*.yml"), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_yaml_under_config_parses_with_known_kubernetes_fields(path: Path) -> None:
     docs = _documents(path)
     assert docs, f"{path.name} holds no document"
@@ -498,8 +509,11 @@ def test_daemonset_mounts_host_paths_at_the_same_place() -> None:
     volumes = {v["name"]: v for v in _pod_spec()["volumes"]}
     mounts = {m["mountPath"]: m for m in _clip_container()["volumeMounts"]}
     assert {m["name"] for m in mounts.values()} <= volumes.keys()
-    expected = {"/dev/fuse": "CharDevice", ROOT: "DirectoryOrCreate",
-                str(Path(SOCKET).parent): "DirectoryOrCreate"}
+    expected = {
+        "/dev/fuse": "CharDevice",
+        ROOT: "DirectoryOrCreate",
+        str(Path(SOCKET).parent): "DirectoryOrCreate",
+    }
     for path, host_type in expected.items():
         host_path = volumes[mounts[path]["name"]]["hostPath"]
         assert host_path == {"path": path, "type": host_type}
