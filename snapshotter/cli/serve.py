@@ -1,0 +1,51 @@
+"""``clip serve``: run the snapshotter daemon containerd reaches through proxy_plugins."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from snapshotter import config as config_mod
+from snapshotter import logs
+from snapshotter.service.daemon import Daemon
+
+EPILOG = """\
+example:
+  clip serve --root /var/lib/clip --address /run/clip/clip.sock --config /etc/clip/clip.toml
+
+containerd config (see config/containerd.toml):
+  [proxy_plugins.clip]
+    type = "snapshot"
+    address = "/run/clip/clip.sock"
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve containerd's Snapshots API on a unix socket",
+        description="Serve containerd's Snapshots gRPC API on a unix socket. Flags override "
+        "the config file; SIGTERM or SIGINT stop the daemon cleanly.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--root", help="state directory (default /var/lib/clip)")
+    parser.add_argument("--address", help="unix socket path (default /run/clip/clip.sock)")
+    parser.add_argument("--config", type=Path, help="TOML config file (see config/clip.toml)")
+    parser.add_argument("--log-level", choices=config_mod.LOG_LEVELS, help="default info")
+    parser.add_argument("--log-format", choices=config_mod.LOG_FORMATS, help="default json")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_mod.with_overrides(
+        config_mod.load(args.config),
+        root=args.root,
+        address=args.address,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+    logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
+    asyncio.run(Daemon(cfg).run())
+    return 0
