@@ -1,0 +1,13 @@
+"""Caches of decompressed layer bytes: a bounded memory tier and the persistent disk tier."""
+
+from snapshotter.cache.disk import BLOCK_SIZE, DiskCache, LayerCache, SequentialWriter, digest_hex
+from snapshotter.cache.memory import MemoryTier
+
+__all__ = [
+    "BLOCK_SIZE",
+    "DiskCache",
+    "LayerCache",
+    "MemoryTier",
+    "SequentialWriter",
+    "digest_hex",
+]

@@ -1,0 +1,353 @@
+"""Disk tier: decompressed layer bytes, one sparse file per layer digest plus a presence record.
+
+Layout under `<root>/cache/<digest hex>/`:
+
+- `data`    — sparse file; byte `u` is byte `u` of the layer's uncompressed tar stream.
+- `present` — which fixed-size blocks of `data` hold valid bytes (see `_Record`).
+
+The unit of presence is an aligned block of `block_size` bytes (1 MiB by default) of the
+uncompressed stream; the last block ends at the stream end. Crash safety rests on ordering: a
+block's bit is persisted only by `flush()`, which snapshots the bitmap, `fdatasync`s the data file
+and only then atomically replaces the record (write temp, fsync, rename, fsync dir). A crash can
+therefore lose the knowledge that a block is present (it is fetched again), never claim a block
+whose bytes are not on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+from snapshotter.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 1 << 20
+_MAGIC = b"CLIPBM01"
+_HEADER = struct.Struct("<8sIIQQI")  # magic, block_size, flags, size, nblocks, crc32(bitmap)
+_SIZE_KNOWN = 1
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_FLUSH_INTERVAL = 1.0
+_PREFILL_FLUSH_BYTES = 64 << 20
+
+
+def digest_hex(digest: str) -> str:
+    """The directory name for a layer digest; rejects anything that is not sha256:<64 hex>."""
+    m = _DIGEST_RE.match(digest)
+    if m is None:
+        raise InvalidArgument(f"cache: not a sha256 layer digest: {digest!r}")
+    return m.group(1)
+
+
+class _Record:
+    """The persisted presence bitmap: a fixed header with a CRC, then one bit per block."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.size: int | None = None
+        self.bits = bytearray()
+
+    def test(self, block: int) -> bool:
+        byte = block >> 3
+        return byte < len(self.bits) and bool(self.bits[byte] & (1 << (block & 7)))
+
+    def set(self, block: int) -> None:
+        byte = block >> 3
+        if byte >= len(self.bits):
+            self.bits.extend(bytes(byte + 1 - len(self.bits)))
+        self.bits[byte] |= 1 << (block & 7)
+
+    def count(self) -> int:
+        return sum(bin(b).count("1") for b in self.bits)
+
+    def encode(self) -> bytes:
+        flags = _SIZE_KNOWN if self.size is not None else 0
+        bits = bytes(self.bits)
+        head = _HEADER.pack(
+            _MAGIC, self.block_size, flags, self.size or 0, len(bits) * 8, zlib.crc32(bits)
+        )
+        return head + bits
+
+    @classmethod
+    def decode(cls, data: bytes, block_size: int) -> _Record | None:
+        """Parse a record; None when it is damaged or was written with another block size."""
+        if len(data) < _HEADER.size:
+            return None
+        magic, bsize, flags, size, nblocks, crc = _HEADER.unpack_from(data)
+        bits = data[_HEADER.size :]
+        if magic != _MAGIC or bsize != block_size or len(bits) * 8 != nblocks:
+            return None
+        if zlib.crc32(bits) != crc:
+            return None
+        rec = cls(block_size)
+        rec.size = size if flags & _SIZE_KNOWN else None
+        rec.bits = bytearray(bits)
+        return rec
+
+
+class LayerCache:
+    """Cached decompressed bytes of one layer. Thread-safe: the FUSE loop reads, worker threads
+    and the layer provider write."""
+
+    def __init__(self, directory: Path, digest: str, block_size: int = BLOCK_SIZE) -> None:
+        self.digest = digest
+        self.directory = directory
+        self.block_size = block_size
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._record = self._load()
+        self._fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def _load(self) -> _Record:
+        path = self.directory / "present"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return _Record(self.block_size)
+        rec = _Record.decode(data, self.block_size)
+        if rec is None:
+            log.warning("cache: damaged presence record %s, starting empty", path)
+            return _Record(self.block_size)
+        return rec
+
+    # --- queries ------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int | None:
+        """Uncompressed stream size, once known."""
+        return self._record.size
+
+    def block_range(self, uoff: int, length: int) -> range:
+        """Blocks covering stream bytes [uoff, uoff+length)."""
+        if length <= 0:
+            return range(0)
+        bs = self.block_size
+        return range(uoff // bs, (uoff + length - 1) // bs + 1)
+
+    def has(self, block: int) -> bool:
+        return self._record.test(block)
+
+    def has_range(self, uoff: int, length: int) -> bool:
+        rec = self._record
+        return all(rec.test(b) for b in self.block_range(uoff, length))
+
+    def nblocks(self) -> int | None:
+        size = self._record.size
+        return None if size is None else -(-size // self.block_size)
+
+    def present_blocks(self) -> int:
+        with self._lock:
+            return self._record.count()
+
+    def complete(self) -> bool:
+        """Whether every byte of the layer's uncompressed stream is cached."""
+        n = self.nblocks()
+        if n is None:
+            return False
+        rec = self._record
+        return all(rec.test(b) for b in range(n))
+
+    def read(self, uoff: int, length: int) -> bytes:
+        """Read cached bytes (the caller checked presence). A plain pread: page-cache fast."""
+        return os.pread(self._fd, length, uoff)
+
+    # --- updates ------------------------------------------------------------------------------
+
+    def set_size(self, size: int) -> None:
+        """Record the stream size; a different size than recorded means the cache is stale."""
+        with self._lock:
+            if self._record.size == size:
+                return
+            if self._record.size is not None:
+                log.warning("cache %s: size changed %d -> %d, dropping", self.digest,
+                            self._record.size, size)
+                self._record = _Record(self.block_size)
+                os.ftruncate(self._fd, 0)
+            self._record.size = size
+            self._dirty = True
+
+    def _block_end(self, block: int) -> int | None:
+        """End offset of a block, or None when it is the unknown-length tail."""
+        end = (block + 1) * self.block_size
+        size = self._record.size
+        if size is None:
+            return end
+        return min(end, size)
+
+    def store(self, uoff: int, data: bytes | memoryview) -> int:
+        """Write every complete block inside [uoff, uoff+len(data)); returns how many.
+
+        Bytes of partial blocks at either edge are ignored: a block is only ever marked when all
+        its bytes were written.
+        """
+        view = memoryview(data)
+        end = uoff + len(view)
+        stored: list[int] = []
+        for block in self.block_range(uoff, len(view)):
+            start = block * self.block_size
+            bend = self._block_end(block)
+            if bend is None or start < uoff or bend > end or bend <= start:
+                continue
+            if not self._record.test(block):
+                os.pwrite(self._fd, view[start - uoff : bend - uoff], start)
+                stored.append(block)
+        self._mark(stored)
+        return len(stored)
+
+    def _mark(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        with self._lock:
+            for b in blocks:
+                self._record.set(b)
+            self._dirty = True
+        if time.monotonic() - self._last_flush >= _FLUSH_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every block marked so far durable (data first, then the record)."""
+        with self._flush_lock:
+            with self._lock:
+                if not self._dirty:
+                    return
+                snapshot = self._record.encode()
+                self._dirty = False
+            try:
+                os.fdatasync(self._fd)
+                _atomic_write(self.directory / "present", snapshot)
+            except OSError:
+                with self._lock:
+                    self._dirty = True
+                raise
+            self._last_flush = time.monotonic()
+
+    def writer(self) -> SequentialWriter:
+        """A fast in-order writer for prefilling the whole layer while it streams."""
+        return SequentialWriter(self)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+
+    # used by SequentialWriter
+    def _pwrite(self, data: memoryview, uoff: int) -> None:
+        os.pwrite(self._fd, data, uoff)
+
+
+class SequentialWriter:
+    """Receives the uncompressed stream in order (`build_index(on_data=writer.write)`), writes it
+    straight into the data file and marks each block as soon as the stream has passed its end.
+
+    The record is made durable every 64 MiB and by `finish()`, which also marks the final partial
+    block once the total size is known.
+    """
+
+    def __init__(self, cache: LayerCache) -> None:
+        self._cache = cache
+        self.position = 0
+        self._marked = 0  # blocks [0, _marked) are marked
+        self._since_flush = 0
+
+    def write(self, uoff: int, data: bytes | memoryview) -> None:
+        if uoff != self.position:
+            raise InvalidArgument(
+                f"cache {self._cache.digest}: prefill out of order at {uoff}, "
+                f"expected {self.position}"
+            )
+        view = memoryview(data)
+        self._cache._pwrite(view, uoff)
+        self.position += len(view)
+        self._since_flush += len(view)
+        full = self.position // self._cache.block_size
+        if full > self._marked:
+            self._mark_upto(full)
+        if self._since_flush >= _PREFILL_FLUSH_BYTES:
+            self._cache.flush()
+            self._since_flush = 0
+
+    def _mark_upto(self, blocks: int) -> None:
+        cache = self._cache
+        with cache._lock:
+            for b in range(self._marked, blocks):
+                cache._record.set(b)
+            cache._dirty = True
+        self._marked = blocks
+
+    def finish(self, size: int | None = None) -> None:
+        """End of stream: record the size (default: bytes seen), mark the tail, flush."""
+        size = self.position if size is None else size
+        if size != self.position:
+            raise InvalidArgument(
+                f"cache {self._cache.digest}: prefill ended at {self.position}, expected {size}"
+            )
+        self._cache.set_size(size)
+        self._mark_upto(-(-size // self._cache.block_size))
+        self._cache.flush()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class DiskCache:
+    """All layers' caches under `<root>/cache`; one shared LayerCache per digest."""
+
+    def __init__(self, root: os.PathLike[str] | str, block_size: int = BLOCK_SIZE) -> None:
+        self.directory = Path(root) / "cache"
+        self.block_size = block_size
+        self._layers: dict[str, LayerCache] = {}
+        self._lock = threading.Lock()
+
+    def layer(self, digest: str) -> LayerCache:
+        hexd = digest_hex(digest)
+        with self._lock:
+            cache = self._layers.get(hexd)
+            if cache is None:
+                cache = LayerCache(self.directory / hexd, digest, self.block_size)
+                self._layers[hexd] = cache
+            return cache
+
+    def is_complete(self, digest: str, size: int) -> bool:
+        """Whether the layer's whole uncompressed stream of `size` bytes is on disk."""
+        cache = self.layer(digest)
+        return cache.size == size and cache.complete()
+
+    def remove(self, digest: str) -> None:
+        """Drop a layer's cached bytes (garbage collection of an unused layer)."""
+        hexd = digest_hex(digest)
+        with self._lock:
+            cache = self._layers.pop(hexd, None)
+        if cache is not None:
+            cache.close()
+        shutil.rmtree(self.directory / hexd, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            layers = list(self._layers.values())
+            self._layers.clear()
+        for cache in layers:
+            cache.close()
