@@ -82,10 +82,10 @@ class Bridge:
         def deliver(result: outcome.Outcome[T]) -> None:
             if future.cancelled():
                 return
-            if isinstance(result, outcome.Value):
-                future.set_result(result.value)
-            else:
+            if isinstance(result, outcome.Error):
                 future.set_exception(result.error)
+            else:
+                future.set_result(result.unwrap())
 
         async def runner() -> None:
             with trio.CancelScope() as scope:
