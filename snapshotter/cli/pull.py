@@ -1,0 +1,113 @@
+"""``clip pull REF``: lazily pull an image into containerd (see snapshotter.pull)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from snapshotter import config as config_mod
+from snapshotter.containerd import ContainerdClient
+from snapshotter.pull import Puller, PullOptions, PullResult
+from snapshotter.registry import RegistryClient, RegistryHostConfig, parse_reference
+
+EPILOG = """\
+example:
+  clip pull --address /run/containerd/containerd.sock --plain-http 127.0.0.1:5000/app:latest
+  ctr run --rm --snapshotter clip 127.0.0.1:5000/app:latest demo /bin/true
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "pull",
+        help="lazily pull an image into containerd",
+        description="Pull an image into containerd without downloading its layers: the "
+        "manifest and config go into containerd's content store and every layer is prepared "
+        "through clip, which serves it lazily. Then `ctr run --snapshotter clip REF` runs it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("ref", help="image reference, e.g. registry.example:5000/app:1.0")
+    parser.add_argument(
+        "--address",
+        default="/run/containerd/containerd.sock",
+        help="containerd's socket (default /run/containerd/containerd.sock)",
+    )
+    parser.add_argument("--namespace", "-n", default="default", help="containerd namespace")
+    parser.add_argument("--snapshotter", default="clip", help="proxy snapshotter name")
+    parser.add_argument("--platform", default="linux/amd64", help="os/arch[/variant]")
+    parser.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
+    parser.add_argument(
+        "--config", type=Path, help="clip TOML config ([registry.\"HOST\"] tables apply)"
+    )
+    parser.add_argument(
+        "--docker-config", type=Path, help="docker config.json with registry credentials"
+    )
+    parser.set_defaults(func=run)
+
+
+def _hosts(args: argparse.Namespace) -> dict[str, RegistryHostConfig]:
+    """Registry host settings: the config file's tables, then --plain-http for REF's host."""
+    cfg = config_mod.load(args.config)
+    hosts = {
+        host: RegistryHostConfig(plain_http=reg.plain_http, mirrors=list(reg.mirrors))
+        for host, reg in cfg.registry.items()
+    }
+    if args.plain_http:
+        host = parse_reference(args.ref).registry
+        hosts.setdefault(host, RegistryHostConfig()).plain_http = True
+    return hosts
+
+
+class _Reporter:
+    """Progress on a terminal (one line rewritten in place); silent otherwise."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+
+    def __call__(self, result: PullResult) -> None:
+        if not self.interactive:
+            return
+        done = sum(1 for layer in result.layers if layer.state in ("lazy", "present"))
+        current = next((x for x in result.layers if x.state == "resolving"), None)
+        what = f" layer {current.digest[:19]} ({_mb(current.size)})" if current else ""
+        sys.stderr.write(f"\r\x1b[K{result.name}: {done}/{len(result.layers)} layers{what}")
+        sys.stderr.flush()
+
+    def finish(self, result: PullResult) -> None:
+        if self.interactive:
+            sys.stderr.write("\r\x1b[K")
+        lazy = sum(1 for layer in result.layers if layer.state == "lazy")
+        print(
+            f"pulled {result.name} ({result.manifest_digest[:19]}): {len(result.layers)} layers, "
+            f"{_mb(result.compressed_size)} compressed, {lazy} served lazily, "
+            f"{_mb(result.registry_bytes)} fetched by the client, in {result.seconds:.2f}s"
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+async def _pull(args: argparse.Namespace, reporter: _Reporter) -> PullResult:
+    options = PullOptions(
+        ref=args.ref,
+        address=args.address,
+        namespace=args.namespace,
+        snapshotter=args.snapshotter,
+        platform=args.platform,
+    )
+    async with (
+        RegistryClient(_hosts(args), docker_config=args.docker_config) as registry,
+        ContainerdClient(args.address, args.namespace) as containerd,
+    ):
+        return await Puller(options, registry, containerd, reporter).run()
+
+
+def run(args: argparse.Namespace) -> int:
+    reporter = _Reporter(sys.stderr.isatty())
+    result = asyncio.run(_pull(args, reporter))
+    reporter.finish(result)
+    return 0
