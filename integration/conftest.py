@@ -42,9 +42,7 @@ def host_tools_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def build_test_image(
-    tmp_path: Path, registry: RegistryServer
-) -> BuildTestImage:
+def build_test_image(tmp_path: Path, registry: RegistryServer) -> BuildTestImage:
     """``build_test_image(trees, repo, tag="latest", compression="gzip", tool="gnu", ...)``.
 
     Each tree becomes one layer (in order); the image is pushed to the session registry.

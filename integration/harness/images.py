@@ -62,9 +62,7 @@ class BuiltImage:
 # ---------------------------------------------------------------- layers
 
 
-def make_layer_tar(
-    tree: Path, out: Path, *, compression: str = "gzip", tool: str = "gnu"
-) -> Path:
+def make_layer_tar(tree: Path, out: Path, *, compression: str = "gzip", tool: str = "gnu") -> Path:
     """Archive ``tree``'s contents (names relative to it, sorted) into a compressed layer.
 
     Output is deterministic for a given tree (no gzip name/mtime, sorted entries), so tests can
@@ -90,9 +88,17 @@ def make_layer_tar(
 def _gnu_tar(tree: Path, raw: Path) -> None:
     names = sorted(os.listdir(tree))
     cmd = [
-        "tar", "--format=pax", "--numeric-owner", "--sort=name", "--xattrs",
-        "--xattrs-include=*", "--pax-option=delete=atime,delete=ctime",
-        "-C", str(tree), "-cf", str(raw),
+        "tar",
+        "--format=pax",
+        "--numeric-owner",
+        "--sort=name",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--pax-option=delete=atime,delete=ctime",
+        "-C",
+        str(tree),
+        "-cf",
+        str(raw),
     ]
     if names:
         cmd += ["--", *names]
@@ -317,7 +323,9 @@ class _Pusher:
 
     def push_manifest(self, reference: str, data: bytes, media_type: str) -> None:
         resp = self._request(
-            "PUT", f"/v2/{self.repo}/manifests/{reference}", body=data,
+            "PUT",
+            f"/v2/{self.repo}/manifests/{reference}",
+            body=data,
             headers={"Content-Type": media_type},
         )
         if resp.status != 201:

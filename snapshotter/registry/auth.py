@@ -99,11 +99,14 @@ class DockerConfig:
             )
         if entry.get("auth"):
             try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
+                decoded = base64.b64decode(entry["auth"], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError, TypeError):
+                decoded = ""
+            user, sep, password = decoded.partition(":")
+            if not sep:
                 raise InvalidArgument(
                     f"docker config {self.source}: auth for {registry} is not base64 user:password"
-                ) from None
+                )
             return Credentials(username=user, password=password)
         if entry.get("username"):
             return Credentials(username=entry["username"], password=entry.get("password", ""))

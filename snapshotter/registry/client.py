@@ -295,8 +295,15 @@ class RegistryClient:
         scope = f"repository:{r.repository}:pull,push"
         url = f"{ep.base}/v2/{r.repository}/manifests/{reference}"
         resp = await self._request(
-            r, f"manifest {reference}", ep, "PUT", url, scope,
-            headers={"Content-Type": media_type}, data=data, ok=(201,),
+            r,
+            f"manifest {reference}",
+            ep,
+            "PUT",
+            url,
+            scope,
+            headers={"Content-Type": media_type},
+            data=data,
+            ok=(201,),
         )
         resp.release()
         return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -350,7 +357,12 @@ class RegistryClient:
     # ------------------------------------------------------------ request machinery
 
     async def _pull_body(
-        self, r: Reference, what: str, path: str, *, headers: dict[str, str] | None = None,
+        self,
+        r: Reference,
+        what: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
         limit: int | None = None,
     ) -> tuple[bytes, str]:
         """GET and read a whole body (and its Content-Type), retrying if the body breaks off."""
@@ -371,8 +383,15 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     async def _pull(
-        self, r: Reference, what: str, path: str, *, method: str = "GET",
-        headers: dict[str, str] | None = None, ok: tuple[int, ...] = (200,), stream: bool = False,
+        self,
+        r: Reference,
+        what: str,
+        path: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+        stream: bool = False,
     ) -> aiohttp.ClientResponse:
         """A pull-side request: mirrors in order, then the registry; last error wins."""
         endpoints = self._endpoints(r)
@@ -380,8 +399,15 @@ class RegistryClient:
         for i, ep in enumerate(endpoints):
             try:
                 return await self._request(
-                    r, what, ep, method, ep.base + path, scope,
-                    headers=headers, ok=ok, stream=stream,
+                    r,
+                    what,
+                    ep,
+                    method,
+                    ep.base + path,
+                    scope,
+                    headers=headers,
+                    ok=ok,
+                    stream=stream,
                 )
             except ClipError as exc:
                 if i == len(endpoints) - 1:
@@ -390,9 +416,18 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     async def _request(
-        self, r: Reference, what: str, ep: _Endpoint, method: str, url: str, scope: str, *,
-        headers: dict[str, str] | None = None, data: Body = None,
-        ok: tuple[int, ...] = (200,), stream: bool = False,
+        self,
+        r: Reference,
+        what: str,
+        ep: _Endpoint,
+        method: str,
+        url: str,
+        scope: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: Body = None,
+        ok: tuple[int, ...] = (200,),
+        stream: bool = False,
     ) -> aiohttp.ClientResponse:
         """One logical request with auth, redirects and bounded retries; a response in ``ok``."""
         reason = ""
@@ -417,8 +452,15 @@ class RegistryClient:
         )
 
     async def _authorized(
-        self, r: Reference, ep: _Endpoint, method: str, url: str, scope: str,
-        headers: dict[str, str] | None, data: Body, stream: bool,
+        self,
+        r: Reference,
+        ep: _Endpoint,
+        method: str,
+        url: str,
+        scope: str,
+        headers: dict[str, str] | None,
+        data: Body,
+        stream: bool,
     ) -> aiohttp.ClientResponse:
         """Send with cached auth; on a 401 challenge obtain auth once and send again."""
         resp = await self._send(r, ep, method, url, scope, headers, data, stream)
@@ -431,8 +473,15 @@ class RegistryClient:
         return await self._send(r, ep, method, url, scope, headers, data, stream)
 
     async def _send(
-        self, r: Reference, ep: _Endpoint, method: str, url: str, scope: str,
-        headers: dict[str, str] | None, data: Body, stream: bool,
+        self,
+        r: Reference,
+        ep: _Endpoint,
+        method: str,
+        url: str,
+        scope: str,
+        headers: dict[str, str] | None,
+        data: Body,
+        stream: bool,
     ) -> aiohttp.ClientResponse:
         """Send and follow redirects; Authorization is dropped when the origin changes."""
         hdrs = dict(headers or {})
@@ -455,8 +504,14 @@ class RegistryClient:
         raise _Transient(f"more than {MAX_REDIRECTS} redirects")
 
     async def _send_once(
-        self, ep: _Endpoint, method: str, url: URL, headers: dict[str, str], data: Body,
-        stream: bool, origin: URL,
+        self,
+        ep: _Endpoint,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        data: Body,
+        stream: bool,
+        origin: URL,
     ) -> aiohttp.ClientResponse:
         if stream:
             timeout = aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout)
@@ -468,12 +523,22 @@ class RegistryClient:
             if isinstance(data, Path):
                 with data.open("rb") as fh:
                     return await self._get_session().request(
-                        method, url, headers=headers, data=fh, allow_redirects=False,
-                        timeout=timeout, ssl=verify,
+                        method,
+                        url,
+                        headers=headers,
+                        data=fh,
+                        allow_redirects=False,
+                        timeout=timeout,
+                        ssl=verify,
                     )
             return await self._get_session().request(
-                method, url, headers=headers, data=data, allow_redirects=False,
-                timeout=timeout, ssl=verify,
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                ssl=verify,
             )
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             raise Unavailable(f"TLS error talking to {url.raw_authority}: {_why(exc)}") from None
@@ -497,7 +562,11 @@ class RegistryClient:
         return True
 
     async def _fetch_token(
-        self, r: Reference, ep: _Endpoint, challenge: Challenge, scope: str,
+        self,
+        r: Reference,
+        ep: _Endpoint,
+        challenge: Challenge,
+        scope: str,
         creds: Credentials | None,
     ) -> str:
         params = challenge.params
@@ -508,8 +577,10 @@ class RegistryClient:
         try:
             if creds is not None and creds.identity_token:
                 form = {
-                    "grant_type": "refresh_token", "refresh_token": creds.identity_token,
-                    "client_id": "clip", **query,
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "clip",
+                    **query,
                 }
                 resp = await session.post(params["realm"], data=form, timeout=timeout)
             else:
@@ -526,9 +597,7 @@ class RegistryClient:
                 if resp.status in RETRY_STATUSES:
                     raise _Transient(f"token server HTTP {resp.status}")
                 if resp.status != 200:
-                    raise FailedPrecondition(
-                        f"image {r}: token server answered HTTP {resp.status}"
-                    )
+                    raise FailedPrecondition(f"image {r}: token server answered HTTP {resp.status}")
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             raise Unavailable(
@@ -553,8 +622,11 @@ class RegistryClient:
 
 
 def _why(exc: BaseException) -> str:
+    """A short reason for a message (aiohttp's own texts mention internals like ssl:default)."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return str(exc) or type(exc).__name__
 
 

@@ -33,7 +33,7 @@ LAYER_TYPES = frozenset(
 
 
 def compression_of(media_type: str) -> str:
-    """"gzip", "zstd" or "none" from a layer media type (the blob's magic is authoritative)."""
+    """ "gzip", "zstd" or "none" from a layer media type (the blob's magic is authoritative)."""
     if media_type.endswith(("gzip", "+gzip")):
         return "gzip"
     if media_type.endswith("zstd"):
