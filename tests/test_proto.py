@@ -86,6 +86,9 @@ def test_wire_compatible_with_containerd(rel: str) -> None:
 
 def test_enum_values_match_containerd() -> None:
     assert dict(snapshots_pb2.Kind.items()) == {
-        "UNKNOWN": 0, "VIEW": 1, "ACTIVE": 2, "COMMITTED": 3,
+        "UNKNOWN": 0,
+        "VIEW": 1,
+        "ACTIVE": 2,
+        "COMMITTED": 3,
     }
     assert dict(content_pb2.WriteAction.items()) == {"STAT": 0, "WRITE": 1, "COMMIT": 2}
