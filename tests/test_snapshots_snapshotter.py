@@ -112,7 +112,7 @@ def test_errors_match_containerd(sn: Snapshotter) -> None:
 
 
 def test_labels_over_containerd_limit_are_rejected_before_writing(sn: Snapshotter) -> None:
-    with pytest.raises(InvalidArgument, match="maximum size.*key: containerd"):
+    with pytest.raises(InvalidArgument, match=r"maximum size.*key: containerd"):
         asyncio.run(sn.prepare("default", "k", "", {"containerd.io/x": "v" * 4096}))
     assert sn.store.all(None) == []
     assert os.listdir(sn.layout.snapshots) == []
