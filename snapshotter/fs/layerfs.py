@@ -1,0 +1,221 @@
+"""LayerFS: the daemon's handle on the one FUSE mount.
+
+pyfuse3 allows one mount per process and runs on trio, so LayerFS owns a thread running a trio
+loop that runs pyfuse3's main loop and the read path's flights. The daemon (asyncio, main thread)
+calls `attach`/`detach` from its own thread; they only swap entries in dictionaries the handlers
+read, then invalidate the kernel's dentry for a removed layer.
+
+`stop()` always leaves no mount behind: it ends the FUSE loop, lets pyfuse3 unmount, and if the
+mount point is still mounted (the loop died, a previous process crashed) detaches it lazily.
+`start()` likewise clears a stale clip mount left by a crashed predecessor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from snapshotter.bridge import Bridge
+from snapshotter.cache import DiskCache, MemoryTier
+from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from snapshotter.fs.ops import Attached, ClipOperations
+from snapshotter.fs.tree import LayerTree
+from snapshotter.index import LayerIndex
+from snapshotter.readpath import Layer, ReadPath, ReadPolicy, Source
+
+log = logging.getLogger(__name__)
+
+MOUNT_OPTIONS = frozenset({"fsname=clip", "allow_other", "default_permissions", "ro"})
+_LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+_MNT_DETACH = 2
+_START_TIMEOUT = 30.0
+
+
+class LayerFS:
+    """One FUSE mount serving every attached layer as `<mountpoint>/<layer id>/`."""
+
+    def __init__(
+        self,
+        cache: DiskCache,
+        bridge: Bridge | None = None,
+        policy: ReadPolicy | None = None,
+        memory: MemoryTier | None = None,
+    ) -> None:
+        self.cache = cache
+        self.bridge = bridge
+        self.readpath = ReadPath(bridge, memory, policy)
+        self.ops = ClipOperations(self.readpath)
+        self.mountpoint: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._error: BaseException | None = None
+        self._next_slot = 1
+        self._lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, mountpoint: os.PathLike[str] | str) -> None:
+        """Mount at `mountpoint` and serve from a new thread; returns once the mount is live."""
+        if self._thread is not None:
+            raise AlreadyExists(f"fuse: already mounted at {self.mountpoint}")
+        mp = Path(os.path.realpath(mountpoint))
+        clear_stale_mount(mp)
+        mp.mkdir(parents=True, exist_ok=True)
+        self.mountpoint = mp
+        ready = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(
+            target=self._serve, args=(mp, ready), name="clip-fuse", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(_START_TIMEOUT) or self._error is not None:
+            error = self._error
+            self.stop()
+            raise Unavailable(f"fuse: cannot mount {mp}: {error or 'timed out'}")
+
+    def _serve(self, mp: Path, ready: threading.Event) -> None:
+        try:
+            pyfuse3.init(self.ops, str(mp), set(MOUNT_OPTIONS))
+        except Exception as exc:
+            self._error = exc
+            ready.set()
+            return
+        try:
+            trio.run(self._trio_main, ready)
+        except BaseException as exc:
+            log.exception("fuse: main loop failed")
+            self._error = exc
+        finally:
+            ready.set()
+            self._token = None
+            pyfuse3.close(unmount=True)
+
+    async def _trio_main(self, ready: threading.Event) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        if self.bridge is not None:
+            self.bridge.bind_trio()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.readpath.bind(nursery)
+                ready.set()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.bridge is not None:
+                self.bridge.unbind_trio()
+
+    def stop(self) -> None:
+        """End the FUSE loop, unmount, flush caches; leaves no mount behind, even after errors."""
+        thread, token = self._thread, self._token
+        if thread is not None:
+            if token is not None and thread.is_alive():
+                with contextlib.suppress(trio.RunFinishedError):
+                    trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+            thread.join(_START_TIMEOUT)
+            if thread.is_alive():
+                log.error("fuse: loop thread did not stop; detaching the mount")
+        self._thread = None
+        if self.mountpoint is not None and is_mounted(self.mountpoint):
+            lazy_unmount(self.mountpoint)
+        for name in list(self.ops.by_name):
+            self.ops.remove(name)
+        self.cache.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- layers ---------------------------------------------------------------------------------
+
+    def attach(self, layer_id: str, index: LayerIndex, source: Source) -> Path:
+        """Serve a layer at `<mountpoint>/<layer_id>`; returns that directory."""
+        if not _LAYER_ID_RE.match(layer_id):
+            raise InvalidArgument(f"fuse: invalid layer id {layer_id!r}")
+        if self.mountpoint is None or not self.running:
+            raise Unavailable(f"fuse: not mounted; cannot attach layer {layer_id}")
+        layer = Layer(layer_id, index, source, self.cache.layer(index.blob_digest))
+        with self._lock:
+            if layer_id in self.ops.by_name:
+                raise AlreadyExists(f"fuse: layer {layer_id} is already attached")
+            slot = self._next_slot
+            self._next_slot += 1
+            self.ops.add(Attached(LayerTree(layer_id, slot, index), layer))
+        return self.mountpoint / layer_id
+
+    def detach(self, layer_id: str) -> None:
+        """Stop serving a layer; open files of it then read EIO, lookups fail."""
+        attached = self.ops.remove(layer_id)
+        if attached is None:
+            raise NotFound(f"fuse: layer {layer_id} is not attached")
+        if self.running:
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.ROOT_INODE, os.fsencode(layer_id), ignore_enoent=True
+            )
+        attached.layer.cache.flush()
+
+    def layers(self) -> list[str]:
+        return sorted(self.ops.by_name)
+
+    def path(self, layer_id: str) -> Path:
+        if self.mountpoint is None or layer_id not in self.ops.by_name:
+            raise NotFound(f"fuse: layer {layer_id} is not attached")
+        return self.mountpoint / layer_id
+
+
+# --- mount table helpers ----------------------------------------------------------------------
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_at(path: Path) -> tuple[str, str] | None:
+    """(fstype, source) of the topmost mount at `path` in this namespace, or None."""
+    target = os.fspath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                tail = fields[fields.index("-") + 1 :]
+                found = (tail[0], _unescape(tail[1]))
+    return found
+
+
+def is_mounted(path: Path) -> bool:
+    return mount_at(path) is not None
+
+
+def lazy_unmount(path: Path) -> None:
+    """umount2(path, MNT_DETACH): works even when the FUSE server is gone."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise Unavailable(f"fuse: cannot unmount {path}: {os.strerror(err)}")
+
+
+def clear_stale_mount(path: Path) -> None:
+    """Detach a clip FUSE mount left at `path` by a crashed predecessor.
+
+    Anything else mounted there is an operator's mount: refuse instead of removing it.
+    """
+    for _ in range(8):
+        current = mount_at(path)
+        if current is None:
+            return
+        if current != ("fuse", "clip"):
+            raise Unavailable(f"fuse: {path} is already a {current[0]} mount of {current[1]}")
+        log.warning("fuse: clearing a stale clip mount at %s", path)
+        lazy_unmount(path)
+    raise Unavailable(f"fuse: cannot clear the stale mount at {path}")

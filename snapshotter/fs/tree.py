@@ -1,0 +1,143 @@
+"""How one layer's index is presented as a directory tree an overlayfs lower can use.
+
+- Inode numbers are `(slot << SLOT_SHIFT) | ordinal`: stable for the life of the mount, no table.
+  A hardlink entry has no inode of its own; it is its target's inode, whose nlink counts it.
+- OCI whiteouts `.wh.NAME` appear as `NAME`, a character device 0/0 with permission bits 0 and the
+  whiteout's owner — what containerd's overlay applier creates with mknod. If the layer also has a
+  real `NAME`, the real entry wins (tar order within one layer makes the whiteout moot).
+- Opaque markers `.wh..wh..opq` (and any other `.wh..wh.*` AUFS meta entry) are hidden; the
+  directory holding an opaque marker carries `trusted.overlay.opaque = y`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pyfuse3
+
+from snapshotter.index import Entry, EntryType, LayerIndex
+
+SLOT_SHIFT = 40
+ORDINAL_MASK = (1 << SLOT_SHIFT) - 1
+WHITEOUT_PREFIX = ".wh."
+META_PREFIX = ".wh..wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+#: Layers are immutable: let the kernel keep entries and attributes for a day.
+IMMUTABLE_TIMEOUT = 86400.0
+BLKSIZE = 128 * 1024
+
+_TYPE_BITS = {
+    EntryType.FILE: stat.S_IFREG,
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+
+def split_inode(inode: int) -> tuple[int, int]:
+    """inode -> (slot, ordinal)."""
+    return inode >> SLOT_SHIFT, inode & ORDINAL_MASK
+
+
+def is_whiteout(name: str) -> bool:
+    return name.startswith(WHITEOUT_PREFIX) and not name.startswith(META_PREFIX)
+
+
+class LayerTree:
+    """The presented tree of one attached layer (all lookups are index lookups)."""
+
+    def __init__(self, name: str, slot: int, index: LayerIndex) -> None:
+        self.name = name
+        self.slot = slot
+        self.index = index
+        self.base = slot << SLOT_SHIFT
+
+    def inode(self, ordinal: int) -> int:
+        return self.base | self.target(ordinal)
+
+    def target(self, ordinal: int) -> int:
+        """The ordinal whose data and inode an entry shares (itself unless a hardlink)."""
+        e = self.index.entry(ordinal)
+        if e.type == EntryType.HARDLINK and e.link_target >= 0:
+            return e.link_target
+        return ordinal
+
+    def entry(self, ordinal: int) -> Entry:
+        return self.index.entry(self.target(ordinal))
+
+    def lookup(self, dir_ordinal: int, name: str) -> int | None:
+        """Ordinal of the entry presented as `name` in a directory (a whiteout's own ordinal)."""
+        if name.startswith(WHITEOUT_PREFIX):
+            return None
+        found = self.index.child(dir_ordinal, name)
+        if found is None:
+            found = self.index.child(dir_ordinal, WHITEOUT_PREFIX + name)
+        return found
+
+    def listing(self, dir_ordinal: int) -> list[tuple[str, int]]:
+        """(presented name, ordinal) of a directory, in the index's stable order."""
+        out: list[tuple[str, int]] = []
+        for ordinal in self.index.children(dir_ordinal):
+            name = self.index.entry(ordinal).name
+            if name.startswith(META_PREFIX):
+                continue
+            if is_whiteout(name):
+                shown = name[len(WHITEOUT_PREFIX) :]
+                if not shown or self.index.child(dir_ordinal, shown) is not None:
+                    continue
+                name = shown
+            out.append((name, ordinal))
+        return out
+
+    def is_dir(self, ordinal: int) -> bool:
+        return self.index.entry(ordinal).type == EntryType.DIR
+
+    def _whiteout(self, ordinal: int) -> bool:
+        return ordinal != 0 and is_whiteout(self.index.entry(ordinal).name)
+
+    def attrs(self, ordinal: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        e = self.entry(ordinal)
+        a.st_ino = self.base | self.target(ordinal)
+        a.generation = 0
+        a.entry_timeout = IMMUTABLE_TIMEOUT
+        a.attr_timeout = IMMUTABLE_TIMEOUT
+        if self._whiteout(ordinal):
+            a.st_mode = stat.S_IFCHR
+            a.st_nlink = 1
+            a.st_rdev = 0
+            a.st_size = 0
+        else:
+            perms = 0o777 if e.type == EntryType.SYMLINK else e.mode & 0o7777  # as Linux shows
+            a.st_mode = _TYPE_BITS[e.type] | perms
+            a.st_nlink = max(e.nlink, 1)
+            a.st_rdev = os.makedev(e.devmajor, e.devminor)
+            a.st_size = self._size(e)
+        a.st_uid = e.uid
+        a.st_gid = e.gid
+        a.st_blksize = BLKSIZE
+        a.st_blocks = -(-a.st_size // 512)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        return a
+
+    @staticmethod
+    def _size(e: Entry) -> int:
+        if e.type == EntryType.FILE:
+            return e.size
+        if e.type == EntryType.SYMLINK:
+            return len(os.fsencode(e.linkname))
+        return 0
+
+    def xattrs(self, ordinal: int) -> dict[str, bytes]:
+        if self._whiteout(ordinal):
+            return {}
+        e = self.entry(ordinal)
+        out = dict(e.xattrs)
+        opaque = self.index.child(self.target(ordinal), OPAQUE_MARKER) is not None
+        if e.type == EntryType.DIR and opaque:
+            out[OPAQUE_XATTR] = b"y"
+        return out

@@ -1,0 +1,192 @@
+"""The read path without FUSE: correctness against the real stream, single flight, bounds."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from fs_layers import M, index_layer, pattern, write_layer
+
+from snapshotter.cache import DiskCache, MemoryTier
+from snapshotter.index import LayerIndex
+from snapshotter.readpath import FileSource, Layer, ReadFailed, ReadPath, ReadPolicy
+
+LayerFiles = tuple[Path, LayerIndex, bytes]
+BIG = 12 << 20
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def layer_files(tmp_path_factory: pytest.TempPathFactory) -> LayerFiles:
+    d = tmp_path_factory.mktemp("layer")
+    blob = write_layer(d / "blob.tgz", [
+        M("a/small", data=b"hello"),
+        M("a/big", data=pattern(BIG, 7)),
+        M("a/tail", data=pattern(300_000, 8)),
+    ])
+    index = index_layer(blob, d / "index", **CHECKPOINTS)
+    return blob, index, gzip.decompress(blob.read_bytes())
+
+
+#: Small checkpoint spacing so that a 1 MiB read needs a small part of the blob.
+CHECKPOINTS: dict[str, int] = {}
+
+
+def run_with(
+    tmp_path: Path,
+    index: LayerIndex,
+    source: Callable[[int, int], Awaitable[bytes]],
+    body: Callable[[ReadPath, Layer], Awaitable[None]],
+    policy: ReadPolicy | None = None,
+) -> ReadPath:
+    rp = ReadPath(None, MemoryTier(), policy or ReadPolicy(timeout=5, attempts=2, backoff=0.05))
+    cache = DiskCache(tmp_path).layer(index.blob_digest)
+    layer = Layer("l1", index, source, cache)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            rp.bind(nursery)
+            await body(rp, layer)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return rp
+
+
+def test_reads_equal_stream_and_fill_cache(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    source = FileSource(blob)
+    ranges = [(0, 100), (5 * MiB - 10, 20), (BIG // 2, MiB), (len(stream) - 5000, 10_000),
+              (3 * MiB, 3 * MiB + 17), (5 * MiB - 10, 20)]
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        for uoff, n in ranges:
+            assert await rp.read(layer, uoff, n) == stream[uoff : uoff + n]
+        before = source.bytes_read
+        for uoff, n in ranges:  # everything is cached now
+            assert await rp.read(layer, uoff, n) == stream[uoff : uoff + n]
+        assert source.bytes_read == before
+
+    rp = run_with(tmp_path, index, source, body)
+    assert rp.stats.disk_hits >= len(ranges)
+    assert rp.stats.compressed_bytes == source.bytes_read
+
+
+def test_concurrent_misses_share_one_fetch(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    inner = FileSource(blob)
+
+    async def slow(coff: int, n: int) -> bytes:
+        await trio.sleep(0.2)
+        return await inner(coff, n)
+
+    results: list[bytes] = []
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        async def one(k: int) -> None:
+            results.append(await rp.read(layer, 6 * MiB + k * 4096, 4096))
+
+        async with trio.open_nursery() as n:
+            for k in range(10):
+                n.start_soon(one, k)
+
+    rp = run_with(tmp_path, index, slow, body)
+    assert inner.calls == 1
+    assert rp.stats.flights == 1 and rp.stats.shared_waits == 9
+    assert sorted(results) == sorted(stream[6 * MiB + k * 4096 : 6 * MiB + (k + 1) * 4096]
+                                     for k in range(10))
+
+
+def test_failing_source_gives_error_within_bound(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    good = FileSource(blob)
+    calls = 0
+    broken = False
+
+    async def flaky(coff: int, n: int) -> bytes:
+        nonlocal calls
+        calls += 1
+        if broken:
+            raise ConnectionError("registry unreachable")
+        return await good(coff, n)
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        nonlocal broken, calls
+        assert await rp.read(layer, 0, 1000) == stream[:1000]
+        broken = True
+        calls = 0
+        start = time.monotonic()
+        with pytest.raises(ReadFailed, match=r"unavailable after 3 attempts.*unreachable"):
+            await rp.read(layer, BIG, 1000)
+        assert time.monotonic() - start < 3
+        assert calls == 3
+        # cached spans stay readable
+        assert await rp.read(layer, 10, 500) == stream[10:510]
+
+    run_with(tmp_path, index, flaky, body, ReadPolicy(timeout=5, attempts=3, backoff=0.05))
+
+
+def test_hanging_source_times_out(tmp_path: Path, layer_files: LayerFiles) -> None:
+    _, index, _ = layer_files
+
+    async def hang(coff: int, n: int) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        start = time.monotonic()
+        with pytest.raises(ReadFailed, match=r"within 0\.5s"):
+            await rp.read(layer, 0, 10)
+        assert time.monotonic() - start < 2
+
+    run_with(tmp_path, index, hang, body, ReadPolicy(timeout=0.5))
+
+
+def test_miss_does_not_block_other_reads(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    good = FileSource(blob)
+    release = trio.Event()
+
+    async def gated(coff: int, n: int) -> bytes:
+        if good.calls > 0:  # the first fetch passes, later ones wait for the release
+            await release.wait()
+        return await good(coff, n)
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        assert await rp.read(layer, 0, 100) == stream[:100]  # block 0 cached (coff 0)
+        done = trio.Event()
+
+        async def blocked() -> None:
+            assert await rp.read(layer, BIG, 100) == stream[BIG : BIG + 100]
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(blocked)
+            await trio.sleep(0.05)
+            assert not done.is_set()
+            assert await rp.read(layer, 50, 100) == stream[50:150]  # served while the miss waits
+            release.set()
+
+    run_with(tmp_path, index, gated, body)
+
+
+def test_corrupt_source_is_rejected_and_not_cached(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, _ = layer_files
+    data = bytearray(blob.read_bytes())
+
+    async def corrupt(coff: int, n: int) -> bytes:
+        chunk = bytearray(data[coff : coff + n])
+        for i in range(100, len(chunk), 997):
+            chunk[i] ^= 0x55
+        return bytes(chunk)
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        with pytest.raises(ReadFailed):
+            await rp.read(layer, 4 * MiB, 4096)
+        assert not layer.cache.has(4)
+
+    run_with(tmp_path, index, corrupt, body, ReadPolicy(timeout=5, attempts=1))
