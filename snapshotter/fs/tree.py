@@ -137,7 +137,7 @@ class LayerTree:
             return {}
         e = self.entry(ordinal)
         out = dict(e.xattrs)
-        opaque = self.index.child(self.target(ordinal), OPAQUE_MARKER) is not None
-        if e.type == EntryType.DIR and opaque:
+        target = self.target(ordinal)
+        if e.type == EntryType.DIR and self.index.child(target, OPAQUE_MARKER) is not None:
             out[OPAQUE_XATTR] = b"y"
         return out
