@@ -49,6 +49,7 @@ class CountingProxy:
         self.total_bytes = 0
         self.total_requests = 0
         self.request_log: list[tuple[str, str, str | None]] = []  # (method, path, Range)
+        self._connections: set[object] = set()  # client (ip, port) pairs
         self._lock = threading.Lock()
         self._mode: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -101,6 +102,13 @@ class CountingProxy:
             self.total_bytes = 0
             self.total_requests = 0
             self.request_log.clear()
+            self._connections.clear()
+
+    @property
+    def connections(self) -> int:
+        """Distinct client connections that carried requests (to check connection reuse)."""
+        with self._lock:
+            return len(self._connections)
 
     def blob_bytes(self, digest: str) -> int:
         with self._lock:
@@ -163,6 +171,8 @@ class CountingProxy:
         digest = match.group(1) if match else None
         with self._lock:
             self.total_requests += 1
+            if request.transport is not None:
+                self._connections.add(request.transport.get_extra_info("peername"))
             self.request_log.append((request.method, request.path, request.headers.get("Range")))
             if digest and request.method == "GET":
                 self.requests_by_digest[digest] += 1

@@ -7,7 +7,6 @@ so image references stay valid when a test simulates an outage by stopping the r
 
 from __future__ import annotations
 
-import crypt
 import http.client
 import shutil
 import socket
@@ -31,6 +30,8 @@ def bcrypt_hash(password: str) -> str:
     """A bcrypt hash via libcrypt; distribution's htpasswd backend accepts only bcrypt."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # deprecated in 3.11 but the only bcrypt in the stdlib; fine for tests
+
         hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
     if not hashed or not hashed.startswith("$2"):
         raise RuntimeError("libcrypt produced no bcrypt hash; cannot write htpasswd")
