@@ -348,6 +348,17 @@ def test_anonymous_bearer_token_fetched_once_and_reused() -> None:
     with_registry(scenario, Behaviour(token_auth=True))
 
 
+def test_concurrent_cold_requests_share_one_token() -> None:
+    async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
+        ref = f"{reg.host}/app:v1"
+        reads = [client.read_range(ref, BLOB_DIGEST, i * 100, 100) for i in range(16)]
+        results = await asyncio.gather(*reads)
+        assert results == [BLOB[i * 100 : (i + 1) * 100] for i in range(16)]
+        assert reg.b.token_requests == 1
+
+    with_registry(scenario, Behaviour(token_auth=True))
+
+
 def test_bearer_token_with_docker_config_credentials(tmp_path: Path) -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         config = tmp_path / "config.json"

@@ -94,6 +94,7 @@ class RegistryClient:
         self._creds: dict[str, Credentials | None] = {}
         self._tokens: dict[tuple[str, str], str] = {}
         self._basic: dict[str, str] = {}
+        self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -463,12 +464,13 @@ class RegistryClient:
         stream: bool,
     ) -> aiohttp.ClientResponse:
         """Send with cached auth; on a 401 challenge obtain auth once and send again."""
+        used = self._auth_header(ep, scope)
         resp = await self._send(r, ep, method, url, scope, headers, data, stream)
         if resp.status != 401:
             return resp
         challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
         resp.release()
-        if not await self._authorize(r, ep, challenge, scope):
+        if not await self._authorize(r, ep, challenge, scope, used):
             return resp
         return await self._send(r, ep, method, url, scope, headers, data, stream)
 
@@ -485,7 +487,7 @@ class RegistryClient:
     ) -> aiohttp.ClientResponse:
         """Send and follow redirects; Authorization is dropped when the origin changes."""
         hdrs = dict(headers or {})
-        auth = self._basic.get(ep.auth_key) or self._tokens.get((ep.auth_key, scope))
+        auth = self._auth_header(ep, scope)
         if auth:
             hdrs["Authorization"] = auth
         origin = URL(url).origin()
@@ -545,20 +547,32 @@ class RegistryClient:
         except TRANSIENT as exc:
             raise _Transient(f"{url.raw_authority}: {_why(exc)}") from None
 
+    def _auth_header(self, ep: _Endpoint, scope: str) -> str | None:
+        return self._basic.get(ep.auth_key) or self._tokens.get((ep.auth_key, scope))
+
     async def _authorize(
-        self, r: Reference, ep: _Endpoint, challenge: Challenge, scope: str
+        self, r: Reference, ep: _Endpoint, challenge: Challenge, scope: str, used: str | None
     ) -> bool:
-        """Act on a 401 challenge: remember basic credentials or fetch a bearer token."""
+        """Act on a 401 challenge: remember basic credentials or fetch a bearer token.
+
+        Concurrent requests that hit the same challenge (many range reads at once on a cold
+        client) share one token request: whoever gets the lock second finds a token newer than
+        the one it was refused with and just retries.
+        """
         creds = self._credentials(ep.auth_key)
         if challenge.scheme == "basic":
-            if creds is None or ep.auth_key in self._basic:
+            if creds is None or creds.basic_header() == used:
                 return False
             self._basic[ep.auth_key] = creds.basic_header()
             return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
-        token = await self._fetch_token(r, ep, challenge, scope, creds)
-        self._tokens[(ep.auth_key, scope)] = f"Bearer {token}"
+        key = (ep.auth_key, scope)
+        async with self._token_locks.setdefault(key, asyncio.Lock()):
+            if self._tokens.get(key) not in (None, used):
+                return True
+            token = await self._fetch_token(r, ep, challenge, scope, creds)
+            self._tokens[key] = f"Bearer {token}"
         return True
 
     async def _fetch_token(
