@@ -627,8 +627,19 @@ def test_tls_certificate_error_is_unavailable(tmp_path: Path) -> None:
         async with Peer(reg.app, ssl_context=ctx) as peer:
             reg.host = peer.host
             async with RegistryClient(docker_config=Path("/none"), backoff=0.01) as client:
-                with pytest.raises(Unavailable, match=f"TLS error talking to {peer.host}"):
+                with pytest.raises(
+                    Unavailable,
+                    match=f"image {peer.host}/app:v1: TLS error talking to {peer.host}: "
+                    "CERTIFICATE_VERIFY_FAILED",
+                ):
                     await client.resolve(f"{peer.host}/app:v1")
+            plain_reg = FakeRegistry()
+            async with (
+                Peer(plain_reg.app) as plain,
+                RegistryClient(docker_config=Path("/none"), retries=0) as client,
+            ):
+                with pytest.raises(Unavailable, match="set plain_http for this host"):
+                    await client.resolve(f"{plain.host}/app:v1")
             insecure = {peer.host: RegistryHostConfig(skip_verify=True)}
             async with RegistryClient(insecure, docker_config=Path("/none")) as client:
                 assert (await client.resolve(f"{peer.host}/app:v1")).layers

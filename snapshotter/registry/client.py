@@ -493,7 +493,7 @@ class RegistryClient:
         origin = URL(url).origin()
         current = URL(url, encoded=True)
         for _ in range(MAX_REDIRECTS + 1):
-            resp = await self._send_once(ep, method, current, hdrs, data, stream, origin)
+            resp = await self._send_once(r, ep, method, current, hdrs, data, stream, origin)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUSES or not location:
                 return resp
@@ -507,6 +507,7 @@ class RegistryClient:
 
     async def _send_once(
         self,
+        r: Reference,
         ep: _Endpoint,
         method: str,
         url: URL,
@@ -543,7 +544,9 @@ class RegistryClient:
                 ssl=verify,
             )
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise Unavailable(f"TLS error talking to {url.raw_authority}: {_why(exc)}") from None
+            raise Unavailable(
+                f"image {r}: TLS error talking to {url.raw_authority}: {_tls_why(exc)}"
+            ) from None
         except TRANSIENT as exc:
             raise _Transient(f"{url.raw_authority}: {_why(exc)}") from None
 
@@ -642,6 +645,18 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return str(exc) or type(exc).__name__
+
+
+def _tls_why(exc: BaseException) -> str:
+    """The SSL library's reason, with a hint for the common https-to-plain-http mistake."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    reason = getattr(cause, "reason", None) or str(cause)
+    detail = getattr(cause, "verify_message", None)
+    if detail:
+        return f"{reason}: {detail}"
+    if "WRONG_VERSION_NUMBER" in str(reason):
+        return f"{reason} (does it speak plain HTTP? then set plain_http for this host)"
+    return str(reason)
 
 
 def _status_error(
