@@ -32,6 +32,7 @@ from integration.harness.registry import RegistryServer
 from snapshotter.errors import NotFound, Unavailable
 from snapshotter.registry import (
     AccessDenied,
+    DigestMismatch,
     RegistryClient,
     RegistryHostConfig,
 )
@@ -455,3 +456,28 @@ def test_registry_restart_keeps_storage(tmp_path: Path, host_tools_tree: Path) -
                 assert (await client.resolve(img.ref)).manifest_digest == img.manifest_digest
 
         run(up())
+
+
+def test_tampered_and_truncated_blobs_from_a_real_registry(
+    tmp_path: Path, host_tools_tree: Path
+) -> None:
+    """The registry serves whatever is on its disk; the client must notice and name it."""
+    with RegistryServer(tmp_path / "reg") as server:
+        layer = make_layer_tar(host_tools_tree, tmp_path / "l.tar.gz")
+        img = push_image(build_image([layer], tmp_path / "oci"), server.host, "bad/app", "v1")
+        digest, size = img.layer_digests[0], img.layer_sizes[0]
+        blob = img.layer_blobs[0].read_bytes()
+        server.replace_blob(digest, blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+
+        async def check() -> None:
+            async with client_for(server.host) as client:
+                resolved = await client.resolve(img.ref)
+                with pytest.raises(DigestMismatch, match=f"{digest} does not match its content"):
+                    async for _ in client.open_blob(resolved.pinned, digest, size=size):
+                        pass
+                server.replace_blob(digest, blob[: size // 2])
+                with pytest.raises(DigestMismatch, match=f"is {size // 2} bytes, the manifest"):
+                    async for _ in client.open_blob(resolved.pinned, digest, size=size):
+                        pass
+
+        run(check())

@@ -148,7 +148,7 @@ def _compress(raw: Path, out: Path, compression: str) -> None:
         if compression == "none":
             shutil.copyfileobj(src, dst, CHUNK)
         elif compression == "gzip":
-            with gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0) as gz:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=dst, mtime=0, compresslevel=6) as gz:
                 shutil.copyfileobj(src, gz, CHUNK)
         else:
             cctx = zstandard.ZstdCompressor(level=3)

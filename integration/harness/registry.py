@@ -139,6 +139,32 @@ class RegistryServer:
             proc.kill()
             proc.wait()
 
+    def blob_path(self, digest: str) -> Path:
+        """Where the filesystem driver keeps a blob's bytes (distribution's storage layout)."""
+        algo, hexdigest = digest.split(":", 1)
+        return (
+            self.storage
+            / "docker"
+            / "registry"
+            / "v2"
+            / "blobs"
+            / algo
+            / hexdigest[:2]
+            / hexdigest
+            / "data"
+        )
+
+    def replace_blob(self, digest: str, data: bytes) -> None:
+        """Overwrite a stored blob behind the registry's back (tampered or truncated content).
+
+        The registry verifies digests only on upload, so it then serves ``data`` under the old
+        digest: what a client sees from a corrupt or malicious registry.
+        """
+        path = self.blob_path(digest)
+        if not path.exists():
+            raise FileNotFoundError(f"registry {self.host} has no blob {digest} at {path}")
+        path.write_bytes(data)
+
     def access_log(self) -> str:
         """The registry's log so far (requests, for tests that count what was served)."""
         return self.log_path.read_text() if self.log_path.exists() else ""
