@@ -664,7 +664,10 @@ def _status_error(
 ) -> ClipError:
     status, host = resp.status, ep.host
     if status in (401, 403):
-        return AccessDenied(f"image {r}: access denied by {host} (HTTP {status}) for {what}")
+        return AccessDenied(
+            f"image {r}: access denied by {host} (HTTP {status}) for {what}; check the "
+            "credentials in docker's config.json, or whether the repository exists"
+        )
     if status == 404:
         return NotFound(f"image {r}: {what} not found on {host}")
     if status == 416:
