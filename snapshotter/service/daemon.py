@@ -143,7 +143,8 @@ class Daemon:
             ]
         )
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), server)
-        old_umask = os.umask(0o177)
+        # The socket is born with its final mode: no window where it is wider or narrower.
+        old_umask = os.umask(0o777 & ~self.config.daemon.socket_mode)
         try:
             server.add_insecure_port(f"unix:{self.address}")
             await server.start()
