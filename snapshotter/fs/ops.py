@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,7 +37,7 @@ ROOT = pyfuse3.ROOT_INODE
 ROOT_ENTRY_TIMEOUT = 60.0
 
 
-def _guard(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
