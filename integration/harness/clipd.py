@@ -139,7 +139,9 @@ class SnapshotsClient:
     def __init__(self, socket: Path, namespace: str | None = "default") -> None:
         self.channel = grpc.insecure_channel(f"unix:{socket}")
         self.stub = pb_grpc.SnapshotsStub(self.channel)
-        self.metadata = [] if namespace is None else [("containerd-namespace", namespace)]
+        self.metadata: tuple[tuple[str, str], ...] = (
+            () if namespace is None else (("containerd-namespace", namespace),)
+        )
 
     def close(self) -> None:
         self.channel.close()
