@@ -89,15 +89,19 @@ class Layout:
     def discard(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
-    def remove(self, rid: int) -> None:
-        """Delete a snapshot's directory after its row is gone; failures wait for Cleanup."""
+    def trash(self, rid: int) -> Path | None:
+        """Move a removed snapshot's directory aside (instant); delete it with ``discard``.
+
+        Called after its row is gone; if anything fails, Cleanup reclaims the leftovers.
+        """
         target = self.dir(rid)
         trash = self.snapshots / f"rm-{rid}"
         try:
             target.rename(trash)
-            shutil.rmtree(trash)
         except OSError as exc:
             log.warning("leaving %s for cleanup: %s", target, exc)
+            return None
+        return trash
 
     def reclaim(self, live: set[int]) -> list[str]:
         """Remove every directory under snapshots/ that is not a live snapshot id."""

@@ -225,7 +225,9 @@ class Snapshotter:
             raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
         with self.store.transaction():
             self.store.delete(record.id)
-        self.layout.remove(record.id)
+        trash = self.layout.trash(record.id)
+        if trash is not None:  # deleting a big tree must not stall other RPCs
+            await asyncio.to_thread(self.layout.discard, trash)
         if record.remote_dir is not None and self.provider is not None:
             await self.provider.release(self._layer_of(record), record.remote_dir)
 
