@@ -24,7 +24,7 @@ class ContentCacheSettings:
 
     url: str = ""
     cluster: bool = False
-    timeout_seconds: float = 0.1
+    timeout_seconds: float = 0.2
     connect_timeout_seconds: float = 0.5
     index_timeout_seconds: float = 2.0
     failure_threshold: int = 3
