@@ -109,7 +109,11 @@ class Telemetry:
     # --- setup --------------------------------------------------------------------------------
 
     def configure(self, options: TelemetryOptions) -> None:
-        """Rebuild providers and instruments with `options` (values recorded so far are reset)."""
+        """Rebuild providers and instruments with `options` (values recorded so far are reset).
+
+        A bad `options` raises before anything is torn down, leaving the old setup working.
+        """
+        _require_otlp(options)
         with self._lock:
             self._shutdown_providers()
             self.registry = CollectorRegistry(auto_describe=True)
@@ -141,11 +145,7 @@ class Telemetry:
     def _otlp_metric_readers(self, options: TelemetryOptions) -> list[MetricReader]:
         if not options.otlp_endpoint:
             return []
-        if not otlp_available():
-            raise InvalidArgument(
-                f"telemetry: OTLP endpoint {options.otlp_endpoint!r} configured but the package "
-                "opentelemetry-exporter-otlp-proto-http is not installed"
-            )
+        _require_otlp(options)
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[import-not-found]
             OTLPMetricExporter,
         )
@@ -350,6 +350,14 @@ class Telemetry:
     def _shutdown_providers(self) -> None:
         self.meter_provider.shutdown()
         self.tracer_provider.shutdown()
+
+
+def _require_otlp(options: TelemetryOptions) -> None:
+    if options.otlp_endpoint and not otlp_available():
+        raise InvalidArgument(
+            f"telemetry: OTLP endpoint {options.otlp_endpoint!r} configured but the package "
+            "opentelemetry-exporter-otlp-proto-http is not installed"
+        )
 
 
 def _tier(tier: str) -> str:
