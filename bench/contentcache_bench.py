@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from redis.asyncio import Redis  # noqa: E402
-from redis.asyncio.cluster import RedisCluster  # noqa: E402
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from integration.harness.redis import RedisClusterServers, RedisServer  # noqa: E402
-from snapshotter.contentcache import ContentCacheSettings, block_key  # noqa: E402
-from snapshotter.contentcache.redis_backend import RedisContentCache  # noqa: E402
+from integration.harness.redis import RedisClusterServers, RedisServer
+from snapshotter.contentcache import ContentCacheSettings, block_key
+from snapshotter.contentcache.redis_backend import RedisContentCache
 
 SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
 LAYER = "sha256:" + "5a" * 32
@@ -57,9 +57,7 @@ async def value_sizes(url: str, mib: int) -> None:
             await client.get(k)
             lat.append(time.perf_counter() - t)
         seq = n * size / (time.perf_counter() - t0) / 1e6
-        sem = asyncio.Semaphore(16)
-
-        async def one(key: str) -> None:
+        async def one(key: str, sem: asyncio.Semaphore = asyncio.Semaphore(16)) -> None:
             async with sem:
                 await client.get(key)
 

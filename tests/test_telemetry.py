@@ -20,6 +20,7 @@ from snapshotter.telemetry import (
     scrape,
 )
 
+
 @pytest.fixture
 def telemetry() -> Iterator[Telemetry]:
     t = Telemetry()
@@ -164,9 +165,8 @@ def _capture(telemetry: Telemetry) -> InMemorySpanExporter:
 
 def test_spans_record_attributes_and_errors(telemetry: Telemetry) -> None:
     exporter = _capture(telemetry)
-    with telemetry.span("prepare", key="ns/1/x"):
-        with telemetry.span("index.resolve", layer="sha256:aa"):
-            pass
+    with telemetry.span("prepare", key="ns/1/x"), telemetry.span("index.resolve", layer="x"):
+        pass
     with pytest.raises(RuntimeError), telemetry.span("prepare", key="ns/2/y"):
         raise RuntimeError("boom")
     spans = exporter.get_finished_spans()
