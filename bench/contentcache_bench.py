@@ -39,6 +39,16 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def _concurrent_gets(client: Redis, keys: list[str], concurrency: int) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(key: str) -> None:
+        async with sem:
+            await client.get(key)
+
+    await asyncio.gather(*(one(k) for k in keys))
+
+
 async def value_sizes(url: str, mib: int) -> None:
     client = Redis.from_url(url)
     print(f"{'value':>8} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'seq MB/s':>9} {'16x MB/s':>9}")
@@ -57,12 +67,8 @@ async def value_sizes(url: str, mib: int) -> None:
             await client.get(k)
             lat.append(time.perf_counter() - t)
         seq = n * size / (time.perf_counter() - t0) / 1e6
-        async def one(key: str, sem: asyncio.Semaphore = asyncio.Semaphore(16)) -> None:
-            async with sem:
-                await client.get(key)
-
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(k) for k in keys))
+        await _concurrent_gets(client, keys, 16)
         par = n * size / (time.perf_counter() - t0) / 1e6
         print(f"{size >> 10:>6}Ki {n:>5} {_pct(lat, .5) * 1e3:>8.3f} {_pct(lat, .99) * 1e3:>8.3f}"
               f" {seq:>9.0f} {par:>9.0f}")
