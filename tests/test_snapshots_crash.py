@@ -3,6 +3,7 @@ directories it leaves behind are reclaimed by Cleanup."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -30,7 +31,7 @@ async def main() -> None:
         parent = f"c{sys.argv[2]}-{i - 1}" if i > 1 else ""
         await sn.prepare("default", key, parent, {"i": str(i)})
         (sn.layout.fs(sn.stat("default", key).id) / "f").write_bytes(b"x" * 4096)
-        sn.commit("default", f"c{sys.argv[2]}-{i}", key, {})
+        await sn.commit("default", f"c{sys.argv[2]}-{i}", key, {})
         await sn.prepare("default", f"tmp{sys.argv[2]}-{i}", "", {})
         await sn.remove("default", f"tmp{sys.argv[2]}-{i}")
 
@@ -46,7 +47,7 @@ def _check(root: Path) -> None:
             assert sn.layout.fs(r.id).is_dir(), f"record {r.key} lost its fs dir"
             if r.kind is Kind.ACTIVE:
                 assert sn.layout.work(r.id).is_dir(), f"record {r.key} lost its work dir"
-        sn.cleanup()
+        asyncio.run(sn.cleanup())
         assert sorted(os.listdir(sn.layout.snapshots)) == sorted(str(r.id) for r in records)
     finally:
         sn.close()

@@ -124,7 +124,7 @@ def test_existing_target_with_other_parent_is_refused(tmp_path: Path) -> None:
     sn = Snapshotter(tmp_path / "root", DirProvider(tmp_path / "mnt"))
     _handshake(sn, "k1", "", cri_labels("sha256:c", "sha256:d"))
     asyncio.run(sn.prepare("default", "p-a", "", {}))
-    sn.commit("default", "p", "p-a", {})
+    asyncio.run(sn.commit("default", "p", "p-a", {}))
     with pytest.raises(FailedPrecondition, match="another parent"):
         asyncio.run(sn.prepare("default", "k2", "p", cri_labels("sha256:c", "sha256:d")))
     sn.close()

@@ -33,7 +33,7 @@ def chain(sn: Snapshotter, n: int) -> str:
     parent = ""
     for i in range(n):
         prepare(sn, f"a{i}", parent)
-        sn.commit("default", f"c{i}", f"a{i}", {})
+        asyncio.run(sn.commit("default", f"c{i}", f"a{i}", {}))
         parent = f"c{i}"
     return parent
 
@@ -95,16 +95,16 @@ def test_errors_match_containerd(sn: Snapshotter) -> None:
     with pytest.raises(InvalidArgument, match="not a committed"):
         prepare(sn, "b", "a")  # parent of the wrong kind
     with pytest.raises(FailedPrecondition, match="not active or view"):
-        sn.commit("default", "c", "a", {})
+        asyncio.run(sn.commit("default", "c", "a", {}))
         sn.mounts("default", "c")
     with pytest.raises(FailedPrecondition, match="is not active"):
-        sn.commit("default", "c2", "c", {})
+        asyncio.run(sn.commit("default", "c2", "c", {}))
     prepare(sn, "d", "c")
     with pytest.raises(FailedPrecondition, match="with child"):
         asyncio.run(sn.remove("default", "c"))
     with pytest.raises(AlreadyExists):
         prepare(sn, "e")
-        sn.commit("default", "c", "e", {})
+        asyncio.run(sn.commit("default", "c", "e", {}))
     with pytest.raises(NotFound):
         sn.stat("default", "nope")
     with pytest.raises(InvalidArgument, match="empty"):
@@ -123,7 +123,7 @@ def test_absurd_keys_never_become_paths(sn: Snapshotter, tmp_path: Path) -> None
     before = set(os.listdir(tmp_path))
     for key in ("../../etc", "/etc/passwd", "a/../../b", ".."):
         prepare(sn, key)
-        sn.commit("default", key + "-c", key, {})
+        asyncio.run(sn.commit("default", key + "-c", key, {}))
     assert set(os.listdir(tmp_path)) == before
     assert all(n.isdigit() for n in os.listdir(sn.layout.snapshots))
     with pytest.raises(InvalidArgument, match="control"):
@@ -162,10 +162,10 @@ def test_usage_counts_own_dir(sn: Snapshotter) -> None:
     (fs / "f").write_bytes(b"x" * 10000)
     (fs / "d").mkdir()
     os.link(fs / "f", fs / "hard")
-    size, inodes = sn.usage("default", "a")
+    size, inodes = asyncio.run(sn.usage("default", "a"))
     assert inodes == 3 and size >= 10000
-    sn.commit("default", "c", "a", {})
-    assert sn.usage("default", "c") == (size, inodes)
+    asyncio.run(sn.commit("default", "c", "a", {}))
+    assert asyncio.run(sn.usage("default", "c")) == (size, inodes)
 
 
 def test_remove_deletes_directory_and_restart_serves_the_rest(tmp_path: Path) -> None:
@@ -208,5 +208,22 @@ def test_cleanup_reclaims_orphans_only(sn: Snapshotter) -> None:
     keep = sn.stat("default", "keep").id
     for name in ("999", "new-abc", "rm-7"):
         (sn.layout.snapshots / name / "fs").mkdir(parents=True)
-    assert sorted(sn.cleanup()) == ["999", "new-abc", "rm-7"]
+    assert sorted(asyncio.run(sn.cleanup())) == ["999", "new-abc", "rm-7"]
     assert os.listdir(sn.layout.snapshots) == [str(keep)]
+
+
+def test_concurrent_commits_to_one_name(sn: Snapshotter) -> None:
+    """Usage is measured off the loop; the name is checked again before the commit lands."""
+    prepare(sn, "a")
+    prepare(sn, "b")
+
+    async def both() -> list[object]:
+        return await asyncio.gather(
+            sn.commit("default", "X", "a", {}),
+            sn.commit("default", "X", "b", {}),
+            return_exceptions=True,
+        )
+
+    results = asyncio.run(both())
+    assert sum(isinstance(r, AlreadyExists) for r in results) == 1
+    assert sn.stat("default", "X").kind is Kind.COMMITTED

@@ -121,7 +121,7 @@ class Daemon:
         self._lock.acquire()
         try:
             self.snapshotter = Snapshotter(self.root, self.provider)
-            self.snapshotter.cleanup()
+            await self.snapshotter.cleanup()
             for service in self.services:
                 await service.start(self)
                 self._started.append(service)

@@ -120,18 +120,14 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
         return await _call("Mounts", context, {"key": request.key}, body)
 
-    async def Commit(
-        self, request: pb.CommitSnapshotRequest, context: Context
-    ) -> empty_pb2.Empty:
+    async def Commit(self, request: pb.CommitSnapshotRequest, context: Context) -> empty_pb2.Empty:
         async def body() -> empty_pb2.Empty:
-            self.sn.commit(namespace_of(context), request.name, request.key, request.labels)
+            await self.sn.commit(namespace_of(context), request.name, request.key, request.labels)
             return empty_pb2.Empty()
 
         return await _call("Commit", context, {"key": request.key, "name": request.name}, body)
 
-    async def Remove(
-        self, request: pb.RemoveSnapshotRequest, context: Context
-    ) -> empty_pb2.Empty:
+    async def Remove(self, request: pb.RemoveSnapshotRequest, context: Context) -> empty_pb2.Empty:
         async def body() -> empty_pb2.Empty:
             await self.sn.remove(namespace_of(context), request.key)
             return empty_pb2.Empty()
@@ -172,14 +168,14 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     async def Usage(self, request: pb.UsageRequest, context: Context) -> pb.UsageResponse:
         async def body() -> pb.UsageResponse:
-            size, inodes = self.sn.usage(namespace_of(context), request.key)
+            size, inodes = await self.sn.usage(namespace_of(context), request.key)
             return pb.UsageResponse(size=size, inodes=inodes)
 
         return await _call("Usage", context, {"key": request.key}, body)
 
     async def Cleanup(self, request: pb.CleanupRequest, context: Context) -> empty_pb2.Empty:
         async def body() -> empty_pb2.Empty:
-            self.sn.cleanup()
+            await self.sn.cleanup()
             return empty_pb2.Empty()
 
         return await _call("Cleanup", context, {}, body)

@@ -7,7 +7,7 @@ overlay option strings stay short: a 128-layer lowerdir fits in one page.
 Crash safety: a new snapshot's directories are built under ``snapshots/new-*`` and renamed to
 ``snapshots/<id>`` inside the database transaction that inserts its row; a removed snapshot's
 row is deleted first and its directory second. Whatever a ``kill -9`` leaves behind is a
-directory that is not a live id, which :meth:`Layout.reclaim` removes.
+directory that is not a live id, which Cleanup removes.
 """
 
 from __future__ import annotations
@@ -103,15 +103,17 @@ class Layout:
             return None
         return trash
 
-    def reclaim(self, live: set[int]) -> list[str]:
-        """Remove every directory under snapshots/ that is not a live snapshot id."""
-        removed = []
-        for entry in os.scandir(self.snapshots):
-            if entry.name.isdigit() and int(entry.name) in live:
-                continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
-        return removed
+    def orphans(self, live: set[int]) -> list[Path]:
+        """Every entry under snapshots/ that is not a live snapshot id."""
+        return sorted(
+            Path(entry.path)
+            for entry in os.scandir(self.snapshots)
+            if not (entry.name.isdigit() and int(entry.name) in live)
+        )
+
+    def discard_all(self, paths: list[Path]) -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
     def mounts(self, record: Record, ancestors: list[Record]) -> list[Mount]:
         """The mounts containerd's overlayfs snapshotter would return for this snapshot."""

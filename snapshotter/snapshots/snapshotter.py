@@ -115,8 +115,12 @@ class Snapshotter:
                 lowerdir = await self.provider.prepare(layer)
                 try:
                     self._create(
-                        ns, layer.chain_id, layer.parent, dict(layer.labels),
-                        Kind.COMMITTED, remote_dir=lowerdir,
+                        ns,
+                        layer.chain_id,
+                        layer.parent,
+                        dict(layer.labels),
+                        Kind.COMMITTED,
+                        remote_dir=lowerdir,
                     )
                 except BaseException:
                     await self.provider.release(layer, lowerdir)
@@ -172,23 +176,35 @@ class Snapshotter:
             if match.matches(snapshot_adaptor(r.key, r.parent, r.kind.filter_name, r.labels))
         ]
 
-    def usage(self, ns: str | None, key: str) -> tuple[int, int]:
+    async def usage(self, ns: str | None, key: str) -> tuple[int, int]:
+        """Active: measured now, in a thread (an upper dir can be large); else as committed."""
         record = self.store.get(ns, key)
         if record.kind is Kind.ACTIVE:
-            return disk_usage(self.layout.fs(record.id))
+            return await asyncio.to_thread(disk_usage, self.layout.fs(record.id))
         return record.size, record.inodes
 
     # -- changes --------------------------------------------------------------------------
 
-    def commit(self, ns: str | None, name: str, key: str, labels: Mapping[str, str]) -> None:
-        validate.key(name, "name")
-        labels = validate.labels(labels)
+    def _committable(self, ns: str | None, name: str, key: str) -> Record:
         record = self.store.get(ns, key)
         if record.kind is not Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is not active")
         if self.store.find(record.ns, name) is not None:
             raise AlreadyExists(f"committed snapshot {name!r} already exists")
-        record.size, record.inodes = disk_usage(self.layout.fs(record.id))
+        return record
+
+    async def commit(self, ns: str | None, name: str, key: str, labels: Mapping[str, str]) -> None:
+        """Active -> committed under ``name``, recording the tree's usage.
+
+        The usage walk runs in a thread so a large layer does not stall other calls; the
+        preconditions are checked again afterwards, since another call may have run meanwhile.
+        """
+        validate.key(name, "name")
+        labels = validate.labels(labels)
+        record = self._committable(ns, name, key)
+        usage = await asyncio.to_thread(disk_usage, self.layout.fs(record.id))
+        record = self._committable(ns, name, key)
+        record.size, record.inodes = usage
         record.key, record.kind, record.labels = name, Kind.COMMITTED, labels
         record.created_ns = record.updated_ns = time.time_ns()
         with self.store.transaction():
@@ -231,9 +247,14 @@ class Snapshotter:
         if record.remote_dir is not None and self.provider is not None:
             await self.provider.release(self._layer_of(record), record.remote_dir)
 
-    def cleanup(self) -> list[str]:
-        """Reclaim directories that belong to no snapshot (left by crashes or failed removes)."""
-        removed = self.layout.reclaim(self.store.ids())
-        if removed:
-            log.info("cleanup removed %d directories: %s", len(removed), ", ".join(removed))
-        return removed
+    async def cleanup(self) -> list[str]:
+        """Reclaim directories that belong to no snapshot (left by crashes or failed removes).
+
+        The list is taken on the loop (no Prepare is half-done there); deletion runs in a thread.
+        """
+        orphans = self.layout.orphans(self.store.ids())
+        await asyncio.to_thread(self.layout.discard_all, orphans)
+        names = [p.name for p in orphans]
+        if names:
+            log.info("cleanup removed %d directories: %s", len(names), ", ".join(names))
+        return names
