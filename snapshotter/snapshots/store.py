@@ -171,7 +171,13 @@ class MetaStore:
             """,
             (rid,),
         ).fetchall()
-        return [self.by_id(int(r[0])) for r in rows]
+        ids = [int(r[0]) for r in rows]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        found = self.db.execute(_SELECT + f" WHERE s.id IN ({marks})", ids).fetchall()
+        by_id = {int(row[0]): _record(row) for row in found}
+        return [by_id[i] for i in ids]
 
     def has_children(self, rid: int) -> bool:
         row = self.db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (rid,))
