@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import stat
 import shutil
 import tempfile
 import time
@@ -50,6 +51,8 @@ def _layer_files(tree: Path) -> bytes:
     os.symlink("/nonexistent/target", data / "dangling")
     os.link(data / "hello.txt", data / "hard")
     os.mkfifo(data / "fifo")
+    os.mknod(data / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.setxattr(data / "hello.txt", "user.clip", b"xattr-value")
     big = random.Random(7).randbytes(3 * 1024 * 1024)
     (data / "big").write_bytes(big)
     (tree / "etc").mkdir()
@@ -136,6 +139,8 @@ def test_pull_run_and_compare_with_overlayfs(
     assert "etc/remove-me" not in clip_tree and "opaque/old.txt" not in clip_tree
     assert clip_tree["data/setuid"][0] == 0o104755 and clip_tree["data/owned"][1:3] == (1000, 1001)
     assert clip_tree["data/link"][4] == "hello.txt"
+    assert clip_tree["data/null"][7] == os.makedev(1, 3) and clip_tree["data/fifo"][0] == 0o10644
+    assert clip_tree["data/hard"][5] == [("user.clip", b"xattr-value")]
     assert (
         os.stat(tmp_path / "rootfs-clip/data/hard").st_ino
         == os.stat(tmp_path / "rootfs-clip/data/hello.txt").st_ino

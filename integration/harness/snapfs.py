@@ -2,7 +2,8 @@
 
 A Python rendering of the operations containerd's snapshotter test suite applies to mounted
 snapshots (create file/dir, remove, chown, link, rename) and of its directory comparison: paths,
-types, full mode, uid/gid, sizes, file contents, symlink targets and user-visible xattrs.
+types, full mode, uid/gid, sizes, link counts, device numbers, file contents, symlink
+targets and user-visible xattrs.
 """
 
 from __future__ import annotations
@@ -96,8 +97,10 @@ def _describe(path: Path) -> tuple[object, ...]:
         content = hashlib.sha256(path.read_bytes()).hexdigest()
     elif stat.S_ISLNK(st.st_mode):
         content = os.readlink(path)
-    size = st.st_size if not stat.S_ISDIR(st.st_mode) else None
-    return (st.st_mode, st.st_uid, st.st_gid, size, content, sorted(xattrs.items()))
+    is_dir = stat.S_ISDIR(st.st_mode)
+    size, nlink = (None, None) if is_dir else (st.st_size, st.st_nlink)
+    rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+    return (st.st_mode, st.st_uid, st.st_gid, size, content, sorted(xattrs.items()), nlink, rdev)
 
 
 def tree(root: Path) -> dict[str, tuple[object, ...]]:
