@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import stat
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
