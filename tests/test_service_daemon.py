@@ -230,3 +230,14 @@ def test_stop_lets_in_flight_calls_finish(tmp_path: Path) -> None:
         await again.stop()
 
     asyncio.run(check())
+
+
+def test_unusable_root_or_address_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    bad_root = clip("serve", "--root", str(tmp_path / "file" / "r"), "--address", "/tmp/n.sock")
+    assert bad_root.returncode == 1
+    assert bad_root.stderr.startswith(f"clip: cannot start on {tmp_path / 'file'}")
+    bad_sock = str(tmp_path / "file" / "s.sock")
+    bad_addr = clip("serve", "--root", str(tmp_path / "r"), "--address", bad_sock)
+    assert bad_addr.returncode == 1 and bad_addr.stderr.startswith("clip: cannot start on ")
+    assert "Traceback" not in bad_root.stderr + bad_addr.stderr

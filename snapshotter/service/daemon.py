@@ -117,6 +117,14 @@ class Daemon:
         self.services.append(service)
 
     async def start(self) -> None:
+        """Lock the root, open the store, start services, restore remote layers, listen."""
+        try:
+            await self._start()
+        except OSError as exc:
+            where = exc.filename or self.root
+            raise Unavailable(f"cannot start on {where}: {exc.strerror or exc}") from None
+
+    async def _start(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock.acquire()
         try:
