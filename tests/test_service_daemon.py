@@ -241,3 +241,12 @@ def test_unusable_root_or_address_is_one_line(tmp_path: Path) -> None:
     bad_addr = clip("serve", "--root", str(tmp_path / "r"), "--address", bad_sock)
     assert bad_addr.returncode == 1 and bad_addr.stderr.startswith("clip: cannot start on ")
     assert "Traceback" not in bad_root.stderr + bad_addr.stderr
+
+
+def test_corrupt_metadata_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metadata.db").write_bytes(b"not a database" * 100)
+    result = clip("serve", "--root", str(tmp_path / "r"), "--address", str(tmp_path / "s"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"clip: cannot open {tmp_path / 'r' / 'metadata.db'}: ")
+    assert not (tmp_path / "s").exists()

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Protocol
@@ -123,6 +124,8 @@ class Daemon:
         except OSError as exc:
             where = exc.filename or self.root
             raise Unavailable(f"cannot start on {where}: {exc.strerror or exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise Unavailable(f"cannot open {self.root / 'metadata.db'}: {exc}") from None
 
     async def _start(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
