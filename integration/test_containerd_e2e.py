@@ -114,7 +114,7 @@ def test_pull_run_and_compare_with_overlayfs(
     ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "clip", ref)
     ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
     script = "cat /data/hello.txt; /data/exec.sh; sha256sum /data/big; ls /opaque; cat /etc/layer2"
-    run = ctd.ctr("run", "--rm", "--snapshotter", "clip", ref, "c-run", "/bin/sh", "-c", script)
+    run = ctd.run("--rm", "--snapshotter", "clip", ref, "c-run", "/bin/sh", "-c", script)
     assert run.stdout.splitlines() == [
         "hello again",
         "from-script",

@@ -134,7 +134,7 @@ def test_rpull_uses_remote_layers_without_downloading(
     content = ctd.ctr("content", "ls", "-q").stdout.split()
     assert not set(layers) & set(content), "containerd downloaded a remote layer"
 
-    out = ctd.ctr("run", "--rm", "--snapshotter", "clip", ref, "r1", "/bin/sh", "-c",
+    out = ctd.run("--rm", "--snapshotter", "clip", ref, "r1", "/bin/sh", "-c",
                   "cat /app/msg; test -e /bin/ls || echo ls-removed")  # fmt: skip
     assert out.stdout.splitlines() == ["served lazily", "ls-removed"]
 

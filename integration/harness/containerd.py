@@ -95,6 +95,16 @@ class Containerd:
             raise CommandFailed(f"{' '.join(cmd)} -> {result.returncode}: {result.stderr.strip()}")
         return result
 
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``ctr run`` with FIFOs and runc state under the work dir (not /run/containerd)."""
+        private = [
+            "--fifo-dir",
+            str(self.workdir / "fifo"),
+            "--runc-root",
+            str(self.workdir / "runc"),
+        ]
+        return self.ctr("run", *private, *args)
+
     def _remove_leftovers(self) -> None:
         """Kill and delete tasks and containers in every namespace (best effort)."""
         for ns in self.ctr("namespaces", "ls", "-q", check=False).stdout.split():
