@@ -265,6 +265,26 @@ def test_put_queue_overflow_is_dropped_and_counted(own_server: RedisServer) -> N
     run(go())
 
 
+def test_queue_is_freed_when_the_breaker_opens(own_server: RedisServer) -> None:
+    async def go() -> None:
+        cache = cache_for(own_server.url(), failure_threshold=1, cooldown_seconds=30,
+                          index_timeout_seconds=0.2)
+        own_server.pause()
+        try:
+            for n in range(40):  # more than one pipelined batch
+                await cache.put_block(LAYER, n, block(n, 1000))
+            assert await cache.flush(0.2 + SLACK)
+            health = cache.health()
+            assert health.state == "open" and health.queued_puts == 0
+            assert health.stats.puts_failed == 32  # the batch that timed out
+            assert health.stats.puts_dropped_open == 8  # the rest, freed at once
+        finally:
+            own_server.resume()
+        await cache.close()
+
+    run(go())
+
+
 def test_duplicate_puts_are_queued_once(server: RedisServer) -> None:
     async def go() -> None:
         cache = cache_for(server.url(db=4))

@@ -13,6 +13,8 @@ breaker is open, the put is dropped and counted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -224,10 +226,21 @@ class RedisContentCache(ContentCache):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self.breaker.retry_in() > 0:
+                self._drop_queue()
+                continue
             batch = self._take_batch()
-            ok = await self._call("put", lambda b=batch: self._write(b), False,  # type: ignore[misc]
+            ok = await self._call("put", functools.partial(self._write, batch), False,
                                   self.settings.index_timeout_seconds)
             self._settle(batch, ok)
+
+    def _drop_queue(self) -> None:
+        """The breaker is open: queued values would wait a whole cool-down, so free them now."""
+        for _ in range(len(self._queue)):
+            self._dropped("dropped_open")
+        self._queue.clear()
+        self._queued_keys.clear()
+        self._queued_bytes = 0
 
     def _take_batch(self) -> list[tuple[str, bytes]]:
         batch: list[tuple[str, bytes]] = []
@@ -282,7 +295,7 @@ class RedisContentCache(ContentCache):
             retry_in_seconds=round(b.retry_in(), 3),
             queued_puts=len(self._queue),
             queued_bytes=self._queued_bytes,
-            stats=ContentCacheStats(**{k: getattr(self.stats, k) for k in self.stats.__slots__}),
+            stats=dataclasses.replace(self.stats),
         )
 
     async def check(self) -> None:
