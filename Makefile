@@ -50,10 +50,10 @@ test: venv lint
 	$(PY) -m pytest
 
 demo: venv
-	$(PY) -m snapshotter.demo
+	$(PY) -m integration.demo
 
 demo-clean:
-	$(PY) -m snapshotter.demo --clean || rm -rf .work/demo
+	if [ -x $(PY) ]; then $(PY) -m integration.demo --clean; else rm -rf .work/demo; fi
 
 bench: venv
 	$(VENV)/bin/pip install -q -e '.[test,bench]'

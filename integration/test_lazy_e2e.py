@@ -148,9 +148,17 @@ class Node:
 
     def pull(self, ref: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [
-            sys.executable, "-m", "snapshotter", "pull", "--address", str(self.containerd.socket),
-            "--namespace", NAMESPACE, "--plain-http", ref,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "snapshotter",
+            "pull",
+            "--address",
+            str(self.containerd.socket),
+            "--namespace",
+            NAMESPACE,
+            "--plain-http",
+            ref,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if check and result.returncode != 0:
             pytest.fail(f"clip pull failed: {result.stderr}\n--- clip log:\n{self.clip.log()}")
@@ -160,9 +168,17 @@ class Node:
         self, ref: str, name: str, *argv: str, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         return self.containerd.ctr(
-            "run", "--rm", "--snapshotter", "clip", ref, name, *argv,
-            namespace=NAMESPACE, check=check, timeout=300,
-        )  # fmt: skip
+            "run",
+            "--rm",
+            "--snapshotter",
+            "clip",
+            ref,
+            name,
+            *argv,
+            namespace=NAMESPACE,
+            check=check,
+            timeout=300,
+        )
 
     def committed(self) -> list[str]:
         out = self.containerd.ctr("snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE)
@@ -231,8 +247,14 @@ def _describe(root: Path) -> dict[str, tuple[object, ...]]:
                 content = (os.major(st.st_rdev), os.minor(st.st_rdev))
             else:
                 content = None
-            tree[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
-                         st.st_gid, xattrs, content)  # fmt: skip
+            tree[rel] = (
+                stat.S_IFMT(st.st_mode),
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                xattrs,
+                content,
+            )
     for paths in inodes.values():
         for p in paths:
             tree[p] = (*tree[p], tuple(sorted(paths)))
@@ -284,10 +306,13 @@ def test_pull_run_and_rootfs_match_overlayfs(
 
 def _read_some(node: Node, ref: str, name: str, middle_sha: str) -> None:
     out = node.run(
-        ref, name, "/bin/sh", "-c",
+        ref,
+        name,
+        "/bin/sh",
+        "-c",
         "cat /data/hello.txt /many/f00042 && "
         "dd if=/big.bin bs=1048576 skip=32 count=1 status=none | sha256sum",
-    )  # fmt: skip
+    )
     lines = out.stdout.splitlines()
     assert lines[:2] == ["hello again from the top layer", "42"]
     assert lines[2].split()[0] == middle_sha
@@ -300,8 +325,9 @@ def _seeded_indexes(image: BuiltImage, where: Path) -> Path:
         out = where / digest.removeprefix("sha256:")
         subprocess.run(
             [sys.executable, "-m", "snapshotter", "index", "build", str(blob), "-o", str(out)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+        )
     return where
 
 
@@ -348,9 +374,13 @@ def test_registry_outage_and_daemon_crash(
         _read_some(node, ref, "cached", lazy_image.big_sha_middle)
         started = time.monotonic()
         cold = node.run(
-            ref, "cold", "/bin/sh", "-c",
-            "dd if=/big.bin bs=1048576 skip=2 count=1 status=none | sha256sum", check=False,
-        )  # fmt: skip
+            ref,
+            "cold",
+            "/bin/sh",
+            "-c",
+            "dd if=/big.bin bs=1048576 skip=2 count=1 status=none | sha256sum",
+            check=False,
+        )
         elapsed = time.monotonic() - started
         assert cold.returncode != 0 or "Input/output error" in cold.stderr + cold.stdout
         assert elapsed < 120, elapsed  # bounded: never a hang (bound is READ_TIMEOUT per read)
