@@ -1,0 +1,112 @@
+"""The value types of the clip index: entries, checkpoints, build options and results.
+
+These are the names the FUSE layer and the read path code against (see
+docs/index-format.md); they carry no behaviour beyond validation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from snapshotter.errors import InvalidArgument
+
+
+class IndexFormatError(InvalidArgument):
+    """An index file is corrupt, truncated or of a version this code does not read."""
+
+
+class LayerFormatError(InvalidArgument):
+    """A layer blob is not a valid (gzip/zstd/plain) tar, or holds an entry clip refuses."""
+
+
+class EntryType(enum.IntEnum):
+    FILE = 0
+    DIR = 1
+    SYMLINK = 2
+    HARDLINK = 3
+    CHAR = 4
+    BLOCK = 5
+    FIFO = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tar entry as the filesystem layer needs it (see the field notes in the contract)."""
+
+    ordinal: int
+    path: str
+    name: str
+    parent: int
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str
+    link_target: int
+    nlink: int
+    devmajor: int
+    devminor: int
+    xattrs: Mapping[str, bytes]
+    uoff: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A place where inflation can restart.
+
+    For gzip: ``coff`` is the first compressed byte to read; when ``bits`` is non-zero the deflate
+    block starts ``bits`` bits before the end of byte ``coff`` (those high bits are primed into
+    the inflater and inflation continues at ``coff + 1``). For zstd ``coff`` is a frame start and
+    ``bits`` is 0. ``uoff`` is the uncompressed offset produced from there; the window (the 32 KiB
+    of output before ``uoff``) is fetched with ``LayerIndex.window(checkpoint)``.
+    """
+
+    number: int
+    coff: int
+    bits: int
+    uoff: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexBuildOptions:
+    """Tunables of a build; all of them are recorded in (or implied by) the index bytes.
+
+    checkpoint_spacing: compressed bytes between gzip checkpoints (a random read costs at most
+        this much compressed input plus the range).
+    large_file_size: regular files at least this large also get a checkpoint at (the deflate
+        block boundary just before) their first byte, so reading them does not pull in the
+        previous file's tail.
+    chunk_size: verification chunk for file digests; files up to this size get one whole-file
+        digest.
+    max_pax_size: PAX extended headers and GNU long names larger than this are refused (a
+        hostile blob must not make the builder allocate without bound).
+    """
+
+    checkpoint_spacing: int = 2 << 20
+    large_file_size: int = 4 << 20
+    chunk_size: int = 1 << 20
+    max_pax_size: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint_spacing", "large_file_size", "chunk_size", "max_pax_size"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"index build option {name} must be positive")
+        if self.chunk_size % 512:
+            raise InvalidArgument("index build option chunk_size must be a multiple of 512")
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    entries: int
+    uncompressed_size: int
+    compressed_size: int
+    index_size: int
+    checkpoints: int
+    seconds: float
+    blob_digest: str
+    index_digest: str
+    compression: str = field(default="none")

@@ -1,0 +1,442 @@
+"""Opening an index (``LayerIndex``) and reading byte ranges through it.
+
+Opening is one read and one zstd decompression of the body; entries are decoded on demand from
+fixed-size records, so a 100k-entry index opens without creating 100k Python objects.
+``inflate_range`` is a pure function of (index, compressed bytes) so the read path can run it
+in worker threads and fetch the compressed bytes however it likes (disk, HTTP range GET).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from types import MappingProxyType
+
+import zstandard
+
+from snapshotter.errors import NotFound
+from snapshotter.index import format as fmt
+from snapshotter.index import inflate as zi
+from snapshotter.index.model import (
+    Checkpoint,
+    Entry,
+    EntryType,
+    IndexFormatError,
+    LayerFormatError,
+)
+from snapshotter.index.tarscan import normalise
+
+
+class LayerIndex:
+    """A read-only view of one index file. Thread-safe: all state is immutable after open."""
+
+    def __init__(self, data: bytes, origin: str = "index") -> None:
+        self._origin = origin
+        self._raw = data
+        if len(data) < fmt.HEADER_SIZE or not data.startswith(fmt.MAGIC):
+            raise IndexFormatError(f"{origin}: not a clip index (bad magic or too short)")
+        fields = fmt.HEADER.unpack_from(data, 0)
+        (_magic, version, header_size, comp, self.chunk_size, self._n, self._nx, self._nc,
+         self._nd, strings_len, self.uncompressed_size, self.compressed_size, blob_sha,
+         body_len, raw_len, windows_len) = fields
+        if version != fmt.VERSION:
+            raise IndexFormatError(
+                f"{origin}: index format version {version} is not supported "
+                f"(this clip reads version {fmt.VERSION})"
+            )
+        body_end = header_size + body_len
+        if header_size != fmt.HEADER_SIZE or body_end + windows_len != len(data):
+            raise IndexFormatError(f"{origin}: truncated or corrupt index (sizes do not add up)")
+        if comp >= len(fmt.COMPRESSIONS):
+            raise IndexFormatError(f"{origin}: unknown compression code {comp}")
+        self.compression: str = fmt.COMPRESSIONS[comp]
+        self.blob_digest = "sha256:" + blob_sha.hex()
+        try:
+            body = zstandard.ZstdDecompressor().decompress(
+                data[header_size:body_end], max_output_size=raw_len
+            )
+        except zstandard.ZstdError as exc:
+            raise IndexFormatError(f"{origin}: corrupt index body ({exc})") from None
+        expect = (self._n * fmt.ENTRY.size + self._nx * fmt.XATTR.size
+                  + self._nc * fmt.CHECKPOINT.size + self._nd * fmt.DIGEST_SIZE + strings_len)
+        if len(body) != raw_len or raw_len != expect or self._n < 1:
+            raise IndexFormatError(f"{origin}: corrupt index body (record counts do not match)")
+        self._body = memoryview(body)
+        self._xattr_base = self._n * fmt.ENTRY.size
+        self._cp_base = self._xattr_base + self._nx * fmt.XATTR.size
+        self._digest_base = self._cp_base + self._nc * fmt.CHECKPOINT.size
+        self._str_base = self._digest_base + self._nd * fmt.DIGEST_SIZE
+        self._windows_base = body_end
+        self._cp_uoffs = [
+            fmt.CHECKPOINT.unpack_from(body, self._cp_base + i * fmt.CHECKPOINT.size)[0]
+            for i in range(self._nc)
+        ]
+        self._digest_lock = threading.Lock()
+        self._digest: str | None = None
+
+    @classmethod
+    def open(cls, path: os.PathLike[str] | str) -> LayerIndex:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise NotFound(f"index {os.fspath(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise IndexFormatError(f"index {os.fspath(path)!r} is a directory") from None
+        return cls(data, f"index {os.fspath(path)!r}")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LayerIndex:
+        return cls(bytes(data))
+
+    # -- identity ----------------------------------------------------------------------------
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the index bytes, computed on first use (opening stays cheap)."""
+        with self._digest_lock:
+            if self._digest is None:
+                self._digest = "sha256:" + hashlib.sha256(self._raw).hexdigest()
+            return self._digest
+
+    def to_bytes(self) -> bytes:
+        return self._raw
+
+    def __len__(self) -> int:
+        return int(self._n)
+
+    # -- entries -----------------------------------------------------------------------------
+
+    def _record(self, ordinal: int) -> tuple[int, ...]:
+        if not 0 <= ordinal < self._n:
+            raise IndexError(f"entry ordinal {ordinal} out of range (0..{self._n - 1})")
+        return fmt.ENTRY.unpack_from(self._body, ordinal * fmt.ENTRY.size)
+
+    def _str(self, off: int, length: int) -> bytes:
+        start = self._str_base + off
+        return bytes(self._body[start : start + length])
+
+    def _name_bytes(self, ordinal: int) -> bytes:
+        rec = fmt.ENTRY.unpack_from(self._body, ordinal * fmt.ENTRY.size)
+        path_off, path_len, name_len = rec[0], rec[1], rec[2]
+        return self._str(path_off + path_len - name_len, name_len)
+
+    def entry(self, ordinal: int) -> Entry:
+        (path_off, path_len, _name_len, parent, etype, mode, uid, gid, size, mtime_ns, uoff,
+         link_off, link_len, link_target, nlink, devmajor, devminor, x_first, x_count,
+         _first_child, _child_count, _c_first) = self._record(ordinal)
+        path = self._str(path_off, path_len).decode("utf-8", "surrogateescape")
+        xattrs: dict[str, bytes] = {}
+        for i in range(x_first, x_first + x_count):
+            k_off, k_len, v_off, v_len = fmt.XATTR.unpack_from(
+                self._body, self._xattr_base + i * fmt.XATTR.size
+            )
+            xattrs[self._str(k_off, k_len).decode("utf-8", "surrogateescape")] = self._str(
+                v_off, v_len
+            )
+        return Entry(
+            ordinal=ordinal,
+            path=path,
+            name=path.rsplit("/", 1)[-1],
+            parent=parent,
+            type=EntryType(etype),
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=size,
+            mtime_ns=mtime_ns,
+            linkname=self._str(link_off, link_len).decode("utf-8", "surrogateescape"),
+            link_target=link_target,
+            nlink=nlink,
+            devmajor=devmajor,
+            devminor=devminor,
+            xattrs=MappingProxyType(xattrs),
+            uoff=uoff,
+        )
+
+    def children(self, dir_ordinal: int) -> Sequence[int]:
+        return self._children(dir_ordinal)
+
+    def _children(self, dir_ordinal: int) -> range:
+        rec = self._record(dir_ordinal)
+        first, count = rec[19], rec[20]
+        return range(first, first + count)
+
+    def child(self, dir_ordinal: int, name: str) -> int | None:
+        kids = self._children(dir_ordinal)
+        key = name.encode("utf-8", "surrogateescape")
+        lo, hi = kids.start, kids.stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._name_bytes(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < kids.stop and self._name_bytes(lo) == key:
+            return int(lo)
+        return None
+
+    def lookup(self, path: str) -> int | None:
+        try:
+            norm = normalise(path)
+        except LayerFormatError:
+            return None
+        node: int | None = 0
+        for comp in norm.split("/") if norm else ():
+            assert node is not None
+            node = self.child(node, comp)
+            if node is None:
+                return None
+        return node
+
+    def chunk_digests(self, ordinal: int) -> Sequence[tuple[int, int, bytes]]:
+        rec = self._record(ordinal)
+        if rec[4] != EntryType.FILE:
+            return ()
+        size, uoff, first = rec[8], rec[10], rec[21]
+        out = []
+        for i, pos in enumerate(range(0, size, self.chunk_size)):
+            start = self._digest_base + (first + i) * fmt.DIGEST_SIZE
+            out.append((uoff + pos, min(self.chunk_size, size - pos),
+                        bytes(self._body[start : start + fmt.DIGEST_SIZE])))
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_count(self) -> int:
+        return int(self._nc)
+
+    def checkpoint(self, number: int) -> Checkpoint:
+        uoff, coff, bits, _wl, _wo, _wc = fmt.CHECKPOINT.unpack_from(
+            self._body, self._cp_base + number * fmt.CHECKPOINT.size
+        )
+        return Checkpoint(number, coff, bits, uoff)
+
+    def checkpoint_before(self, uoff: int) -> Checkpoint:
+        """The nearest checkpoint at or before ``uoff`` (plain tar: a virtual one at uoff)."""
+        if self.compression == "none":
+            return Checkpoint(-1, uoff, 0, uoff)
+        i = bisect.bisect_right(self._cp_uoffs, uoff) - 1
+        return self.checkpoint(max(i, 0))
+
+    def compressed_range(self, uoff: int, length: int) -> tuple[int, int]:
+        if uoff < 0 or length < 0 or uoff + length > self.uncompressed_size:
+            raise IndexError(
+                f"range {uoff}+{length} is outside the layer ({self.uncompressed_size} bytes)"
+            )
+        if self.compression == "none":
+            return uoff, uoff + length
+        start = self.checkpoint_before(uoff).coff
+        i = bisect.bisect_left(self._cp_uoffs, uoff + length)
+        if i >= self._nc:
+            return start, self.compressed_size
+        return start, min(self.checkpoint(i).coff + 1, self.compressed_size)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - the index lives as long as its cache
+    def window(self, checkpoint: Checkpoint) -> bytes:
+        """The 32 KiB of uncompressed data before ``checkpoint`` (gzip only)."""
+        _u, _c, _b, raw_len, off, clen = fmt.CHECKPOINT.unpack_from(
+            self._body, self._cp_base + checkpoint.number * fmt.CHECKPOINT.size
+        )
+        if not clen:
+            return b""
+        start = self._windows_base + off
+        try:
+            return zstandard.ZstdDecompressor().decompress(
+                self._raw[start : start + clen], max_output_size=raw_len
+            )
+        except zstandard.ZstdError as exc:
+            raise IndexFormatError(f"{self._origin}: corrupt checkpoint window ({exc})") from None
+
+
+def inflate_range(
+    index: LayerIndex, coff_start: int, compressed: bytes, uoff: int, length: int
+) -> bytes:
+    """Uncompressed bytes [uoff, uoff+length) from compressed bytes starting at ``coff_start``.
+
+    ``coff_start`` must be a checkpoint's ``coff`` at or before ``uoff`` (what
+    ``compressed_range`` returns). Raises LayerFormatError when the bytes do not inflate or
+    end too early.
+    """
+    if length == 0:
+        return b""
+    if index.compression == "none":
+        data = bytes(compressed[uoff - coff_start : uoff - coff_start + length])
+    elif index.compression == "zstd":
+        data = _zstd_range(index, coff_start, compressed, uoff, length)
+    else:
+        data = _gzip_range(index, coff_start, compressed, uoff, length)
+    if len(data) != length:
+        raise LayerFormatError(
+            f"layer {index.blob_digest}: compressed range at {coff_start} "
+            f"ends before uncompressed offset {uoff + length}"
+        )
+    return data
+
+
+def _start_checkpoint(index: LayerIndex, coff_start: int, uoff: int) -> Checkpoint:
+    cp = index.checkpoint_before(uoff)
+    if cp.coff != coff_start:
+        raise ValueError(
+            f"coff_start {coff_start} is not the checkpoint for uoff {uoff} (expected {cp.coff})"
+        )
+    return cp
+
+
+def _gzip_range(
+    index: LayerIndex, coff_start: int, compressed: bytes, uoff: int, length: int
+) -> bytes:
+    cp = _start_checkpoint(index, coff_start, uoff)
+    inf = zi.Inflater(zi.RAW)
+    try:
+        data = memoryview(compressed)
+        if cp.bits:
+            inf.prime(cp.bits, data[0] >> (8 - cp.bits))
+            data = data[1:]
+        inf.set_dictionary(index.window(cp))
+        inf.feed(data)
+        return _drain_range(inf, cp.uoff, uoff, length)
+    except zi.InflateError as exc:
+        raise LayerFormatError(
+            f"layer {index.blob_digest}: corrupt gzip data after offset {coff_start}: {exc}"
+        ) from None
+    finally:
+        inf.close()
+
+
+def _drain_range(inf: zi.Inflater, pos: int, uoff: int, length: int) -> bytes:
+    out = bytearray()
+    end = uoff + length
+    raw = True  # the checkpoint's member is read as raw deflate, later members as gzip
+    while pos < end:
+        rc, chunk = inf.run(zi.Z_NO_FLUSH, limit=end - pos)
+        n = len(chunk)
+        if pos + n > uoff:
+            out += chunk[max(0, uoff - pos) :]
+        pos += n
+        if rc == zi.Z_STREAM_END:
+            if not _next_member(inf, 8 if raw else 0):
+                break
+            raw = False
+        elif rc == zi.Z_BUF_ERROR or (n == 0 and not inf.avail_in):
+            break
+    return bytes(out)
+
+
+def _next_member(inf: zi.Inflater, trailer: int) -> bool:
+    """Skip a member's trailer (unless zlib consumed it) and go on with the next member."""
+    rest = inf.unused_input()[trailer:]
+    if not rest or rest[0] == 0:
+        return False
+    inf.reset(zi.GZIP)
+    inf.feed(rest)
+    return True
+
+
+def _zstd_range(
+    index: LayerIndex, coff_start: int, compressed: bytes, uoff: int, length: int
+) -> bytes:
+    cp = _start_checkpoint(index, coff_start, uoff)
+    dctx = zstandard.ZstdDecompressor()
+    out = bytearray()
+    pos = cp.uoff
+    end = uoff + length
+    try:
+        reader = dctx.stream_reader(compressed, read_across_frames=True)
+        while pos < end:
+            chunk = reader.read(min(1 << 20, end - pos))
+            if not chunk:
+                break
+            if pos + len(chunk) > uoff:
+                out += chunk[max(0, uoff - pos) :]
+            pos += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise LayerFormatError(
+            f"layer {index.blob_digest}: corrupt zstd data after offset {coff_start}: {exc}"
+        ) from None
+    return bytes(out)
+
+
+Source = Callable[[int, int], bytes]
+
+
+class IndexReader:
+    """Synchronous reads through an index from a local blob or an ``(offset, length)`` callable.
+
+    Keeps the last inflated span, so consecutive reads that fall in it (e.g. ``cat`` reading a
+    file in pieces) are not inflated twice. Counters tell how many compressed bytes were asked
+    for and how many bytes were inflated.
+    """
+
+    SPAN = 4 << 20  # inflate at least this much at a time when reading sequentially
+
+    def __init__(self, index: LayerIndex, source: Source | os.PathLike[str] | str) -> None:
+        self.index = index
+        self._file = None
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                self._file = open(source, "rb")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise NotFound(f"layer blob {os.fspath(source)!r}: {exc.strerror}") from None
+            self._source: Source = self._read_file
+        else:
+            self._source = source
+        self.compressed_bytes_read = 0
+        self.inflated_bytes = 0
+        self._span_off = 0
+        self._span = b""
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> IndexReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_file(self, offset: int, length: int) -> bytes:
+        assert self._file is not None
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def read(self, ordinal: int, offset: int, length: int) -> bytes:
+        e = self.index.entry(ordinal)
+        if e.type is EntryType.HARDLINK and e.link_target >= 0:
+            e = self.index.entry(e.link_target)
+        if e.type is not EntryType.FILE:
+            raise IsADirectoryError(f"entry {e.path!r} is not a regular file")
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        length = max(0, min(length, e.size - offset))
+        return self.read_stream(e.uoff + offset, length) if length else b""
+
+    def read_stream(self, uoff: int, length: int) -> bytes:
+        with self._lock:
+            rel = uoff - self._span_off
+            if rel >= 0 and rel + length <= len(self._span):
+                return self._span[rel : rel + length]
+            want = length
+            if self.index.compression != "none":
+                want = min(max(length, self.SPAN), self.index.uncompressed_size - uoff)
+            c0, c1 = self.index.compressed_range(uoff, want)
+            compressed = self._source(c0, c1 - c0)
+            self.compressed_bytes_read += len(compressed)
+            if len(compressed) != c1 - c0:
+                raise LayerFormatError(
+                    f"layer {self.index.blob_digest}: blob is shorter than the index says "
+                    f"(wanted bytes {c0}..{c1})"
+                )
+            data = inflate_range(self.index, c0, compressed, uoff, want)
+            if self.index.compression != "none":
+                self.inflated_bytes += uoff + want - self.index.checkpoint_before(uoff).uoff
+            self._span_off, self._span = uoff, data
+            return data[:length]

@@ -1,0 +1,395 @@
+"""A push-style tar parser: feed it the uncompressed stream in any slicing, get members out.
+
+It never buffers file data (only 512-byte headers and PAX/GNU long-name payloads, which are
+capped), so the builder's memory is bounded by the number of entries, not by the layer size.
+File data is hashed as it passes (sha256 per verification chunk). Formats: v7, ustar, GNU (long
+names/links, base-256 numbers) and PAX (local and global headers, nanosecond mtime,
+``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``). Sparse and multi-volume members are refused:
+serving them byte-for-byte from the stream would give a silently wrong file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapshotter.index.model import EntryType, IndexBuildOptions, LayerFormatError
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+
+_TYPES = {
+    b"0": EntryType.FILE,
+    b"\0": EntryType.FILE,
+    b"7": EntryType.FILE,
+    b"1": EntryType.HARDLINK,
+    b"2": EntryType.SYMLINK,
+    b"3": EntryType.CHAR,
+    b"4": EntryType.BLOCK,
+    b"5": EntryType.DIR,
+    b"D": EntryType.DIR,  # GNU dumpdir: a directory whose data lists its contents
+    b"6": EntryType.FIFO,
+}
+_REFUSED = {
+    b"S": "GNU sparse file",
+    b"M": "multi-volume continuation",
+    b"N": "old GNU long-name record",
+}
+
+
+@dataclass(slots=True)
+class Member:
+    """One complete tar member, with its path already normalised."""
+
+    path: str
+    raw_path: str
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str
+    devmajor: int
+    devminor: int
+    xattrs: dict[str, bytes]
+    uoff: int
+    digests: list[bytes] = field(default_factory=list)
+
+
+def normalise(raw: str, what: str = "layer entry") -> str:
+    """``./a//b/`` -> ``a/b``; refuse absolute paths and paths that climb out of the root."""
+    if raw.startswith("/"):
+        raise LayerFormatError(f"{what} {raw!r}: absolute path")
+    parts: list[str] = []
+    for comp in raw.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not parts:
+                raise LayerFormatError(f"{what} {raw!r}: path escapes the layer root")
+            parts.pop()
+        else:
+            parts.append(comp)
+    return "/".join(parts)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _cstr(block: bytes, start: int, length: int) -> bytes:
+    raw = block[start : start + length]
+    nul = raw.find(b"\0")
+    return raw if nul < 0 else raw[:nul]
+
+
+def _number(block: bytes, start: int, length: int, what: str, where: int) -> int:
+    raw = block[start : start + length]
+    if raw[0] & 0x80:  # GNU base-256; 0xff marks a negative number
+        value = int.from_bytes(raw[1:], "big")
+        if raw[0] == 0xFF:
+            return value - (1 << (8 * (length - 1)))
+        return value + ((raw[0] & 0x7F) << (8 * (length - 1)))
+    text = raw.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise LayerFormatError(
+            f"tar header at offset {where}: bad {what} field {raw!r}"
+        ) from None
+
+
+def _pax_time_ns(value: str, where: int) -> int:
+    neg = value.startswith("-")
+    body = value[1:] if neg else value
+    whole, _, frac = body.partition(".")
+    try:
+        ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
+    except ValueError:
+        raise LayerFormatError(f"PAX header at offset {where}: bad mtime {value!r}") from None
+    return -ns if neg else ns
+
+
+def parse_pax(data: bytes, where: int) -> dict[str, bytes]:
+    """Parse ``"<len> <key>=<value>\\n"`` records; values stay bytes (xattrs are binary)."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # trailing NUL padding some writers leave
+            break
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space]) if space > pos else -1
+        except ValueError:
+            length = -1
+        end = pos + length
+        if length <= 0 or end > len(data) or data[end - 1] != 0x0A:
+            raise LayerFormatError(f"PAX header at offset {where}: malformed record at byte {pos}")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise LayerFormatError(f"PAX header at offset {where}: record without '='")
+        out[_text(key)] = value
+        pos = end
+    return out
+
+
+class TarScanner:
+    """Feed the uncompressed tar stream with ``feed``; completed members go to ``on_member``.
+
+    ``on_file_start(uoff, size)`` fires as soon as a regular file's header is parsed, before its
+    data, so the builder can place a checkpoint near the start of large files.
+    """
+
+    def __init__(
+        self,
+        options: IndexBuildOptions,
+        on_member: Callable[[Member], None],
+        on_file_start: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._opts = options
+        self._on_member = on_member
+        self.on_file_start = on_file_start
+        self.pos = 0  # uncompressed offset of the next byte fed
+        self._hdr = bytearray()
+        self._state = "header"
+        self._remaining = 0  # data bytes left in the current member
+        self._pad = 0  # padding bytes left after it
+        self._member: Member | None = None
+        self._collect: bytearray | None = None
+        self._collect_kind = b""
+        self._collect_at = 0
+        self._pax_global: dict[str, bytes] = {}
+        self._pax_local: dict[str, bytes] = {}
+        self._long_name: bytes | None = None
+        self._long_link: bytes | None = None
+        self._hash: Any = None
+        self._chunk_left = 0
+        self.ended = False
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        n = len(view)
+        i = 0
+        while i < n:
+            if self._state == "header":
+                take = min(BLOCK - len(self._hdr), n - i)
+                self._hdr += view[i : i + take]
+                i += take
+                self.pos += take
+                if len(self._hdr) == BLOCK:
+                    self._header(bytes(self._hdr), self.pos - BLOCK)
+                    self._hdr.clear()
+            elif self._state == "data":
+                take = min(self._remaining, n - i)
+                self._data(view[i : i + take])
+                i += take
+                self.pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._end_data()
+            elif self._state == "pad":
+                take = min(self._pad, n - i)
+                i += take
+                self.pos += take
+                self._pad -= take
+                if not self._pad:
+                    self._state = "header"
+            else:  # "end": everything after the end-of-archive marker is ignored
+                self.pos += n - i
+                i = n
+
+    def finish(self) -> None:
+        """Check the stream ended on a member boundary."""
+        if self._state == "end":
+            return
+        pending = self._pax_local or self._long_name is not None or self._long_link is not None
+        if self._state == "header" and not self._hdr and not pending:
+            return
+        what = self._member.raw_path if self._member else f"tar header at offset {self.pos}"
+        raise LayerFormatError(f"layer is truncated: {what!r} is cut off at offset {self.pos}")
+
+    # -- headers -----------------------------------------------------------------------------
+
+    def _header(self, block: bytes, where: int) -> None:
+        if block == _ZERO_BLOCK:
+            self._state = "end"
+            self.ended = True
+            return
+        stored = _number(block, 148, 8, "checksum", where)
+        unsigned = sum(block[:148]) + 256 + sum(block[156:])
+        signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 2
+        if stored not in (unsigned, signed):
+            raise LayerFormatError(f"tar header at offset {where}: checksum mismatch (not a tar?)")
+        kind = block[156:157]
+        size = _number(block, 124, 12, "size", where)
+        if kind in (b"x", b"g", b"L", b"K"):
+            self._start_collect(kind, size, where)
+            return
+        if kind in _REFUSED or kind == b"V":
+            if kind == b"V":  # a volume label carries no file; skip it
+                self._skip(size)
+                return
+            name = _text(_cstr(block, 0, 100))
+            raise LayerFormatError(f"layer entry {name!r}: unsupported {_REFUSED[kind]}")
+        self._member_header(block, kind, size, where)
+
+    def _member_header(self, block: bytes, kind: bytes, size: int, where: int) -> None:
+        pax = {**self._pax_global, **self._pax_local}
+        self._pax_local = {}
+        magic = block[257:265]
+        name_b = _cstr(block, 0, 100)
+        if magic[:6] == b"ustar\0":
+            prefix = _cstr(block, 345, 155)
+            if prefix:
+                name_b = prefix + b"/" + name_b
+        if self._long_name is not None:
+            name_b = self._long_name
+        link_b = self._long_link if self._long_link is not None else _cstr(block, 157, 100)
+        self._long_name = self._long_link = None
+        raw_path = _text(pax["path"]) if "path" in pax else _text(name_b)
+        if any(k.startswith("GNU.sparse.") for k in pax):
+            raise LayerFormatError(f"layer entry {raw_path!r}: unsupported GNU sparse file")
+        etype = _TYPES.get(kind)
+        if etype is None:
+            raise LayerFormatError(
+                f"layer entry {raw_path!r}: unsupported tar entry type {kind!r}"
+            )
+        if etype is EntryType.FILE and raw_path.endswith("/"):
+            etype = EntryType.DIR  # pre-POSIX writers mark directories with a trailing slash
+        member = Member(
+            path=normalise(raw_path),
+            raw_path=raw_path,
+            type=etype,
+            mode=_number(block, 100, 8, "mode", where) & 0o7777,
+            uid=self._pax_int(pax, "uid") if "uid" in pax else _number(block, 108, 8, "uid", where),
+            gid=self._pax_int(pax, "gid") if "gid" in pax else _number(block, 116, 8, "gid", where),
+            size=self._pax_int(pax, "size") if "size" in pax else size,
+            mtime_ns=(
+                _pax_time_ns(_text(pax["mtime"]), where)
+                if "mtime" in pax
+                else _number(block, 136, 12, "mtime", where) * 1_000_000_000
+            ),
+            linkname=_text(pax["linkpath"]) if "linkpath" in pax else _text(link_b),
+            devmajor=_number(block, 329, 8, "devmajor", where),
+            devminor=_number(block, 337, 8, "devminor", where),
+            xattrs=self._xattrs(pax, raw_path),
+            uoff=where + BLOCK,
+        )
+        if "SCHILY.devmajor" in pax:
+            member.devmajor = self._pax_int(pax, "SCHILY.devmajor")
+        if "SCHILY.devminor" in pax:
+            member.devminor = self._pax_int(pax, "SCHILY.devminor")
+        if member.size < 0:
+            raise LayerFormatError(f"layer entry {raw_path!r}: negative size")
+        data_size = member.size
+        if etype is not EntryType.FILE:
+            member.size = 0
+            if kind != b"D":
+                data_size = 0
+        self._member = member
+        if etype is EntryType.FILE:
+            if self.on_file_start is not None:
+                self.on_file_start(member.uoff, member.size)
+            self._hash = hashlib.sha256()
+            self._chunk_left = self._opts.chunk_size
+        self._begin_data(data_size)
+
+    @staticmethod
+    def _pax_int(pax: dict[str, bytes], key: str) -> int:
+        try:
+            return int(pax[key])
+        except ValueError:
+            raise LayerFormatError(f"PAX header: bad {key} value {pax[key]!r}") from None
+
+    @staticmethod
+    def _xattrs(pax: dict[str, bytes], raw_path: str) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for key, value in pax.items():
+            if key.startswith("SCHILY.xattr."):
+                out[key[len("SCHILY.xattr.") :]] = value
+            elif key.startswith("LIBARCHIVE.xattr."):
+                try:
+                    name = base64.b64decode(key[len("LIBARCHIVE.xattr.") :], altchars=b"-_")
+                    out[_text(name)] = base64.b64decode(value)
+                except (binascii.Error, ValueError):
+                    raise LayerFormatError(
+                        f"layer entry {raw_path!r}: bad LIBARCHIVE.xattr record {key!r}"
+                    ) from None
+        return out
+
+    # -- member data -------------------------------------------------------------------------
+
+    def _start_collect(self, kind: bytes, size: int, where: int) -> None:
+        if size > self._opts.max_pax_size:
+            what = "PAX header" if kind in (b"x", b"g") else "GNU long name"
+            raise LayerFormatError(
+                f"{what} at offset {where} is {size} bytes "
+                f"(limit {self._opts.max_pax_size}): refusing the layer"
+            )
+        self._collect = bytearray()
+        self._collect_kind = kind
+        self._collect_at = where
+        self._begin_data(size)
+
+    def _skip(self, size: int) -> None:
+        self._begin_data(size)
+
+    def _begin_data(self, size: int) -> None:
+        self._remaining = size
+        self._pad = -size % BLOCK
+        if size:
+            self._state = "data"
+        else:
+            self._end_data()
+
+    def _data(self, chunk: memoryview) -> None:
+        if self._collect is not None:
+            self._collect += chunk
+            return
+        if self._hash is None:
+            return
+        while len(chunk):
+            take = min(self._chunk_left, len(chunk))
+            self._hash.update(chunk[:take])
+            chunk = chunk[take:]
+            self._chunk_left -= take
+            if not self._chunk_left:
+                assert self._member is not None
+                self._member.digests.append(self._hash.digest())
+                self._hash = hashlib.sha256()
+                self._chunk_left = self._opts.chunk_size
+
+    def _end_data(self) -> None:
+        self._state = "pad" if self._pad else "header"
+        if self._collect is not None:
+            self._finish_collect(bytes(self._collect))
+            self._collect = None
+            return
+        member = self._member
+        if member is None:
+            return
+        if self._hash is not None and self._chunk_left != self._opts.chunk_size:
+            member.digests.append(self._hash.digest())
+        self._hash = None
+        self._member = None
+        self._on_member(member)
+
+    def _finish_collect(self, data: bytes) -> None:
+        kind = self._collect_kind
+        if kind == b"x":
+            self._pax_local = parse_pax(data, self._collect_at)
+        elif kind == b"g":
+            self._pax_global.update(parse_pax(data, self._collect_at))
+        elif kind == b"L":
+            self._long_name = data.split(b"\0", 1)[0]
+        else:
+            self._long_link = data.split(b"\0", 1)[0]

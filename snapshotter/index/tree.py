@@ -1,0 +1,135 @@
+"""Turning the tar's member sequence into the index's directory tree.
+
+Tar semantics kept here: a later member with the same path wins (a directory over a directory
+only updates the metadata; anything else replaces the old node and its subtree), missing
+parent directories are synthesised, hardlinks resolve to the node their target names at that
+moment. Entries are then numbered breadth-first with siblings sorted by name bytes, so every
+directory's children are one contiguous, sorted run of ordinals: listing is a range and lookup
+is a binary search, with no separate children table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from snapshotter.index.model import EntryType, LayerFormatError
+from snapshotter.index.tarscan import Member, normalise
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A mutable tree node; ``member`` is None only for synthesised directories and the root."""
+
+    name: bytes
+    member: Member | None
+    type: EntryType
+    parent: Node | None = None
+    children: dict[bytes, Node] = field(default_factory=dict)
+    link: Node | None = None  # HARDLINK: the node it shares an inode with
+    links: list[Node] = field(default_factory=list)  # hardlinks pointing here
+    ordinal: int = -1
+
+
+def _name(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+class Tree:
+    def __init__(self) -> None:
+        self.root = Node(b"", None, EntryType.DIR)
+        self.count = 1
+
+    def add(self, member: Member) -> None:
+        if member.path == "":
+            if member.type is not EntryType.DIR:
+                raise LayerFormatError(f"layer entry {member.raw_path!r}: root is not a directory")
+            self.root.member = member
+            return
+        parts = member.path.split("/")
+        parent = self._parent_dir(parts[:-1], member)
+        name = _name(parts[-1])
+        link = self._link_node(member) if member.type is EntryType.HARDLINK else None
+        old = parent.children.get(name)
+        if old is not None:
+            if old.type is EntryType.DIR and member.type is EntryType.DIR:
+                old.member = member
+                return
+            self._remove(old)
+        node = Node(name, member, member.type, parent)
+        if link is not None:
+            node.link = link
+            link.links.append(node)
+        parent.children[name] = node
+        self.count += 1
+
+    def _parent_dir(self, parts: list[str], member: Member) -> Node:
+        node = self.root
+        for comp in parts:
+            key = _name(comp)
+            child = node.children.get(key)
+            if child is None:
+                child = Node(key, None, EntryType.DIR, node)
+                node.children[key] = child
+                self.count += 1
+            elif child.type is not EntryType.DIR:
+                raise LayerFormatError(
+                    f"layer entry {member.raw_path!r}: parent {comp!r} is not a directory"
+                )
+            node = child
+        return node
+
+    def _link_node(self, member: Member) -> Node:
+        target = normalise(member.linkname, f"hardlink {member.raw_path!r} ->")
+        member.linkname = target
+        node: Node | None = self.root
+        for comp in target.split("/") if target else []:
+            node = node.children.get(_name(comp)) if node is not None else None
+        if node is None or node is self.root:
+            raise LayerFormatError(
+                f"layer entry {member.raw_path!r}: hardlink target {target!r} "
+                "is not in the layer"
+            )
+        if node.type is EntryType.DIR:
+            raise LayerFormatError(
+                f"layer entry {member.raw_path!r}: hardlink to directory {target!r}"
+            )
+        return node.link if node.link is not None else node
+
+    def _remove(self, node: Node) -> None:
+        """Detach ``node`` (and its subtree); hardlinks to it keep the old inode alive."""
+        assert node.parent is not None
+        del node.parent.children[node.name]
+        self.count -= 1
+        if node.link is not None:
+            node.link.links.remove(node)
+        elif node.links:
+            heir = node.links[0]
+            heir.link = None
+            heir.type = node.type
+            assert heir.member is not None and node.member is not None
+            old = node.member
+            heir.member.type = old.type
+            heir.member.size = old.size
+            heir.member.uoff = old.uoff
+            heir.member.digests = old.digests
+            heir.member.linkname = old.linkname if old.type is EntryType.SYMLINK else ""
+            heir.member.devmajor, heir.member.devminor = old.devmajor, old.devminor
+            heir.links = node.links[1:]
+            for other in heir.links:
+                other.link = heir
+        for child in list(node.children.values()):
+            self._remove(child)
+
+    def ordered(self) -> list[Node]:
+        """All nodes, breadth-first, siblings by name bytes; sets ``ordinal`` on each."""
+        out = [self.root]
+        self.root.ordinal = 0
+        i = 0
+        while i < len(out):
+            node = out[i]
+            i += 1
+            for key in sorted(node.children):
+                child = node.children[key]
+                child.ordinal = len(out)
+                out.append(child)
+        return out
