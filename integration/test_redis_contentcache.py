@@ -285,6 +285,25 @@ def test_queue_is_freed_when_the_breaker_opens(own_server: RedisServer) -> None:
     run(go())
 
 
+def test_refused_writes_do_not_open_the_breaker(own_server: RedisServer) -> None:
+    """A full Redis under `noeviction` refuses writes at once; reads must keep working."""
+
+    async def go() -> None:
+        cache = cache_for(own_server.url(), failure_threshold=1)
+        await cache.put_block(LAYER, 0, block(0, 1000))
+        assert await cache.flush(10)
+        own_server.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        own_server.cli("CONFIG", "SET", "maxmemory", "1")
+        await cache.put_block(LAYER, 1, block(1))
+        assert await cache.flush(10)
+        health = cache.health()
+        assert health.stats.puts_failed == 1 and health.state == "closed"
+        assert await cache.get_block(LAYER, 0) == block(0, 1000)
+        await cache.close()
+
+    run(go())
+
+
 def test_duplicate_puts_are_queued_once(server: RedisServer) -> None:
     async def go() -> None:
         cache = cache_for(server.url(db=4))

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ClusterError, RedisError, ResponseError
 
 from snapshotter.contentcache.base import (
     ContentCache,
@@ -102,7 +102,13 @@ class RedisContentCache(ContentCache):
         except TimeoutError:
             self._failed(op, "timeout", f"{op} timed out after {limit:g}s")
             return default
-        except (RedisError, OSError) as exc:
+        except ResponseError as exc:
+            if isinstance(exc, ClusterError):
+                self._failed(op, "error", f"{op}: {type(exc).__name__}: {exc}")
+            else:
+                self._refused(op, exc)
+            return default
+        except Exception as exc:  # any failure of an optional tier is a miss, never an error
             self._failed(op, "error", f"{op}: {type(exc).__name__}: {exc}")
             return default
         except BaseException:
@@ -122,6 +128,14 @@ class RedisContentCache(ContentCache):
         level = logging.WARNING if was_closed and self.breaker.state != CLOSED else logging.DEBUG
         log.log(level, "content cache %s: %s (breaker %s)", self.target.display, message,
                 self.breaker.state)
+
+    def _refused(self, op: str, exc: ResponseError) -> None:
+        """The server answered promptly with an error (e.g. OOM under `noeviction`): count and
+        log it, but it says nothing about latency, so it neither opens nor holds the breaker."""
+        self.stats.errors += 1
+        TELEMETRY.contentcache_error(op, "refused")
+        self.breaker.success()
+        log.warning("content cache %s: %s refused: %s", self.target.display, op, exc)
 
     def _state_changed(self, state: str) -> None:
         TELEMETRY.breaker_state(self.backend, state)
@@ -307,7 +321,7 @@ class RedisContentCache(ContentCache):
             raise Unavailable(
                 f"content cache {self.target.display}: no answer within {limit:g}s"
             ) from None
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
             raise Unavailable(f"content cache {self.target.display}: {exc}") from None
 
     async def close(self) -> None:
