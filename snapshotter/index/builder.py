@@ -134,7 +134,11 @@ class _GzipDecoder:
                 self._emit(pick)
         self.candidate = here
         last = self.checkpoints[-1] if self.checkpoints else None
-        if last is None or coff - last.coff >= self.opts.checkpoint_spacing:
+        if (
+            last is None
+            or coff - last.coff >= self.opts.checkpoint_spacing
+            or here.uoff - last.uoff >= self.opts.max_span
+        ):
             self._emit(here)
 
     def _emit(self, cp: RawCheckpoint) -> None:

@@ -77,6 +77,8 @@ class IndexBuildOptions:
 
     checkpoint_spacing: compressed bytes between gzip checkpoints (a random read costs at most
         this much compressed input plus the range).
+    max_span: uncompressed bytes between gzip checkpoints, whatever the compressed distance, so
+        that highly compressible data (a file of zeros) does not make one read inflate GBs.
     large_file_size: regular files at least this large also get a checkpoint at (the deflate
         block boundary just before) their first byte, so reading them does not pull in the
         previous file's tail.
@@ -87,12 +89,14 @@ class IndexBuildOptions:
     """
 
     checkpoint_spacing: int = 2 << 20
+    max_span: int = 8 << 20
     large_file_size: int = 4 << 20
     chunk_size: int = 1 << 20
     max_pax_size: int = 1 << 20
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_spacing", "large_file_size", "chunk_size", "max_pax_size"):
+        names = ("checkpoint_spacing", "max_span", "large_file_size", "chunk_size", "max_pax_size")
+        for name in names:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"index build option {name} must be positive")
         if self.chunk_size % 512:

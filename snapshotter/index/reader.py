@@ -13,8 +13,10 @@ import functools
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
+from typing import BinaryIO, cast
 
 import zstandard
 
@@ -365,19 +367,48 @@ def _zstd_range(
 Source = Callable[[int, int], bytes]
 
 
+class _SourceFile:
+    """A read-only file object over a ``Source``, from ``start`` on (feeds zstd's reader)."""
+
+    def __init__(self, reader: IndexReader, start: int) -> None:
+        self._reader = reader
+        self._pos = start
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._reader.index.compressed_size
+        size = end - self._pos if size < 0 else min(size, end - self._pos)
+        if size <= 0:
+            return b""
+        data = self._reader._fetch(self._pos, size)
+        self._pos += len(data)
+        return data
+
+
+class _ZstdCursor:
+    """Where sequential zstd decompression stands: the stream and its uncompressed position."""
+
+    def __init__(self, reader: IndexReader, cp: Checkpoint) -> None:
+        dctx = zstandard.ZstdDecompressor()
+        source = cast(BinaryIO, _SourceFile(reader, cp.coff))
+        self.stream = dctx.stream_reader(source, read_across_frames=True)
+        self.pos = cp.uoff
+
+
 class IndexReader:
     """Synchronous reads through an index from a local blob or an ``(offset, length)`` callable.
 
-    Keeps the last inflated span, so consecutive reads that fall in it (e.g. ``cat`` reading a
-    file in pieces) are not inflated twice. Counters tell how many compressed bytes were asked
-    for and how many bytes were inflated.
+    gzip: the stream is cut into *segments* between consecutive checkpoints; a read inflates
+    the segments it touches (exactly the compressed bytes ``compressed_range`` names) and keeps
+    them in a small LRU, so a span is never inflated twice while it stays cached. zstd: a
+    cursor continues sequential decompression from where the previous read stopped and only
+    restarts (at the nearest frame start) for a read behind it. Plain tar: direct reads.
     """
 
-    SPAN = 4 << 20  # inflate at least this much at a time when reading sequentially
+    CACHE_BYTES = 64 << 20
 
     def __init__(self, index: LayerIndex, source: Source | os.PathLike[str] | str) -> None:
         self.index = index
-        self._file = None
+        self._file: BinaryIO | None = None
         if isinstance(source, (str, os.PathLike)):
             try:
                 self._file = open(source, "rb")  # noqa: SIM115 - closed by close()
@@ -388,8 +419,9 @@ class IndexReader:
             self._source = source
         self.compressed_bytes_read = 0
         self.inflated_bytes = 0
-        self._span_off = 0
-        self._span = b""
+        self._segments: OrderedDict[int, bytes] = OrderedDict()
+        self._cached = 0
+        self._zstd: _ZstdCursor | None = None
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -408,7 +440,18 @@ class IndexReader:
         self._file.seek(offset)
         return self._file.read(length)
 
+    def _fetch(self, offset: int, length: int) -> bytes:
+        data = self._source(offset, length)
+        self.compressed_bytes_read += len(data)
+        if len(data) != length:
+            raise LayerFormatError(
+                f"layer {self.index.blob_digest}: blob is shorter than the index says "
+                f"(wanted {length} bytes at offset {offset}, got {len(data)})"
+            )
+        return data
+
     def read(self, ordinal: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of a regular file (a hardlink reads its target)."""
         e = self.index.entry(ordinal)
         if e.type is EntryType.HARDLINK and e.link_target >= 0:
             e = self.index.entry(e.link_target)
@@ -420,23 +463,80 @@ class IndexReader:
         return self.read_stream(e.uoff + offset, length) if length else b""
 
     def read_stream(self, uoff: int, length: int) -> bytes:
+        """Bytes [uoff, uoff+length) of the uncompressed layer stream."""
+        self.index.compressed_range(uoff, length)  # validates the range
+        if length == 0:
+            return b""
         with self._lock:
-            rel = uoff - self._span_off
-            if rel >= 0 and rel + length <= len(self._span):
-                return self._span[rel : rel + length]
-            want = length
-            if self.index.compression != "none":
-                want = min(max(length, self.SPAN), self.index.uncompressed_size - uoff)
-            c0, c1 = self.index.compressed_range(uoff, want)
-            compressed = self._source(c0, c1 - c0)
-            self.compressed_bytes_read += len(compressed)
-            if len(compressed) != c1 - c0:
-                raise LayerFormatError(
-                    f"layer {self.index.blob_digest}: blob is shorter than the index says "
-                    f"(wanted bytes {c0}..{c1})"
-                )
-            data = inflate_range(self.index, c0, compressed, uoff, want)
-            if self.index.compression != "none":
-                self.inflated_bytes += uoff + want - self.index.checkpoint_before(uoff).uoff
-            self._span_off, self._span = uoff, data
-            return data[:length]
+            if self.index.compression == "none":
+                return self._fetch(uoff, length)
+            if self.index.compression == "zstd":
+                return self._read_zstd(uoff, length)
+            return self._read_gzip(uoff, length)
+
+    def _read_gzip(self, uoff: int, length: int) -> bytes:
+        idx = self.index
+        number = idx.checkpoint_before(uoff).number
+        out = bytearray()
+        end = uoff + length
+        while True:
+            start = idx.checkpoint(number).uoff
+            seg = self._segment(number)
+            out += seg[max(0, uoff - start) : end - start]
+            if start + len(seg) >= end:
+                return bytes(out)
+            number += 1
+
+    def _segment(self, number: int) -> bytes:
+        seg = self._segments.get(number)
+        if seg is not None:
+            self._segments.move_to_end(number)
+            return seg
+        idx = self.index
+        cp = idx.checkpoint(number)
+        seg_end = (
+            idx.checkpoint(number + 1).uoff
+            if number + 1 < idx.checkpoint_count
+            else idx.uncompressed_size
+        )
+        c0, c1 = idx.compressed_range(cp.uoff, seg_end - cp.uoff)
+        seg = inflate_range(idx, c0, self._fetch(c0, c1 - c0), cp.uoff, seg_end - cp.uoff)
+        self.inflated_bytes += len(seg)
+        self._segments[number] = seg
+        self._cached += len(seg)
+        while self._cached > self.CACHE_BYTES and len(self._segments) > 1:
+            _n, old = self._segments.popitem(last=False)
+            self._cached -= len(old)
+        return seg
+
+    def _read_zstd(self, uoff: int, length: int) -> bytes:
+        cur = self._zstd
+        cp = self.index.checkpoint_before(uoff)
+        if cur is None or cur.pos > uoff or cp.uoff > cur.pos:
+            cur = self._zstd = _ZstdCursor(self, cp)
+        try:
+            while cur.pos < uoff:  # skip forward to the range
+                skipped = cur.stream.read(min(1 << 20, uoff - cur.pos))
+                if not skipped:
+                    break
+                cur.pos += len(skipped)
+                self.inflated_bytes += len(skipped)
+            out = bytearray()
+            while len(out) < length:
+                chunk = cur.stream.read(length - len(out))
+                if not chunk:
+                    break
+                out += chunk
+        except zstandard.ZstdError as exc:
+            self._zstd = None
+            raise LayerFormatError(
+                f"layer {self.index.blob_digest}: corrupt zstd data: {exc}"
+            ) from None
+        cur.pos += len(out)
+        self.inflated_bytes += len(out)
+        if len(out) != length:
+            self._zstd = None
+            raise LayerFormatError(
+                f"layer {self.index.blob_digest}: zstd stream ends before offset {uoff + length}"
+            )
+        return bytes(out)
