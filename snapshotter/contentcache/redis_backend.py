@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -44,6 +45,8 @@ T = TypeVar("T")
 #: One pipelined write batch: at most this many values or bytes.
 _BATCH_ITEMS = 32
 _BATCH_BYTES = 8 << 20
+#: A Redis that refuses writes (full) would refuse every batch: warn at most this often (s).
+_REFUSAL_LOG_INTERVAL = 60.0
 
 
 class RedisContentCache(ContentCache):
@@ -67,6 +70,7 @@ class RedisContentCache(ContentCache):
         self._idle.set()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._last_refusal_log = -_REFUSAL_LOG_INTERVAL
         TELEMETRY.breaker_state(self.backend, CLOSED)
 
     def _make_client(self) -> Redis | RedisCluster:
@@ -135,7 +139,12 @@ class RedisContentCache(ContentCache):
         self.stats.errors += 1
         TELEMETRY.contentcache_error(op, "refused")
         self.breaker.success()
-        log.warning("content cache %s: %s refused: %s", self.target.display, op, exc)
+        now = time.monotonic()
+        quiet = now - self._last_refusal_log < _REFUSAL_LOG_INTERVAL
+        if not quiet:
+            self._last_refusal_log = now
+        log.log(logging.DEBUG if quiet else logging.WARNING, "content cache %s: %s refused: %s",
+                self.target.display, op, exc)
 
     def _state_changed(self, state: str) -> None:
         TELEMETRY.breaker_state(self.backend, state)
