@@ -106,6 +106,11 @@ def _number(block: bytes, start: int, length: int, what: str, where: int) -> int
         ) from None
 
 
+def _signed_sum(block: bytes) -> int:
+    """The header checksum as some old writers computed it, with signed chars."""
+    return sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 256
+
+
 def _pax_time_ns(value: str, where: int) -> int:
     neg = value.startswith("-")
     body = value[1:] if neg else value
@@ -225,9 +230,7 @@ class TarScanner:
             self.ended = True
             return
         stored = _number(block, 148, 8, "checksum", where)
-        unsigned = sum(block[:148]) + 256 + sum(block[156:])
-        signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 2
-        if stored not in (unsigned, signed):
+        if stored != sum(block[:148]) + 256 + sum(block[156:]) and stored != _signed_sum(block):
             raise LayerFormatError(f"tar header at offset {where}: checksum mismatch (not a tar?)")
         kind = block[156:157]
         size = _number(block, 124, 12, "size", where)
