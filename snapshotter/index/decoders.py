@@ -1,0 +1,171 @@
+"""Decoders turn compressed blob bytes into an ordered stream of build events.
+
+Events are ``bytes`` (the next piece of uncompressed stream) or ``RawCheckpoint`` objects. A
+checkpoint event is a *possible* restart point at the current position: for gzip every deflate
+block boundary (the builder's policy picks a few of them), for zstd every frame start (all
+kept). Decoders run in the builder's decoding thread; the zlib and zstd calls release the GIL,
+so decoding overlaps with tar parsing and hashing in the main thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zstandard
+
+from snapshotter.index import inflate as zi
+from snapshotter.index.model import LayerFormatError
+from snapshotter.index.writer import RawCheckpoint
+
+Emit = Callable[[bytes | RawCheckpoint], None]
+
+
+class GzipDecoder:
+    """Inflates gzip members one after another, reporting every deflate block boundary.
+
+    ``inflate(Z_BLOCK)`` returns at each block end; ``data_type`` then has bit 7 set (and bit 6
+    if that was the member's last block) and its low 3 bits say how many bits of the last byte
+    consumed belong to the next block.
+    """
+
+    forced = False  # boundaries are candidates, not mandatory checkpoints
+    read_size = 1 << 20
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.inf = zi.Inflater(zi.GZIP)
+        self.consumed = 0  # compressed bytes handed to the inflater
+        self.uoff = 0
+        self.tail = b""  # last 32 KiB of output: the window at the current position
+        self.member_done = False
+        self.trailing = False  # inside zero padding after the last member
+
+    def feed(self, data: bytes) -> None:
+        if self.member_done and data[:1] == b"\0":
+            self.trailing = True
+        if self.trailing:
+            self._check_padding(data, self.consumed)
+            self.consumed += len(data)
+            return
+        self.member_done = False
+        self.consumed += len(data)
+        self.inf.feed(data)
+        self._drain()
+
+    def _drain(self) -> None:
+        inf = self.inf
+        while True:
+            try:
+                rc, out = inf.run(zi.Z_BLOCK)
+            except zi.InflateError as exc:
+                at = self.consumed - inf.avail_in
+                raise LayerFormatError(f"corrupt gzip data near offset {at}: {exc}") from None
+            if len(out):
+                self._output(bytes(out))
+            if rc == zi.Z_BUF_ERROR:
+                return
+            if rc == zi.Z_STREAM_END:
+                if not self._next_member():
+                    return
+                continue
+            if inf.data_type & 0xC0 == 0x80:
+                bits = inf.data_type & 7
+                coff = self.consumed - inf.avail_in - (1 if bits else 0)
+                self.emit(RawCheckpoint(coff, bits, self.uoff, self.tail))
+            if not inf.avail_in and not len(out):
+                return
+
+    def _output(self, data: bytes) -> None:
+        self.emit(data)
+        self.uoff += len(data)
+        if len(data) >= zi.WINDOW_SIZE:
+            self.tail = data[-zi.WINDOW_SIZE :]
+        else:
+            self.tail = (self.tail + data)[-zi.WINDOW_SIZE :]
+
+    def _next_member(self) -> bool:
+        """After a member's trailer: start the next member, or accept zero padding."""
+        rest = self.inf.unused_input()
+        if rest and rest[0] == 0:
+            self.trailing = True
+            self._check_padding(rest, self.consumed - len(rest))
+            return False
+        self.inf.reset(zi.GZIP)
+        self.member_done = not rest
+        if rest:
+            self.inf.feed(rest)
+        return bool(rest)
+
+    @staticmethod
+    def _check_padding(data: bytes, at: int) -> None:
+        if data.count(0) != len(data):
+            raise LayerFormatError(f"garbage after the last gzip member near offset {at}")
+
+    def finish(self) -> None:
+        self.inf.close()
+        if not (self.member_done or self.trailing):
+            raise LayerFormatError("gzip stream is truncated (no end of the last member)")
+
+
+class ZstdDecoder:
+    """Decompresses zstd frames in order; every frame start is a (mandatory) checkpoint.
+
+    Input must arrive in small pieces: zstd can expand one input byte ~32000 times, and
+    ``decompressobj`` returns all output of a piece at once.
+    """
+
+    forced = True
+    read_size = 1 << 15
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.consumed = 0
+        self.uoff = 0
+        self.in_frame = False
+        emit(RawCheckpoint(0, 0, 0, b""))
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if not self.in_frame and self.consumed:
+                self.emit(RawCheckpoint(self.consumed, 0, self.uoff, b""))
+            self.in_frame = True
+            start = self.consumed
+            self.consumed += len(data)
+            try:
+                out = self.obj.decompress(data)
+            except zstandard.ZstdError as exc:
+                raise LayerFormatError(f"corrupt zstd data near offset {start}: {exc}") from None
+            if out:
+                self.emit(out)
+                self.uoff += len(out)
+            if not self.obj.eof:
+                return
+            data = self.obj.unused_data
+            self.consumed -= len(data)
+            self.in_frame = False
+            self.obj = self.dctx.decompressobj()
+
+    def finish(self) -> None:
+        if self.in_frame:
+            raise LayerFormatError("zstd stream is truncated (last frame is incomplete)")
+
+
+class PlainDecoder:
+    """An uncompressed tar: the blob is the stream, and needs no checkpoints."""
+
+    forced = True
+    read_size = 1 << 20
+
+    def __init__(self, emit: Emit) -> None:
+        self.emit = emit
+
+    def feed(self, data: bytes) -> None:
+        self.emit(data)
+
+    def finish(self) -> None:
+        return
+
+
+Decoder = GzipDecoder | ZstdDecoder | PlainDecoder
