@@ -43,6 +43,8 @@ class GzipDecoder:
     def feed(self, data: bytes) -> None:
         if self.member_done and data[:1] == b"\0":
             self.trailing = True
+        elif self.member_done:
+            self._check_magic(data, self.consumed)
         if self.trailing:
             self._check_padding(data, self.consumed)
             self.consumed += len(data)
@@ -90,11 +92,17 @@ class GzipDecoder:
             self.trailing = True
             self._check_padding(rest, self.consumed - len(rest))
             return False
+        self._check_magic(rest, self.consumed - len(rest))
         self.inf.reset(zi.GZIP)
         self.member_done = not rest
         if rest:
             self.inf.feed(rest)
         return bool(rest)
+
+    @staticmethod
+    def _check_magic(data: bytes, at: int) -> None:
+        if data[:2] != b"\x1f\x8b"[: len(data[:2])]:
+            raise LayerFormatError(f"garbage after the last gzip member near offset {at}")
 
     @staticmethod
     def _check_padding(data: bytes, at: int) -> None:
