@@ -106,14 +106,14 @@ def _layer2(tree: Path) -> None:
 
 
 @dataclass
-class TestImage:
+class LazyImage:
     image: BuiltImage
     top_chain: str
     big_sha_middle: str
 
 
 @pytest.fixture(scope="module")
-def lazy_image(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServer) -> TestImage:
+def lazy_image(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServer) -> LazyImage:
     work = tmp_path_factory.mktemp("lazyimage")
     layers = []
     for i, make in enumerate((_layer0, _layer1, _layer2)):
@@ -128,7 +128,7 @@ def lazy_image(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServe
     oci = build_image(layers, work / "oci", cmd=["/bin/sh"])
     image = push_image(oci, registry.host, "clip/lazy", "v1")
     diff_ids = [_diff_id(blob) for blob in image.layer_blobs]
-    return TestImage(image, chain_ids(diff_ids)[-1], middle)
+    return LazyImage(image, chain_ids(diff_ids)[-1], middle)
 
 
 def _diff_id(blob: Path) -> str:
@@ -179,6 +179,17 @@ class Node:
             check=check,
             timeout=300,
         )
+
+    def wait_until_reachable(self, timeout: float = 60.0) -> None:
+        """containerd redials a restarted proxy plugin with gRPC's backoff: wait for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ls = self.containerd.ctr(
+                "snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE, check=False
+            )
+            if ls.returncode == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
 
     def committed(self) -> list[str]:
         out = self.containerd.ctr("snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE)
@@ -278,7 +289,7 @@ def _view_tree(
 
 
 def test_pull_run_and_rootfs_match_overlayfs(
-    lazy_image: TestImage, registry: RegistryServer, node_factory: object, tmp_path: Path
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path
 ) -> None:
     node = node_factory([registry.host], "match")  # type: ignore[operator]
     ref = lazy_image.image.ref
@@ -332,7 +343,7 @@ def _seeded_indexes(image: BuiltImage, where: Path) -> Path:
 
 
 def test_seeded_indexes_make_the_run_lazy(
-    lazy_image: TestImage, registry: RegistryServer, node_factory: object, tmp_path: Path
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path
 ) -> None:
     image = lazy_image.image
     with CountingProxy(registry.host) as proxy:
@@ -346,7 +357,7 @@ def test_seeded_indexes_make_the_run_lazy(
 
 
 def test_without_index_each_blob_is_fetched_once(
-    lazy_image: TestImage, registry: RegistryServer, node_factory: object
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object
 ) -> None:
     image = lazy_image.image
     with CountingProxy(registry.host) as proxy:
@@ -360,7 +371,7 @@ def test_without_index_each_blob_is_fetched_once(
 
 
 def test_registry_outage_and_daemon_crash(
-    lazy_image: TestImage, registry: RegistryServer, node_factory: object, tmp_path: Path
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path
 ) -> None:
     image = lazy_image.image
     with CountingProxy(registry.host) as proxy:
@@ -391,11 +402,12 @@ def test_registry_outage_and_daemon_crash(
             "recovered",
             "/bin/sh",
             "-c",
-            "dd if=/big.bin bs=1048576 skip=2 count=1 status=none",
+            "dd if=/big.bin bs=1048576 skip=2 count=1 status=none | sha256sum",
         )
 
         node.clip.kill()
         node.clip.start()
+        node.wait_until_reachable()
         _read_some(node, ref, "after-crash", lazy_image.big_sha_middle)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from snapshotter import config as config_mod
 from snapshotter import logs
+from snapshotter.provider import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
 
 EPILOG = """\
@@ -47,5 +48,13 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
     )
     logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    asyncio.run(Daemon(cfg).run())
+    asyncio.run(_serve(cfg))
     return 0
+
+
+async def _serve(cfg: config_mod.Config) -> None:
+    """The daemon with its remote layer provider (FUSE mount + registry) plugged in."""
+    provider = RemoteLayerProvider(cfg)
+    daemon = Daemon(cfg, provider)
+    daemon.add_service(provider)
+    await daemon.run()
