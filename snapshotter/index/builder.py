@@ -126,6 +126,9 @@ class _CheckpointPolicy:
         self.opts = options
         self.forced = forced
         self.checkpoints: list[RawCheckpoint] = []
+        # every boundary as (uoff, compressed bytes needed to produce everything before it):
+        # lets compressed_range stop within one deflate block after the range end.
+        self.marks: list[tuple[int, int]] = []
         self.candidate: RawCheckpoint | None = None
         self.large_start: int | None = None
 
@@ -134,6 +137,7 @@ class _CheckpointPolicy:
             self.large_start = uoff
 
     def boundary(self, here: RawCheckpoint) -> None:
+        self.marks.append((here.uoff, here.coff + (1 if here.bits else 0)))
         if self.forced:
             self._keep(here)
             return
@@ -205,7 +209,7 @@ def build_index(
         decoding.join()
     nodes = tree.ordered()
     meta = Meta(compression, options.chunk_size, uoff, decoding.size, decoding.sha.digest())
-    data = serialise(nodes, policy.checkpoints, meta)
+    data = serialise(nodes, policy.checkpoints, policy.marks, meta)
     _write(out, data)
     return BuildResult(
         entries=len(nodes),

@@ -5,6 +5,8 @@
                entries      entry_count   x ENTRY (96 bytes)
                xattrs       xattr_count   x XATTR (16 bytes)
                checkpoints  checkpoint_count x CHECKPOINT (40 bytes)
+               mark uoffs   mark_count x u64 (every deflate block end / zstd frame start)
+               mark cends   mark_count x u64 (compressed bytes needed to reach that uoff)
                digests      digest_count  x 32-byte sha256
                strings      strings_len bytes (paths, link names, xattr names and values)
     windows  checkpoint windows, each its own zstd frame, at the offsets CHECKPOINT names
@@ -27,8 +29,8 @@ COMPRESSIONS: Final = ("none", "gzip", "zstd")
 
 # magic, version, header size, compression, chunk size, entry/xattr/checkpoint/digest counts,
 # strings length, uncompressed size, compressed size, blob sha256, body compressed length,
-# body raw length, windows length, reserved.
-HEADER: Final = struct.Struct("<8sIIIIIIIIQQQ32sQQQ8x")
+# body raw length, windows length, mark count, reserved.
+HEADER: Final = struct.Struct("<8sIIIIIIIIQQQ32sQQQI4x")
 HEADER_SIZE: Final = 128
 
 # path_off, path_len, name_len, parent, type, pad, mode, uid, gid, size, mtime_ns, uoff,

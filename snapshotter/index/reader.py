@@ -44,7 +44,7 @@ class LayerIndex:
         fields = fmt.HEADER.unpack_from(data, 0)
         (_magic, version, header_size, comp, self.chunk_size, self._n, self._nx, self._nc,
          self._nd, strings_len, self.uncompressed_size, self.compressed_size, blob_sha,
-         body_len, raw_len, windows_len) = fields
+         body_len, raw_len, windows_len, self._nm) = fields
         if version != fmt.VERSION:
             raise IndexFormatError(
                 f"{origin}: index format version {version} is not supported "
@@ -64,13 +64,18 @@ class LayerIndex:
         except zstandard.ZstdError as exc:
             raise IndexFormatError(f"{origin}: corrupt index body ({exc})") from None
         expect = (self._n * fmt.ENTRY.size + self._nx * fmt.XATTR.size
-                  + self._nc * fmt.CHECKPOINT.size + self._nd * fmt.DIGEST_SIZE + strings_len)
+                  + self._nc * fmt.CHECKPOINT.size + self._nm * 16
+                  + self._nd * fmt.DIGEST_SIZE + strings_len)
         if len(body) != raw_len or raw_len != expect or self._n < 1:
             raise IndexFormatError(f"{origin}: corrupt index body (record counts do not match)")
         self._body = memoryview(body)
         self._xattr_base = self._n * fmt.ENTRY.size
         self._cp_base = self._xattr_base + self._nx * fmt.XATTR.size
-        self._digest_base = self._cp_base + self._nc * fmt.CHECKPOINT.size
+        marks_base = self._cp_base + self._nc * fmt.CHECKPOINT.size
+        self._mark_uoffs = self._body[marks_base : marks_base + 8 * self._nm].cast("Q")
+        self._mark_cends = self._body[marks_base + 8 * self._nm : marks_base + 16 * self._nm]
+        self._mark_cends = self._mark_cends.cast("Q")
+        self._digest_base = marks_base + 16 * self._nm
         self._str_base = self._digest_base + self._nd * fmt.DIGEST_SIZE
         self._windows_base = body_end
         self._cp_uoffs = [
@@ -234,10 +239,10 @@ class LayerIndex:
         if self.compression == "none":
             return uoff, uoff + length
         start = self.checkpoint_before(uoff).coff
-        i = bisect.bisect_left(self._cp_uoffs, uoff + length)
-        if i >= self._nc:
+        i = bisect.bisect_left(self._mark_uoffs, uoff + length)
+        if i >= self._nm:
             return start, self.compressed_size
-        return start, min(self.checkpoint(i).coff + 1, self.compressed_size)
+        return start, max(start, min(int(self._mark_cends[i]), self.compressed_size))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - the index lives as long as its cache
     def window(self, checkpoint: Checkpoint) -> bytes:

@@ -229,7 +229,10 @@ class TarScanner:
             self._state = "end"
             self.ended = True
             return
-        stored = _number(block, 148, 8, "checksum", where)
+        try:
+            stored = _number(block, 148, 8, "checksum", where)
+        except LayerFormatError:
+            stored = -1
         if stored != sum(block[:148]) + 256 + sum(block[156:]) and stored != _signed_sum(block):
             raise LayerFormatError(f"tar header at offset {where}: checksum mismatch (not a tar?)")
         kind = block[156:157]

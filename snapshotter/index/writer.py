@@ -7,6 +7,7 @@ deterministic and shareable by digest.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import zstandard
@@ -59,7 +60,12 @@ def _path(node: Node) -> bytes:
     return b"/".join(reversed(parts))
 
 
-def serialise(nodes: list[Node], checkpoints: list[RawCheckpoint], meta: Meta) -> bytes:
+def serialise(
+    nodes: list[Node],
+    checkpoints: list[RawCheckpoint],
+    marks: list[tuple[int, int]],
+    meta: Meta,
+) -> bytes:
     strings = _Strings()
     entries = bytearray()
     xattrs = bytearray()
@@ -121,7 +127,11 @@ def serialise(nodes: list[Node], checkpoints: list[RawCheckpoint], meta: Meta) -
         cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, len(cp.window), len(windows),
                                    len(packed))
         windows += packed
-    raw_body = bytes(entries + xattrs + cps + digests + strings.buf)
+    mark_uoffs = struct.pack(f"<{len(marks)}Q", *(u for u, _c in marks))
+    mark_cends = struct.pack(f"<{len(marks)}Q", *(c for _u, c in marks))
+    raw_body = b"".join(
+        (entries, xattrs, cps, mark_uoffs, mark_cends, digests, strings.buf)
+    )
     body = cctx.compress(raw_body)
     header = fmt.HEADER.pack(
         fmt.MAGIC,
@@ -140,5 +150,6 @@ def serialise(nodes: list[Node], checkpoints: list[RawCheckpoint], meta: Meta) -
         len(body),
         len(raw_body),
         len(windows),
+        len(marks),
     )
     return header + body + bytes(windows)
