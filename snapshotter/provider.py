@@ -26,11 +26,12 @@ from snapshotter.bridge import Bridge
 from snapshotter.cache import DiskCache
 from snapshotter.config import Config
 from snapshotter.errors import AlreadyExists, ClipError, InvalidArgument, Unavailable
-from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.layerfs import LayerFS, is_mounted
 from snapshotter.index import IndexBuildOptions, IndexFormatError, LayerIndex, build_index
 from snapshotter.readpath import ReadPolicy
 from snapshotter.registry import RegistryClient, RegistryHostConfig
 from snapshotter.registry.reference import SHA256_DIGEST
+from snapshotter.service.status import LayerStatus, ProviderStatus
 from snapshotter.snapshots.remote import RemoteLayer
 
 if TYPE_CHECKING:
@@ -147,6 +148,7 @@ class RemoteLayerProvider:
         self.fs: LayerFS | None = None
         self._resolving: dict[str, asyncio.Task[LayerIndex]] = {}
         self._users: dict[str, int] = {}
+        self._refs: dict[str, str] = {}  # digest -> image ref it is read from (for status)
 
     # BackgroundService --------------------------------------------------------------------
 
@@ -195,9 +197,36 @@ class RemoteLayerProvider:
             self._users[layer.digest] = users
             return
         self._users.pop(layer.digest, None)
+        self._refs.pop(layer.digest, None)
         if self.fs is not None:
             with contextlib.suppress(ClipError):
                 self.fs.detach(layer_id(layer.digest))
+
+    # status (read-only) -------------------------------------------------------------------
+
+    def status(self) -> ProviderStatus:
+        """What `clip status` reports: the FUSE mount and every attached layer's cache fill."""
+        fs = self.fs
+        attached = sorted(fs.ops.by_name.items()) if fs is not None else []
+        layers = []
+        for name, entry in attached:
+            layer, cache = entry.layer, entry.layer.cache
+            layers.append(
+                LayerStatus(
+                    digest=layer.digest,
+                    layer_id=name,
+                    image_ref=self._refs.get(layer.digest, ""),
+                    cached_bytes=min(cache.present_blocks() * cache.block_size, layer.size),
+                    uncompressed_size=layer.size,
+                    complete=cache.size == layer.size and cache.complete(),
+                )
+            )
+        return ProviderStatus(
+            fuse_mounted=fs is not None and fs.running and is_mounted(self.mountpoint),
+            mountpoint=str(self.mountpoint),
+            cache_dir=str(self.cache.directory),
+            layers=layers,
+        )
 
     # internals ----------------------------------------------------------------------------
 
@@ -215,6 +244,7 @@ class RemoteLayerProvider:
         except AlreadyExists:
             path = self.fs.path(name)
         self._users[digest] = self._users.get(digest, 0) + 1
+        self._refs[digest] = ref
         return str(path)
 
     def _resolve(self, digest: str, image_ref: str) -> asyncio.Task[LayerIndex]:

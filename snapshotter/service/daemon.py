@@ -23,10 +23,12 @@ from typing import Protocol
 
 import grpc
 
+from snapshotter.api.clip.v1 import status_pb2_grpc
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.config import Config
 from snapshotter.errors import FailedPrecondition, InvalidArgument, Unavailable
 from snapshotter.service.servicer import SnapshotsService
+from snapshotter.service.status import StatusService
 from snapshotter.snapshots.remote import LayerProvider
 from snapshotter.snapshots.snapshotter import Snapshotter
 
@@ -154,6 +156,7 @@ class Daemon:
             ]
         )
         pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), server)
+        status_pb2_grpc.add_StatusServicer_to_server(StatusService(self), server)
         # The socket is born with its final mode: no window where it is wider or narrower.
         old_umask = os.umask(0o777 & ~self.config.daemon.socket_mode)
         try:
