@@ -215,6 +215,10 @@ def test_render_layers_and_an_unhealthy_tier() -> None:
 
 
 def test_human_units() -> None:
-    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 40)] == ["0 B", "1023 B", "1.0 KiB",
-                                                                  "5.0 TiB"]
+    assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 40)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "5.0 TiB",
+    ]
     assert [human_duration(s) for s in (5, 61, 90061)] == ["0m05s", "1m01s", "1d01h01m"]
