@@ -5,13 +5,17 @@ Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of 
 to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
 
 - Every block present on disk: one `pread` inside the trio loop, no thread hop.
-- Missing blocks: consecutive missing blocks form a *run*, widened to the whole checkpoint interval
-  it falls in (the compressed bytes for that are fetched anyway, so inflating them once saves a
-  refetch on the next sequential read), capped at `ReadPolicy.max_run` bytes. One *flight* per
-  run: fetch `compressed_range()` from the layer source (an async callable on the asyncio side,
-  reached through the Bridge), `inflate_range()` in a worker thread, verify every file chunk lying
-  wholly inside the run against `chunk_digests`, store each complete block on disk and in memory.
+- Missing blocks: consecutive missing blocks form a *run*. One *flight* per run: fetch
+  `compressed_range()` from the layer source (an async callable on the asyncio side, reached
+  through the Bridge), `inflate_range()` in a worker thread, verify every file chunk lying wholly
+  inside the run against `chunk_digests`, store each complete block on disk and in memory.
   Concurrent reads needing a block in flight wait for that flight instead of fetching again.
+- A run is widened downwards to the checkpoint its fetch starts from (those bytes are inflated
+  anyway). When it continues blocks already present (a sequential reader), it is also widened
+  upwards to the next checkpoint, and the bytes between the last block boundary and that
+  checkpoint are kept as a *fragment*: the reader's next miss then starts fetching exactly at the
+  checkpoint, so a sequential read fetches and inflates each compressed byte about once. Random
+  reads do not pay for that look-ahead. Runs are capped at `ReadPolicy.max_run` bytes.
 - A flight retries a failing source with backoff and gives up after `ReadPolicy.timeout` seconds
   in total; its readers get `ReadFailed` (EIO at the FUSE layer) — never a hang.
 """
@@ -23,6 +27,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +61,9 @@ class ReadPolicy:
     backoff: float = 0.2
     max_run: int = 8 << 20
     verify: bool = True
+    #: A block whose flight failed fails again at once for this long (seconds), so the kernel's
+    #: immediate retry of a failed read does not wait out a second timeout.
+    failure_ttl: float = 1.0
     inflate_threads: int = 2
 
 
@@ -83,7 +91,7 @@ class Layer:
         self.source = source
         self.cache = cache
         self.digest = index.blob_digest
-        self.size = index.uncompressed_size
+        self.size = int(index.uncompressed_size)
         cache.set_size(self.size)
         self._file_starts: list[int] | None = None
         self._file_ordinals: list[int] = []
@@ -127,7 +135,7 @@ class Layer:
 class _Flight:
     event: trio.Event = field(default_factory=trio.Event)
     blocks: dict[int, bytes] = field(default_factory=dict)
-    error: Exception | None = None
+    error: ReadFailed | None = None
 
 
 class ReadPath:
@@ -144,6 +152,8 @@ class ReadPath:
         self.policy = policy if policy is not None else ReadPolicy()
         self.stats = ReadStats()
         self._flights: dict[tuple[str, int], _Flight] = {}
+        self._fragments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._failed: dict[tuple[str, int], tuple[float, ReadFailed]] = {}
         self._nursery: trio.Nursery | None = None
         self._limiter = trio.CapacityLimiter(self.policy.inflate_threads)
 
@@ -193,7 +203,21 @@ class ReadPath:
 
     # --- misses -------------------------------------------------------------------------------
 
+    def _recent_failure(self, layer: Layer, blocks: list[int]) -> ReadFailed | None:
+        now = trio.current_time()
+        for b in blocks:
+            failed = self._failed.get((layer.digest, b))
+            if failed is not None:
+                if failed[0] > now:
+                    return failed[1]
+                del self._failed[(layer.digest, b)]
+        return None
+
     async def _fetch(self, layer: Layer, missing: list[int]) -> dict[int, bytes]:
+        recent = self._recent_failure(layer, missing)
+        if recent is not None:
+            self.stats.failures += 1
+            raise ReadFailed(str(recent))
         waits: list[tuple[int, _Flight]] = []
         for first, last in _runs(missing):
             b = first
@@ -226,57 +250,69 @@ class ReadPath:
     def _start_flight(self, layer: Layer, first: int, last: int) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("ReadPath.bind() was not called")
-        first, last = self._widen(layer, first, last)
+        plan = self._plan(layer, first, last)
         flight = _Flight()
-        for b in range(first, last + 1):
+        for b in range(plan.first, plan.last + 1):
             self._flights[(layer.digest, b)] = flight
         self.stats.flights += 1
-        self._nursery.start_soon(self._fly, layer, first, last, flight)
+        self._nursery.start_soon(self._fly, layer, plan, flight)
         return flight
 
     def _free(self, layer: Layer, block: int) -> bool:
         return not layer.cache.has(block) and (layer.digest, block) not in self._flights
 
-    def _widen(self, layer: Layer, first: int, last: int) -> tuple[int, int]:
-        """Grow a run to the blocks its compressed range inflates anyway (see module doc)."""
-        if layer.index.compression == "none":
-            return first, last
+    def _plan(self, layer: Layer, first: int, last: int) -> _Plan:
+        """Grow a run of missing blocks to what its fetch should cover (see module doc).
+
+        Downwards to the checkpoint the fetch starts from anyway (free). Upwards, when the run
+        continues blocks already present (a sequential reader), to the next checkpoint: the
+        complete blocks up to it are stored and the bytes from the last block boundary to the
+        checkpoint are kept as a fragment, so the reader's next miss starts fetching exactly
+        at that checkpoint instead of refetching the interval before it.
+        """
         bs = layer.cache.block_size
         limit = max(1, self.policy.max_run // bs)
-        floor = layer.index.checkpoint_before(first * bs).uoff
-        while first > 0 and (first - 1) * bs >= floor and last - first + 1 < limit:
-            if not self._free(layer, first - 1):
-                break
-            first -= 1
-        ceiling = self._next_checkpoint(layer, (last + 1) * bs, limit - (last - first + 1))
+        fragment = self._fragments.get((layer.digest, first), b"")
+        sequential = first > 0 and not self._free(layer, first - 1)
+        if layer.index.compression == "none":
+            return _Plan(first, last, None, fragment)
+        if not fragment:
+            floor = layer.index.checkpoint_before(first * bs).uoff
+            while first > 0 and (first - 1) * bs >= floor and last - first + 1 < limit:
+                if not self._free(layer, first - 1):
+                    break
+                first -= 1
+        if not sequential:
+            return _Plan(first, last, None, fragment)
+        ceiling = self._next_checkpoint(layer, (last + 1) * bs)
         nblocks = -(-layer.size // bs)
         while last + 1 < nblocks and last - first + 1 < limit:
             if min((last + 2) * bs, layer.size) > ceiling or not self._free(layer, last + 1):
                 break
             last += 1
-        return first, last
+        end = min((last + 1) * bs, layer.size)
+        tail = ceiling if end < ceiling < end + bs and self._free(layer, last + 1) else None
+        return _Plan(first, last, tail, fragment)
 
-    def _next_checkpoint(self, layer: Layer, uoff: int, blocks: int) -> int:
-        """Stream offset of the first checkpoint at/after uoff, probing at most `blocks` blocks
-        ahead; the stream end if none follows; uoff itself when none is found that close."""
-        bs = layer.cache.block_size
-        for k in range(1, blocks + 1):
-            probe = uoff + k * bs
-            if probe >= layer.size:
-                cp = layer.index.checkpoint_before(layer.size)
-                return cp.uoff if cp.uoff >= uoff else layer.size
-            cp = layer.index.checkpoint_before(probe)
-            if cp.uoff >= uoff:
-                return int(cp.uoff)
-        return uoff
+    @staticmethod
+    def _next_checkpoint(layer: Layer, uoff: int) -> int:
+        """Stream offset of the first checkpoint at or after uoff (the stream end if none)."""
+        index = layer.index
+        cp = index.checkpoint_before(uoff)
+        if cp.uoff >= uoff:
+            return int(cp.uoff)
+        following = cp.number + 1
+        if following < index.checkpoint_count:
+            return int(index.checkpoint(following).uoff)
+        return layer.size
 
-    async def _fly(self, layer: Layer, first: int, last: int, flight: _Flight) -> None:
-        start, _ = self._block_span(layer, first)
-        _, end = self._block_span(layer, last)
+    async def _fly(self, layer: Layer, plan: _Plan, flight: _Flight) -> None:
+        start, _ = self._block_span(layer, plan.first)
+        _, end = self._block_span(layer, plan.last)
         flight.error = ReadFailed(f"layer {layer.name}: read of {start}+{end - start} cancelled")
         try:
             with trio.fail_after(self.policy.timeout):
-                flight.blocks = await self._fetch_run(layer, start, end)
+                flight.blocks = await self._fetch_run(layer, plan, start, end)
             flight.error = None
         except trio.TooSlowError:
             flight.error = ReadFailed(
@@ -286,24 +322,37 @@ class ReadPath:
         except Exception as exc:
             flight.error = exc if isinstance(exc, ReadFailed) else ReadFailed(str(exc))
         finally:
-            for b in range(first, last + 1):
+            if flight.error is not None:
+                until = trio.current_time() + self.policy.failure_ttl
+                if len(self._failed) > _MAX_FAILED:
+                    self._failed.clear()
+                for b in range(plan.first, plan.last + 1):
+                    self._failed[(layer.digest, b)] = (until, flight.error)
+            for b in range(plan.first, plan.last + 1):
                 if self._flights.get((layer.digest, b)) is flight:
                     del self._flights[(layer.digest, b)]
             flight.event.set()
         for b, data in flight.blocks.items():
             self.memory.put(layer.digest, b, data)
 
-    async def _fetch_run(self, layer: Layer, start: int, end: int) -> dict[int, bytes]:
-        coff, cend = layer.index.compressed_range(start, end - start)
+    async def _fetch_run(
+        self, layer: Layer, plan: _Plan, start: int, end: int
+    ) -> dict[int, bytes]:
+        """Fetch, inflate, verify and store [start, end) (plus the plan's tail fragment)."""
+        head = plan.fragment if len(plan.fragment) < end - start else b""
+        istart = start + len(head)
+        iend = plan.tail if plan.tail is not None else end
+        coff, cend = layer.index.compressed_range(istart, iend - istart)
         last_error: Exception | None = None
         for attempt in range(self.policy.attempts):
             try:
                 compressed = await self._call_source(layer, coff, cend - coff)
                 self.stats.compressed_bytes += len(compressed)
-                return await trio.to_thread.run_sync(
-                    self._inflate_store, layer, coff, compressed, start, end,
+                data = await trio.to_thread.run_sync(
+                    self._inflate_store, layer, coff, compressed, istart, iend, head, end,
                     limiter=self._limiter, abandon_on_cancel=True,
                 )
+                break
             except Exception as exc:
                 self.stats.source_errors += 1
                 last_error = exc
@@ -311,10 +360,24 @@ class ReadPath:
                             layer.name, attempt + 1, start, end - start, exc)
                 if attempt + 1 < self.policy.attempts:
                     await trio.sleep(self.policy.backoff * (2**attempt))
-        raise ReadFailed(
-            f"layer {layer.name}: stream bytes {start}+{end - start} unavailable after "
-            f"{self.policy.attempts} attempts: {last_error}"
-        )
+        else:
+            raise ReadFailed(
+                f"layer {layer.name}: stream bytes {start}+{end - start} unavailable after "
+                f"{self.policy.attempts} attempts: {last_error}"
+            )
+        self._fragments.pop((layer.digest, plan.first), None)
+        if plan.tail is not None and len(data) > end - start:
+            self._keep_fragment(layer, plan.last + 1, data[end - start :])
+        bs = layer.cache.block_size
+        return {
+            b: data[b * bs - start : min((b + 1) * bs, end) - start]
+            for b in range(plan.first, plan.last + 1)
+        }
+
+    def _keep_fragment(self, layer: Layer, block: int, data: bytes) -> None:
+        self._fragments[(layer.digest, block)] = data
+        while len(self._fragments) > _MAX_FRAGMENTS:
+            self._fragments.popitem(last=False)
 
     async def _call_source(self, layer: Layer, coff: int, length: int) -> bytes:
         if self.bridge is not None:
@@ -328,24 +391,37 @@ class ReadPath:
         return data
 
     def _inflate_store(
-        self, layer: Layer, coff: int, compressed: bytes, start: int, end: int
-    ) -> dict[int, bytes]:
-        """Worker thread: inflate, verify, write to disk; returns the run's blocks."""
-        data = inflate_range(layer.index, coff, compressed, start, end - start)
-        if len(data) != end - start:
-            raise ReadFailed(f"layer {layer.name}: inflate gave {len(data)} of {end - start}")
-        self.stats.inflated_bytes += len(data)
+        self, layer: Layer, coff: int, compressed: bytes, istart: int, iend: int,
+        head: bytes, end: int,
+    ) -> bytes:
+        """Worker thread: inflate [istart, iend), prepend the head fragment, verify, write the
+        complete blocks of [start, end) to disk. Returns head + inflated bytes."""
+        inflated = inflate_range(layer.index, coff, compressed, istart, iend - istart)
+        self.stats.inflated_bytes += len(inflated)
+        data = head + inflated
+        start = istart - len(head)
         if self.policy.verify:
             layer.verify(start, data)
         try:
-            layer.cache.store(start, data)
+            layer.cache.store(start, memoryview(data)[: end - start])
         except OSError as exc:
             log.warning("layer %s: disk cache write failed: %s", layer.name, exc)
-        bs = layer.cache.block_size
-        return {
-            b: data[b * bs - start : min((b + 1) * bs, end) - start]
-            for b in range(start // bs, -(-end // bs))
-        }
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one flight covers: blocks first..last, inflating on to `tail` (a checkpoint) when
+    set, starting after `fragment` (bytes of block `first` a previous flight already made)."""
+
+    first: int
+    last: int
+    tail: int | None
+    fragment: bytes
+
+
+_MAX_FRAGMENTS = 64
+_MAX_FAILED = 4096
 
 
 def _runs(blocks: list[int]) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ import ctypes.util
 import errno
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -261,7 +262,7 @@ def test_start_clears_mount_of_a_killed_predecessor(tmp_path: Path) -> None:
     root = tmp_path / "root"
     mnt = root / "mnt"
     with mounted(mnt):
-        child = subprocess.Popen([os.sys.executable, "-c", CHILD, str(root), str(mnt)],
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(mnt)],
                                  stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout is not None

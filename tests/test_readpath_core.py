@@ -13,7 +13,7 @@ from fs_layers import M, index_layer, pattern, write_layer
 
 from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.index import LayerIndex
-from snapshotter.readpath import FileSource, Layer, ReadFailed, ReadPath, ReadPolicy
+from snapshotter.readpath import FileSource, Layer, ReadFailed, ReadPath, ReadPolicy, VerifyError
 
 LayerFiles = tuple[Path, LayerIndex, bytes]
 BIG = 12 << 20
@@ -33,7 +33,7 @@ def layer_files(tmp_path_factory: pytest.TempPathFactory) -> LayerFiles:
 
 
 #: Small checkpoint spacing so that a 1 MiB read needs a small part of the blob.
-CHECKPOINTS: dict[str, int] = {}
+CHECKPOINTS: dict[str, int] = {"checkpoint_spacing": 512 * 1024}
 
 
 def run_with(
@@ -190,3 +190,66 @@ def test_corrupt_source_is_rejected_and_not_cached(tmp_path: Path, layer_files: 
         assert not layer.cache.has(4)
 
     run_with(tmp_path, index, corrupt, body, ReadPolicy(timeout=5, attempts=1))
+
+
+def test_sequential_read_fetches_each_compressed_byte_about_once(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    blob, index, stream = layer_files
+    source = FileSource(blob)
+    step = 128 * 1024
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        for uoff in range(0, len(stream), step):
+            assert await rp.read(layer, uoff, step) == stream[uoff : uoff + step]
+
+    rp = run_with(tmp_path, index, source, body)
+    blob_size = blob.stat().st_size
+    print(f"sequential: {source.bytes_read} compressed bytes for a {blob_size} byte blob, "
+          f"{rp.stats.flights} flights, {rp.stats.inflated_bytes} inflated")
+    assert source.bytes_read <= blob_size * 1.1
+    assert rp.stats.inflated_bytes <= len(stream) * 1.1
+
+
+def test_failed_blocks_fail_fast_then_recover(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    good = FileSource(blob)
+    down = True
+
+    async def source(coff: int, n: int) -> bytes:
+        if down:
+            await trio.sleep(0.3)
+            raise ConnectionError("registry down")
+        return await good(coff, n)
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        nonlocal down
+        with pytest.raises(ReadFailed, match="registry down"):
+            await rp.read(layer, 0, 10)
+        start = trio.current_time()
+        with pytest.raises(ReadFailed, match="registry down"):
+            await rp.read(layer, 0, 10)
+        assert trio.current_time() - start < 0.1
+        down = False
+        await trio.sleep(0.5)
+        assert await rp.read(layer, 0, 10) == stream[:10]
+
+    run_with(tmp_path, index, source, body,
+             ReadPolicy(timeout=5, attempts=1, failure_ttl=0.4))
+
+
+def test_verify_checks_whole_chunks(tmp_path: Path, layer_files: LayerFiles) -> None:
+    blob, index, stream = layer_files
+    layer = Layer("v", index, FileSource(blob), DiskCache(tmp_path).layer(index.blob_digest))
+    big = index.lookup("a/big")
+    assert big is not None
+    chunks = index.chunk_digests(big)
+    cu, clen, _ = chunks[2]
+    start, end = cu - 100, cu + clen + 100
+    assert layer.verify(start, stream[start:end]) == 1
+    bad = bytearray(stream[start:end])
+    bad[200] ^= 1
+    with pytest.raises(VerifyError, match="corrupt"):
+        layer.verify(start, bytes(bad))
+    # a chunk only partly inside the range is not judged
+    assert layer.verify(cu + 1, stream[cu + 1 : cu + clen]) == 0
