@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from snapshotter.index.model import EntryType, IndexBuildOptions, LayerFormatErr
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+# name, mode, uid, gid, size, mtime, checksum, type, linkname, magic, (version, uname, gname
+# skipped), devmajor, devminor, prefix
+_HEADER = struct.Struct("100s8s8s8s12s12s8s1s100s6s66x8s8s155s12x")
 
 _TYPES = {
     b"0": EntryType.FILE,
@@ -88,13 +92,13 @@ def _cstr(block: bytes, start: int, length: int) -> bytes:
     return raw if nul < 0 else raw[:nul]
 
 
-def _number(block: bytes, start: int, length: int, what: str, where: int) -> int:
-    raw = block[start : start + length]
+def _num(raw: bytes, what: str, where: int) -> int:
+    """A numeric header field: NUL/space-padded octal, or GNU base-256 (high bit set)."""
     if raw[0] & 0x80:  # GNU base-256; 0xff marks a negative number
         value = int.from_bytes(raw[1:], "big")
         if raw[0] == 0xFF:
-            return value - (1 << (8 * (length - 1)))
-        return value + ((raw[0] & 0x7F) << (8 * (length - 1)))
+            return value - (1 << (8 * (len(raw) - 1)))
+        return value + ((raw[0] & 0x7F) << (8 * (len(raw) - 1)))
     text = raw.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
@@ -104,6 +108,10 @@ def _number(block: bytes, start: int, length: int, what: str, where: int) -> int
         raise LayerFormatError(
             f"tar header at offset {where}: bad {what} field {raw!r}"
         ) from None
+
+
+def _number(block: bytes, start: int, length: int, what: str, where: int) -> int:
+    return _num(block[start : start + length], what, where)
 
 
 def _signed_sum(block: bytes) -> int:
@@ -249,21 +257,18 @@ class TarScanner:
         self._member_header(block, kind, size, where)
 
     def _member_header(self, block: bytes, kind: bytes, size: int, where: int) -> None:
-        pax = {**self._pax_global, **self._pax_local}
+        pax = {**self._pax_global, **self._pax_local} if self._pax_local else self._pax_global
         self._pax_local = {}
-        magic = block[257:265]
-        name_b = _cstr(block, 0, 100)
-        if magic[:6] == b"ustar\0":
-            prefix = _cstr(block, 345, 155)
-            if prefix:
-                name_b = prefix + b"/" + name_b
+        (name_b, mode_b, uid_b, gid_b, _size, mtime_b, _sum, _kind, link_b, magic, major_b,
+         minor_b, prefix) = _HEADER.unpack_from(block)
+        name_b = name_b.split(b"\0", 1)[0]
+        if magic == b"ustar\0" and prefix[0]:
+            name_b = prefix.split(b"\0", 1)[0] + b"/" + name_b
         if self._long_name is not None:
             name_b = self._long_name
-        link_b = self._long_link if self._long_link is not None else _cstr(block, 157, 100)
+        link_b = self._long_link if self._long_link is not None else link_b.split(b"\0", 1)[0]
         self._long_name = self._long_link = None
         raw_path = _text(pax["path"]) if "path" in pax else _text(name_b)
-        if any(k.startswith("GNU.sparse.") for k in pax):
-            raise LayerFormatError(f"layer entry {raw_path!r}: unsupported GNU sparse file")
         etype = _TYPES.get(kind)
         if etype is None:
             raise LayerFormatError(
@@ -275,25 +280,22 @@ class TarScanner:
             path=normalise(raw_path),
             raw_path=raw_path,
             type=etype,
-            mode=_number(block, 100, 8, "mode", where) & 0o7777,
-            uid=self._pax_int(pax, "uid") if "uid" in pax else _number(block, 108, 8, "uid", where),
-            gid=self._pax_int(pax, "gid") if "gid" in pax else _number(block, 116, 8, "gid", where),
-            size=self._pax_int(pax, "size") if "size" in pax else size,
-            mtime_ns=(
-                _pax_time_ns(_text(pax["mtime"]), where)
-                if "mtime" in pax
-                else _number(block, 136, 12, "mtime", where) * 1_000_000_000
-            ),
-            linkname=_text(pax["linkpath"]) if "linkpath" in pax else _text(link_b),
-            devmajor=_number(block, 329, 8, "devmajor", where),
-            devminor=_number(block, 337, 8, "devminor", where),
-            xattrs=self._xattrs(pax, raw_path),
+            mode=_num(mode_b, "mode", where) & 0o7777,
+            uid=_num(uid_b, "uid", where),
+            gid=_num(gid_b, "gid", where),
+            size=size,
+            mtime_ns=_num(mtime_b, "mtime", where) * 1_000_000_000,
+            linkname=_text(link_b),
+            devmajor=0,
+            devminor=0,
+            xattrs={},
             uoff=where + BLOCK,
         )
-        if "SCHILY.devmajor" in pax:
-            member.devmajor = self._pax_int(pax, "SCHILY.devmajor")
-        if "SCHILY.devminor" in pax:
-            member.devminor = self._pax_int(pax, "SCHILY.devminor")
+        if etype is EntryType.CHAR or etype is EntryType.BLOCK:
+            member.devmajor = _num(major_b, "devmajor", where)
+            member.devminor = _num(minor_b, "devminor", where)
+        if pax:
+            self._apply_pax(member, pax, where)
         if member.size < 0:
             raise LayerFormatError(f"layer entry {raw_path!r}: negative size")
         data_size = member.size
@@ -308,6 +310,21 @@ class TarScanner:
             self._hash = hashlib.sha256()
             self._chunk_left = self._opts.chunk_size
         self._begin_data(data_size)
+
+    def _apply_pax(self, member: Member, pax: dict[str, bytes], where: int) -> None:
+        if any(k.startswith("GNU.sparse.") for k in pax):
+            raise LayerFormatError(
+                f"layer entry {member.raw_path!r}: unsupported GNU sparse file"
+            )
+        for key, attr in (("uid", "uid"), ("gid", "gid"), ("size", "size"),
+                          ("SCHILY.devmajor", "devmajor"), ("SCHILY.devminor", "devminor")):
+            if key in pax:
+                setattr(member, attr, self._pax_int(pax, key))
+        if "mtime" in pax:
+            member.mtime_ns = _pax_time_ns(_text(pax["mtime"]), where)
+        if "linkpath" in pax:
+            member.linkname = _text(pax["linkpath"])
+        member.xattrs = self._xattrs(pax, member.raw_path)
 
     @staticmethod
     def _pax_int(pax: dict[str, bytes], key: str) -> int:
