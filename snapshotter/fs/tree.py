@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -55,19 +57,21 @@ class LayerTree:
         self.slot = slot
         self.index = index
         self.base = slot << SLOT_SHIFT
+        # Decoding an entry costs more than building its attributes: keep the hot ones.
+        self._entry: Callable[[int], Entry] = functools.lru_cache(maxsize=16384)(index.entry)
 
     def inode(self, ordinal: int) -> int:
         return self.base | self.target(ordinal)
 
     def target(self, ordinal: int) -> int:
         """The ordinal whose data and inode an entry shares (itself unless a hardlink)."""
-        e = self.index.entry(ordinal)
+        e = self._entry(ordinal)
         if e.type == EntryType.HARDLINK and e.link_target >= 0:
             return e.link_target
         return ordinal
 
     def entry(self, ordinal: int) -> Entry:
-        return self.index.entry(self.target(ordinal))
+        return self._entry(self.target(ordinal))
 
     def lookup(self, dir_ordinal: int, name: str) -> int | None:
         """Ordinal of the entry presented as `name` in a directory (a whiteout's own ordinal)."""
@@ -82,7 +86,7 @@ class LayerTree:
         """(presented name, ordinal) of a directory, in the index's stable order."""
         out: list[tuple[str, int]] = []
         for ordinal in self.index.children(dir_ordinal):
-            name = self.index.entry(ordinal).name
+            name = self._entry(ordinal).name
             if name.startswith(META_PREFIX):
                 continue
             if is_whiteout(name):
@@ -94,19 +98,23 @@ class LayerTree:
         return out
 
     def is_dir(self, ordinal: int) -> bool:
-        return self.index.entry(ordinal).type == EntryType.DIR
+        return self._entry(ordinal).type == EntryType.DIR
 
     def _whiteout(self, ordinal: int) -> bool:
-        return ordinal != 0 and is_whiteout(self.index.entry(ordinal).name)
+        return ordinal != 0 and is_whiteout(self._entry(ordinal).name)
 
     def attrs(self, ordinal: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        e = self.entry(ordinal)
-        a.st_ino = self.base | self.target(ordinal)
+        own = self._entry(ordinal)
+        target = ordinal
+        if own.type == EntryType.HARDLINK and own.link_target >= 0:
+            target = own.link_target
+        e = own if target == ordinal else self._entry(target)
+        a.st_ino = self.base | target
         a.generation = 0
         a.entry_timeout = IMMUTABLE_TIMEOUT
         a.attr_timeout = IMMUTABLE_TIMEOUT
-        if self._whiteout(ordinal):
+        if ordinal != 0 and is_whiteout(own.name):
             a.st_mode = stat.S_IFCHR
             a.st_nlink = 1
             a.st_rdev = 0
