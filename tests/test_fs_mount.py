@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fs_layers import (
+    CAPABILITY,
     M,
     apply_layer,
     as_overlay_lower,
@@ -123,7 +124,8 @@ def _layers_a_b() -> tuple[list[M], list[M]]:
         M("var/cache/sub/old2", data=b"2"),
         M("usr", tarfile.DIRTYPE),
         M("usr/bin", tarfile.DIRTYPE),
-        M("usr/bin/tool", data=b"tool", mode=0o4755, xattrs={"user.a": b"A"}),
+        M("usr/bin/tool", data=b"tool", mode=0o4755,
+          xattrs={"user.a": b"A", "security.capability": CAPABILITY}),
         M("usr/bin/alias", tarfile.LNKTYPE, linkname="usr/bin/tool"),
         M("gone-dir", tarfile.DIRTYPE),
         M("gone-dir/x", data=b"x"),
