@@ -47,6 +47,6 @@ assert HEADER.size == HEADER_SIZE
 assert ENTRY.size == 96
 assert CHECKPOINT.size == 40
 
-#: zstd level for the body and windows: decompression speed is level-independent, and 9 is a
+#: zstd level for the body and windows: decompression speed is level-independent, and 6 is a
 #: good size/time trade for a few MB of records.
-ZSTD_LEVEL: Final = 9
+ZSTD_LEVEL: Final = 6
