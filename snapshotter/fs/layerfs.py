@@ -153,7 +153,7 @@ class LayerFS:
         return self.mountpoint / layer_id
 
     def detach(self, layer_id: str) -> None:
-        """Stop serving a layer; open files of it then read EIO, lookups fail."""
+        """Stop serving a layer; its open files and cached inodes then fail with ESTALE."""
         attached = self.ops.remove(layer_id)
         if attached is None:
             raise NotFound(f"fuse: layer {layer_id} is not attached")
