@@ -9,7 +9,6 @@ in worker threads and fetch the compressed bytes however it likes (disk, HTTP ra
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import os
 import threading
@@ -34,7 +33,10 @@ from snapshotter.index.tarscan import normalise
 
 
 class LayerIndex:
-    """A read-only view of one index file. Thread-safe: all state is immutable after open."""
+    """A read-only view of one index file. Thread-safe: the data is immutable after open and
+    the two lazy caches (digest, recent windows) are guarded by locks."""
+
+    WINDOW_CACHE = 16
 
     def __init__(self, data: bytes, origin: str = "index") -> None:
         self._origin = origin
@@ -84,6 +86,8 @@ class LayerIndex:
         ]
         self._digest_lock = threading.Lock()
         self._digest: str | None = None
+        self._windows: OrderedDict[int, bytes] = OrderedDict()
+        self._windows_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: os.PathLike[str] | str) -> LayerIndex:
@@ -244,21 +248,33 @@ class LayerIndex:
             return start, self.compressed_size
         return start, max(start, min(int(self._mark_cends[i]), self.compressed_size))
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - the index lives as long as its cache
     def window(self, checkpoint: Checkpoint) -> bytes:
-        """The 32 KiB of uncompressed data before ``checkpoint`` (gzip only)."""
+        """The 32 KiB of uncompressed data before ``checkpoint`` (gzip only); a few recent
+        windows are kept so that reads near one checkpoint decompress its window once."""
+        with self._windows_lock:
+            cached = self._windows.get(checkpoint.number)
+            if cached is not None:
+                self._windows.move_to_end(checkpoint.number)
+                return cached
         _u, _c, _b, raw_len, off, clen = fmt.CHECKPOINT.unpack_from(
             self._body, self._cp_base + checkpoint.number * fmt.CHECKPOINT.size
         )
-        if not clen:
-            return b""
-        start = self._windows_base + off
-        try:
-            return zstandard.ZstdDecompressor().decompress(
-                self._raw[start : start + clen], max_output_size=raw_len
-            )
-        except zstandard.ZstdError as exc:
-            raise IndexFormatError(f"{self._origin}: corrupt checkpoint window ({exc})") from None
+        window = b""
+        if clen:
+            start = self._windows_base + off
+            try:
+                window = zstandard.ZstdDecompressor().decompress(
+                    self._raw[start : start + clen], max_output_size=raw_len
+                )
+            except zstandard.ZstdError as exc:
+                raise IndexFormatError(
+                    f"{self._origin}: corrupt checkpoint window ({exc})"
+                ) from None
+        with self._windows_lock:
+            self._windows[checkpoint.number] = window
+            while len(self._windows) > self.WINDOW_CACHE:
+                self._windows.popitem(last=False)
+        return window
 
 
 def inflate_range(
