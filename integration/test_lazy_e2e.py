@@ -411,6 +411,37 @@ def test_registry_outage_and_daemon_crash(
         _read_some(node, ref, "after-crash", lazy_image.big_sha_middle)
 
 
+def test_ctr_remote_rpull_is_lazy(
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object
+) -> None:
+    """stargz's client sends stargz's label family; clip serves those layers lazily too."""
+    image = lazy_image.image
+    with CountingProxy(registry.host) as proxy:
+        node = node_factory([proxy.host], "rpull")  # type: ignore[operator]
+        ref = f"{proxy.host}/{image.repo}:{image.tag}"
+        cmd = [
+            "ctr-remote",
+            "--address",
+            str(node.containerd.socket),
+            "--namespace",
+            NAMESPACE,
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "clip",
+            ref,
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr + node.clip.log()
+        out = node.run(ref, "rpulled", "/bin/cat", "/data/hello.txt")
+        assert out.stdout == "hello again from the top layer\n"
+        # containerd itself downloaded no layer: clip fetched each blob once (to index it).
+        requests = {d: proxy.blob_requests(d) for d in image.layer_digests}
+    assert all(count == 1 for count in requests.values()), requests
+    assert len(node.committed()) == len(image.layer_digests)
+
+
 def _broken_image(tmp_path: Path, registry: RegistryServer, repo: str) -> BuiltImage:
     tree = tmp_path / "tree"
     tree.mkdir()
