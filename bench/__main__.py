@@ -1,0 +1,178 @@
+"""`make bench`: clip against containerd's overlayfs snapshotter, side by side, in one run.
+
+Builds the images (bench/images.py, cached under bench/work), starts a docker-registry in a
+network namespace of its own behind a veth pair, and measures every image under every setup
+(bench/setups.py) twice: over the unshaped link, then shaped to ``--mbit`` with ``--rtt-ms``
+round trip. Then the FUSE read throughput phase, and the report (bench/report.py) in
+bench/results/. Everything started is stopped by PID, unmounted by path, and the namespace,
+veth pair and qdiscs are removed, also on failure or Ctrl-C.
+
+    .venv/bin/python -m bench            # the full run whose results are committed
+    .venv/bin/python -m bench --quick    # one image, one repeat: for development
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.images import BIG_MIB, FSREAD, IMAGES, build_and_push, say
+from bench.netem import DelayRelay, ShapedLink, ShapedRegistry
+from bench.setups import Bench, Throughput, contentcache_in_read_path, throughput
+from integration.harness.containerd import unmount_under
+from integration.harness.proxy import CountingProxy
+from integration.harness.redis import RedisServer
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="clip vs overlayfs: pull, time to first exec, registry bytes, RSS, throughput",
+        epilog="Example: .venv/bin/python -m bench --quick --no-shaped",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one image (python), one repeat, small throughput phase",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="runs per setup (default 2)")
+    parser.add_argument(
+        "--images",
+        default=None,
+        help="comma-separated subset of: " + ",".join(s.name for s in IMAGES),
+    )
+    parser.add_argument("--mbit", type=int, default=200, help="shaped link bandwidth")
+    parser.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round trip")
+    parser.add_argument("--no-shaped", action="store_true", help="skip the shaped link")
+    parser.add_argument("--no-throughput", action="store_true", help="skip FUSE throughput")
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="image cache")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report dir (bench/results; --quick: bench/work)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    repeats = args.repeats or (1 if args.quick else 2)
+    wanted = args.images.split(",") if args.images else (["python"] if args.quick else None)
+    specs = [s for s in IMAGES if wanted is None or s.name in wanted]
+    if not specs:
+        raise SystemExit(f"bench: no such image in --images {args.images!r}")
+    started = time.monotonic()
+    nodes = Path(f"/tmp/clipbench-{os.getpid()}")
+    cc_available = contentcache_in_read_path()
+    payload: dict[str, Any] = {
+        "mode": run_mode(args),
+        "repeats": repeats,
+        "contentcache_available": cc_available,
+    }
+    with ExitStack() as stack:
+        link = ShapedLink()
+        stack.callback(link.down)
+        link.up()
+        stack.callback(shutil.rmtree, nodes, True)
+        stack.callback(unmount_under, nodes)
+        registry = ShapedRegistry(args.work / "registry", link)
+        shutil.rmtree(registry.workdir, ignore_errors=True)
+        stack.callback(registry.stop)
+        registry.start()
+        say("building (cached) and pushing images ...")
+        with_fs = not args.no_throughput
+        pushed = build_and_push(args.work, [*specs, *([FSREAD] if with_fs else [])], registry.host)
+        by_name = {p.spec.name: p for p in pushed}
+        direct = CountingProxy(registry.host)
+        stack.callback(direct.stop)
+        direct.start()
+        relay = DelayRelay(registry.host, args.rtt_ms / 2)
+        stack.callback(relay.stop)
+        shaped = CountingProxy(relay.host)
+        stack.callback(shaped.stop)
+        shaped.start()
+        cc_url = ""
+        if cc_available:
+            redis = RedisServer(args.work / "redis")
+            stack.callback(redis.stop)
+            redis.start()
+            cc_url = redis.url()
+        hosts = [direct.host, shaped.host]
+        links = ["unshaped"] + ([] if args.no_shaped else [f"{args.mbit}mbit-{args.rtt_ms:g}ms"])
+        runs = []
+        tp: list[Throughput] = []
+        for name in links:
+            proxy = direct if name == "unshaped" else shaped
+            if proxy is shaped:
+                link.shape(args.mbit)
+                relay.start()
+            say(f"== link {name}")
+            bench = Bench(nodes, proxy, name, hosts, cc_url)
+            for repeat in range(repeats):
+                for spec in specs:
+                    bench.image_round(by_name[spec.name], repeat, cc_available)
+            runs += bench.runs
+            if proxy is direct and with_fs:
+                say("== FUSE read throughput")
+                n_small = 2000 if args.quick else 5000
+                tp = throughput(bench, by_name["fsread"], BIG_MIB, n_small)
+                payload["n_small"] = n_small
+            link.unshape()
+        payload["images"] = report.image_info([by_name[s.name] for s in specs])
+    summary = report.summarize(runs)
+    payload.update(
+        machine=report.machine(),
+        finished=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        duration_s=time.monotonic() - started,
+        links=links,
+        runs=[r.as_dict() for r in runs],
+        summary=summary,
+        throughput=report.throughput_rows(tp),
+        big_mib=BIG_MIB,
+        targets=report.targets(summary, links, cc_available),
+    )
+    full = payload["mode"] == "full"
+    write(payload, args.out or (HERE / "results" if full else args.work / "results-dev"), full)
+    say(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+def run_mode(args: argparse.Namespace) -> str:
+    """ "full" only for the default run; anything smaller says what it left out."""
+    if args.quick:
+        return "quick"
+    left_out = [
+        flag
+        for flag, on in (
+            ("--images", args.images),
+            ("--repeats", args.repeats is not None and args.repeats < 2),
+            ("--no-shaped", args.no_shaped),
+            ("--no-throughput", args.no_throughput),
+        )
+        if on
+    ]
+    return "partial (" + " ".join(left_out) + ")" if left_out else "full"
+
+
+def write(payload: dict[str, Any], out: Path, full: bool) -> None:
+    """latest.* for a full run; other runs write dev.* (default bench/work/results-dev) so they
+    never replace the committed results."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "latest" if full else "dev"
+    report.write_json(out / f"{stem}.json", payload)
+    (out / f"{stem}.md").write_text(report.markdown(payload))
+    report.chart(payload, out / f"{stem}.png")
+    say(f"wrote {out}/{stem}.md, .json, .png")
+    say((out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
