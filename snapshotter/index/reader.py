@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -38,10 +39,10 @@ class LayerIndex:
 
     WINDOW_CACHE = 16
 
-    def __init__(self, data: bytes, origin: str = "index") -> None:
+    def __init__(self, data: bytes | mmap.mmap, origin: str = "index") -> None:
         self._origin = origin
         self._raw = data
-        if len(data) < fmt.HEADER_SIZE or not data.startswith(fmt.MAGIC):
+        if len(data) < fmt.HEADER_SIZE or data[: len(fmt.MAGIC)] != fmt.MAGIC:
             raise IndexFormatError(f"{origin}: not a clip index (bad magic or too short)")
         fields = fmt.HEADER.unpack_from(data, 0)
         (_magic, version, header_size, comp, self.chunk_size, self._n, self._nx, self._nc,
@@ -91,14 +92,20 @@ class LayerIndex:
 
     @classmethod
     def open(cls, path: os.PathLike[str] | str) -> LayerIndex:
+        """Map the file read-only: the body is decompressed now, checkpoint windows (most of a
+        big layer's index) are paged in only when a read needs them."""
+        name = f"index {os.fspath(path)!r}"
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size < fmt.HEADER_SIZE:
+                    raise IndexFormatError(f"{name}: not a clip index (bad magic or too short)")
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
-            raise NotFound(f"index {os.fspath(path)!r} does not exist") from None
+            raise NotFound(f"{name} does not exist") from None
         except IsADirectoryError:
-            raise IndexFormatError(f"index {os.fspath(path)!r} is a directory") from None
-        return cls(data, f"index {os.fspath(path)!r}")
+            raise IndexFormatError(f"{name} is a directory") from None
+        return cls(data, name)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LayerIndex:
@@ -115,7 +122,7 @@ class LayerIndex:
             return self._digest
 
     def to_bytes(self) -> bytes:
-        return self._raw
+        return bytes(self._raw)
 
     def __len__(self) -> int:
         return int(self._n)
