@@ -153,3 +153,37 @@ def test_build_memory_is_bounded(tmp_path: Path) -> None:
     assert checkpoints >= 25
     assert maxrss_kib < 200 * 1024, f"peak RSS {maxrss_kib} KiB"
     assert os.path.getsize(tmp_path / "i.idx") < 4 << 20
+
+
+def test_system_zlib_fallback_engine(tmp_path: Path) -> None:
+    """CLIP_INFLATE_ENGINE=zlib binds the classic libz.so.1; indexes are engine-independent."""
+    src = tmp_path / "src"
+    make_special_tree(src)
+    raw = gnu_tar(src, tmp_path / "layer.tar", "gnu")
+    (tmp_path / "layer.gz").write_bytes(compress(raw, "gzip"))
+    script = textwrap.dedent(
+        """
+        import sys
+        from snapshotter.index import IndexBuildOptions, IndexReader, LayerIndex, build_index
+        from snapshotter.index import inflate
+        opts = IndexBuildOptions(checkpoint_spacing=8192)
+        with open(sys.argv[1], "rb") as f:
+            res = build_index(f, sys.argv[2], opts)
+        idx = LayerIndex.open(sys.argv[2])
+        data = IndexReader(idx, sys.argv[1]).read(idx.lookup("big.bin"), 1000, 400000)
+        print(inflate.ENGINE, res.index_digest, data.hex()[:64], len(data))
+        """
+    )
+    outs = []
+    for engine in ("zlib", "zlib-ng"):
+        env = {**os.environ, "CLIP_INFLATE_ENGINE": engine}
+        res = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "layer.gz"),
+             str(tmp_path / f"{engine}.idx")],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert res.returncode == 0, res.stderr
+        outs.append(res.stdout.split())
+    assert [o[0] for o in outs] == ["zlib", "zlib-ng"]
+    assert outs[0][1:] == outs[1][1:]
+    assert outs[0][2] == (src / "big.bin").read_bytes()[1000:1032].hex()

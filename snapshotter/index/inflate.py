@@ -25,7 +25,6 @@ from typing import Any, Final
 
 Z_OK: Final = 0
 Z_STREAM_END: Final = 1
-Z_NEED_DICT: Final = 2
 Z_BUF_ERROR: Final = -5
 Z_NO_FLUSH: Final = 0
 Z_BLOCK: Final = 5

@@ -184,7 +184,6 @@ class TarScanner:
         self._long_link: bytes | None = None
         self._hash: Any = None
         self._chunk_left = 0
-        self.ended = False
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -235,7 +234,6 @@ class TarScanner:
     def _header(self, block: bytes, where: int) -> None:
         if block == _ZERO_BLOCK:
             self._state = "end"
-            self.ended = True
             return
         try:
             stored = _number(block, 148, 8, "checksum", where)
