@@ -17,7 +17,7 @@ import pytest
 from fs_layers import M, index_layer, mounted, pattern, write_layer
 
 from snapshotter.bridge import AsyncioThread, Bridge
-from snapshotter.cache import DiskCache
+from snapshotter.cache import DiskCache, LayerCache
 from snapshotter.fs import LayerFS, is_mounted
 from snapshotter.index import IndexBuildOptions, LayerIndex, build_index
 from snapshotter.readpath import FileSource, ReadPolicy
@@ -197,3 +197,24 @@ def test_hung_miss_does_not_block_other_requests(harness: Harness, big_layer: Bi
         assert time.monotonic() - start < 1.0
         harness.aio.loop.call_soon_threadsafe(release.set)
         assert fut.result(5) == data[BIG - MiB : BIG - MiB + 4096]
+
+
+def test_fetched_blocks_become_durable_without_stop(harness: Harness, big_layer: BigLayer) -> None:
+    blob, index, data = big_layer
+    d = harness.fs.attach("durable", index, FileSource(blob))
+    off = BIG - 3 * MiB
+    assert pread(d / "opt/big.bin", off, 4096) == data[off : off + 4096]
+    live = harness.fs.cache.layer(index.blob_digest)
+    block = (index.entry(index.lookup("opt/big.bin") or 0).uoff + off) // live.block_size
+    assert live.has(block)
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        # what a restarted daemon would read from disk (a SIGKILL skips every clean-up)
+        probe = LayerCache(live.directory, index.blob_digest)
+        found = probe.has(block)
+        probe.close()
+        if found:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the fetched block was not made durable by the periodic flush")

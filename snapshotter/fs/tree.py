@@ -58,7 +58,7 @@ class LayerTree:
         self.index = index
         self.base = slot << SLOT_SHIFT
         # Decoding an entry costs more than building its attributes: keep the hot ones.
-        self._entry: Callable[[int], Entry] = functools.lru_cache(maxsize=16384)(index.entry)
+        self._entry: Callable[[int], Entry] = functools.lru_cache(maxsize=4096)(index.entry)
 
     def inode(self, ordinal: int) -> int:
         return self.base | self.target(ordinal)
