@@ -187,3 +187,25 @@ def test_system_zlib_fallback_engine(tmp_path: Path) -> None:
     assert [o[0] for o in outs] == ["zlib", "zlib-ng"]
     assert outs[0][1:] == outs[1][1:]
     assert outs[0][2] == (src / "big.bin").read_bytes()[1000:1032].hex()
+
+
+def test_failing_consumer_stops_the_build(tmp_path: Path) -> None:
+    """An on_data callback that fails (say, a full disk cache) aborts the build cleanly."""
+    raw = gnu_tar(Path("/usr/share/doc").resolve(), tmp_path / "layer.tar", "gnu", "tar")
+    blob = compress(raw, "gzip")
+    out = tmp_path / "out"
+    out.mkdir()
+    seen = []
+
+    def on_data(uoff: int, view: memoryview) -> None:
+        seen.append(uoff)
+        if len(seen) == 2:
+            raise OSError(28, "No space left on device")
+
+    try:
+        build_index(io.BytesIO(blob), out / "i.idx", on_data=on_data)
+    except OSError as exc:
+        assert exc.errno == 28
+    else:
+        raise AssertionError("build_index did not fail")
+    assert os.listdir(out) == [] and len(seen) == 2

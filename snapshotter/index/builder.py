@@ -204,9 +204,13 @@ def build_index(
                 else:
                     policy.boundary(event)
         scanner.finish()
-    finally:
+    except BaseException:
+        # The decoding thread stops at its next queue put; it may be blocked reading a stalled
+        # blob, so do not wait for it forever (it is a daemon thread and holds no resources).
         decoding.stop.set()
-        decoding.join()
+        decoding.join(timeout=5)
+        raise
+    decoding.join()
     nodes = tree.ordered()
     meta = Meta(compression, options.chunk_size, uoff, decoding.size, decoding.sha.digest())
     data = serialise(nodes, policy.checkpoints, policy.marks, meta)
