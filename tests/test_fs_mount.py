@@ -72,6 +72,14 @@ def test_layer_tree_equals_tar_extraction(lfs: LayerFS, tmp_path: Path) -> None:
     assert os.getxattr(layer_dir / "opq", "trusted.overlay.opaque") == b"y"
     assert not (layer_dir / "opq/.wh..wh..opq").exists()
     assert not (layer_dir / "srv/.wh.gone").exists()
+    # inode numbers are (slot, ordinal): a hardlink is its target's inode
+    tree = lfs.ops.by_name["rich"].tree
+    tool = tree.index.lookup("bin/tool")
+    assert tool is not None
+    assert os.stat(layer_dir / "bin/hard2").st_ino == tree.base | tool == tree.inode(tool)
+    with pytest.raises(OSError) as err:
+        (layer_dir / "bin/tool").write_bytes(b"x")
+    assert err.value.errno == errno.EROFS
 
 
 def test_mount_root_options_and_read_only(lfs: LayerFS, tmp_path: Path) -> None:
