@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import zstandard
 from fs_layers import M, index_layer, pattern, write_layer
 
 from snapshotter.cache import DiskCache, MemoryTier
@@ -253,3 +254,29 @@ def test_verify_checks_whole_chunks(tmp_path: Path, layer_files: LayerFiles) -> 
         layer.verify(start, bytes(bad))
     # a chunk only partly inside the range is not judged
     assert layer.verify(cu + 1, stream[cu + 1 : cu + clen]) == 0
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_other_compressions(tmp_path: Path, compression: str) -> None:
+    raw_blob = write_layer(tmp_path / "l.tgz", [M("x", data=pattern(5 * MiB + 3, 4))])
+    stream = gzip.decompress(raw_blob.read_bytes())
+    blob = tmp_path / f"l.{compression}"
+    if compression == "zstd":
+        # several frames, as a seekable zstd writer would produce
+        cctx = zstandard.ZstdCompressor(level=3)
+        blob.write_bytes(b"".join(cctx.compress(stream[i : i + MiB])
+                                  for i in range(0, len(stream), MiB)))
+    else:
+        blob.write_bytes(stream)
+    index = index_layer(blob, tmp_path / "l.idx")
+    assert index.compression == compression
+    source = FileSource(blob)
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        for uoff, n in [(3 * MiB + 7, 1000), (0, 600), (len(stream) - 10, 10), (MiB - 5, MiB)]:
+            assert await rp.read(layer, uoff, n) == stream[uoff : uoff + n]
+        for uoff in range(0, len(stream), 128 * 1024):
+            assert await rp.read(layer, uoff, 128 * 1024) == stream[uoff : uoff + 128 * 1024]
+
+    run_with(tmp_path, index, source, body)
+    print(f"{compression}: {source.bytes_read} bytes read of {blob.stat().st_size}")
