@@ -171,7 +171,9 @@ class LayerCache:
             if self._record.size is not None:
                 log.warning("cache %s: size changed %d -> %d, dropping", self.digest,
                             self._record.size, size)
+                # forget the blocks durably before their bytes go away
                 self._record = _Record(self.block_size)
+                _atomic_write(self.directory / "present", self._record.encode())
                 os.ftruncate(self._fd, 0)
             self._record.size = size
             self._dirty = True
