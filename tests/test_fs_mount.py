@@ -30,7 +30,7 @@ from fs_layers import (
 
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache
-from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound
+from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import LayerFS, is_mounted
 from snapshotter.fs.layerfs import mount_at
 from snapshotter.readpath import FileSource, ReadPolicy
@@ -299,6 +299,6 @@ def test_start_refuses_a_foreign_mount(tmp_path: Path) -> None:
     with mounted(mnt):
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], check=True)
         fs = LayerFS(DiskCache(tmp_path))
-        with pytest.raises(Exception, match="already a tmpfs mount"):
+        with pytest.raises(Unavailable, match="already a tmpfs mount"):
             fs.start(mnt)
         assert mount_at(mnt) == ("tmpfs", "tmpfs")
