@@ -27,11 +27,7 @@ from integration.harness.containerd import unmount_under
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-FIGURE_ROWS = (
-    "containerd overlayfs: ctr image pull + run",
-    "clip, first node (no index): clip pull + run",
-    "clip, node with indexes: clip pull + run",
-)
+_NUMBER = re.compile(r"\d+\.\d+")
 
 
 def _clean_env() -> dict[str, str]:
@@ -149,17 +145,12 @@ def test_demo_runs_twice_and_prints_its_figures(checkout: Path, scratch: Path) -
             result = _run(
                 [python, "-m", "integration.demo", "--workdir", str(workdir)], checkout, 1400
             )
-            out = result.stdout
-            assert "first exec s" in out and "registry MB" in out, (attempt, out)
-            for row in FIGURE_ROWS:
-                assert re.search(
-                    rf"^{re.escape(row)}\s+\d+\.\d\d\s+\d+\.\d\d", out, re.MULTILINE
-                ), (
-                    attempt,
-                    row,
-                    out,
-                )
-            assert "everything stopped" in out
+            rows = _figure_rows(result.stdout)
+            assert len(rows) >= 3, (attempt, result.stdout)
+            assert any("overlayfs" in row for row in rows), rows
+            assert sum("clip" in row for row in rows) >= 2, rows
+            assert "everything stopped" in result.stdout
+            print(f"demo run {attempt}:", *rows, sep="\n")  # the figures, shown with -s
             assert not _mounted_under(workdir), attempt
     finally:
         subprocess.run(
@@ -176,3 +167,11 @@ def _mounted_under(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
     return [p for p in points if p == str(path) or p.startswith(f"{path}/")]
+
+
+def _figure_rows(out: str) -> list[str]:
+    """The table the demo prints: the lines after its header that carry the timings."""
+    lines = out.splitlines()
+    header = [i for i, line in enumerate(lines) if "first exec" in line and "registry" in line]
+    assert header, out
+    return [line for line in lines[header[-1] + 1 :] if len(_NUMBER.findall(line)) >= 4]
