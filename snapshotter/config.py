@@ -40,7 +40,35 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class ContentCacheConfig:
+    """Mirrors snapshotter.contentcache.ContentCacheSettings (docs/contentcache.md)."""
+
     url: str = ""
+    cluster: bool = False
+    timeout_seconds: float = 0.2
+    connect_timeout_seconds: float = 0.5
+    index_timeout_seconds: float = 2.0
+    failure_threshold: int = 3
+    cooldown_seconds: float = 5.0
+    max_value_bytes: int = 4 * 1024**2
+    ttl_seconds: int = 0
+    put_queue_bytes: int = 64 * 1024**2
+    max_connections: int = 64
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
+@dataclass(frozen=True)
+class BackgroundFetchConfig:
+    enabled: bool = True
+    bytes_per_second: int = 32 * 1024**2
+    concurrency: int = 2
+    profile_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class MemoryCacheConfig:
+    limit_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,8 @@ class Config:
     content_cache: ContentCacheConfig = field(default_factory=ContentCacheConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
+    memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
+    background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
 
     def registry_for(self, host: str) -> RegistryConfig:
         return self.registry.get(host, RegistryConfig())
@@ -141,12 +171,22 @@ class _Loader:
             for mirror in section.mirrors:
                 if not re.match(r"^https?://[^/\s]+", mirror):
                     raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
-        if (
-            isinstance(section, ContentCacheConfig)
-            and section.url
-            and not re.match(r"^(redis|rediss|unix)://", section.url)
-        ):
+        if isinstance(section, ContentCacheConfig):
+            self.check_content_cache(name, section)
+        if isinstance(section, BackgroundFetchConfig):
+            for key in ("bytes_per_second", "concurrency"):
+                if getattr(section, key) < 1:
+                    raise self.fail(f"{name}.{key}", "expected a positive integer")
+
+    def check_content_cache(self, name: str, section: ContentCacheConfig) -> None:
+        if section.url and not re.match(r"^(redis|rediss|unix)://", section.url):
             raise self.fail(f"{name}.url", f"{section.url!r}: expected redis:// or rediss://")
+        from snapshotter.contentcache import ContentCacheSettings
+
+        try:
+            ContentCacheSettings.from_section(section)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"config {self.source}: {exc}") from None
 
     def config(self, doc: dict[str, Any]) -> Config:
         kinds: dict[str, Any] = {
@@ -154,6 +194,8 @@ class _Loader:
             "content_cache": ContentCacheConfig,
             "fuse": FuseConfig,
             "disk_cache": DiskCacheConfig,
+            "memory_cache": MemoryCacheConfig,
+            "background_fetch": BackgroundFetchConfig,
         }
         out: dict[str, Any] = {}
         for name, raw in doc.items():

@@ -26,7 +26,9 @@ def test_shipped_config_is_exactly_the_defaults() -> None:
 
 def test_shipped_config_mentions_every_key() -> None:
     text = (REPO / "config" / "clip.toml").read_text()
-    for section in ("daemon", "content_cache", "fuse", "disk_cache"):
+    for section in (
+        "daemon", "content_cache", "fuse", "disk_cache", "memory_cache", "background_fetch"
+    ):
         cls = type(getattr(config.Config(), section))
         for name in cls.__dataclass_fields__:
             assert f"{name} =" in text, f"{section}.{name} is not documented"
@@ -112,3 +114,34 @@ def test_flags_override_file(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, '[daemon]\nroot = "/a"\naddress = "/b"\n'))
     new = config.with_overrides(cfg, root="/flag", address=None, log_level="debug")
     assert (new.daemon.root, new.daemon.address, new.daemon.log_level) == ("/flag", "/b", "debug")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[content_cache]\ntimeout_seconds = 0\n", "content_cache.timeout_seconds"),
+        ('[content_cache]\nurl = "rediss://h:1/0"\n', "needs content_cache.tls_ca_file"),
+        ('[content_cache]\ntls_ca_file = "/nonexistent/ca.pem"\n', "no such file"),
+        ("[background_fetch]\nconcurrency = 0\n", "background_fetch.concurrency"),
+        ('[memory_cache]\nlimit_bytes = "x"\n', "memory_cache.limit_bytes"),
+    ],
+)
+def test_cache_sections_name_the_fault(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidArgument) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"config {path}: ") and message in str(err.value)
+
+
+def test_cache_sections(tmp_path: Path) -> None:
+    cfg = config.load(
+        write(
+            tmp_path,
+            '[content_cache]\nurl = "redis://10.0.0.1:6379/0"\ncluster = true\n'
+            'put_queue_bytes = "16MiB"\n[background_fetch]\nbytes_per_second = 1000\n'
+            '[memory_cache]\nlimit_bytes = "8MiB"\n',
+        )
+    )
+    assert cfg.content_cache.cluster and cfg.content_cache.put_queue_bytes == 16 << 20
+    assert cfg.background_fetch.bytes_per_second == 1000
+    assert cfg.memory_cache.limit_bytes == 8 << 20
