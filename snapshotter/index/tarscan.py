@@ -67,6 +67,9 @@ class Member:
 
 def normalise(raw: str, what: str = "layer entry") -> str:
     """``./a//b/`` -> ``a/b``; refuse absolute paths and paths that climb out of the root."""
+    body = raw[2:] if raw.startswith("./") else raw
+    if "/." not in body and "//" not in body and not body.startswith(("/", ".")):
+        return body[:-1] if body.endswith("/") else body  # the common, already clean case
     if raw.startswith("/"):
         raise LayerFormatError(f"{what} {raw!r}: absolute path")
     parts: list[str] = []
@@ -99,11 +102,13 @@ def _num(raw: bytes, what: str, where: int) -> int:
         if raw[0] == 0xFF:
             return value - (1 << (8 * (len(raw) - 1)))
         return value + ((raw[0] & 0x7F) << (8 * (len(raw) - 1)))
-    text = raw.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
     try:
-        return int(text, 8)
+        return int(raw.rstrip(b"\0 ") or b"0", 8)  # int() itself skips leading spaces
+    except ValueError:
+        pass
+    text = raw.split(b"\0", 1)[0].strip(b" ")  # some writers leave junk after a NUL
+    try:
+        return int(text or b"0", 8)
     except ValueError:
         raise LayerFormatError(
             f"tar header at offset {where}: bad {what} field {raw!r}"
@@ -193,6 +198,11 @@ class TarScanner:
         i = 0
         while i < n:
             if self._state == "header":
+                if not self._hdr and n - i >= BLOCK:  # a whole header in this piece: no copy
+                    i += BLOCK
+                    self.pos += BLOCK
+                    self._header(bytes(view[i - BLOCK : i]), self.pos - BLOCK)
+                    continue
                 take = min(BLOCK - len(self._hdr), n - i)
                 self._hdr += view[i : i + take]
                 i += take

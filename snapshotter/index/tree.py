@@ -28,6 +28,7 @@ class Node:
     link: Node | None = None  # HARDLINK: the node it shares an inode with
     links: list[Node] = field(default_factory=list)  # hardlinks pointing here
     ordinal: int = -1
+    path: bytes = b""  # set by Tree.ordered()
 
 
 def _name(text: str) -> bytes:
@@ -38,6 +39,8 @@ class Tree:
     def __init__(self) -> None:
         self.root = Node(b"", None, EntryType.DIR)
         self.count = 1
+        # members usually arrive directory by directory: remember the last parent found
+        self._last_dir: tuple[str, Node] | None = None
 
     def add(self, member: Member) -> None:
         if member.path == "":
@@ -45,9 +48,13 @@ class Tree:
                 raise LayerFormatError(f"layer entry {member.raw_path!r}: root is not a directory")
             self.root.member = member
             return
-        parts = member.path.split("/")
-        parent = self._parent_dir(parts[:-1], member)
-        name = _name(parts[-1])
+        dir_path, _, leaf = member.path.rpartition("/")
+        if self._last_dir is not None and self._last_dir[0] == dir_path:
+            parent = self._last_dir[1]
+        else:
+            parent = self._parent_dir(dir_path.split("/") if dir_path else [], member)
+            self._last_dir = (dir_path, parent)
+        name = _name(leaf)
         link = self._link_node(member) if member.type is EntryType.HARDLINK else None
         old = parent.children.get(name)
         if old is not None:
@@ -98,6 +105,7 @@ class Tree:
     def _remove(self, node: Node) -> None:
         """Detach ``node`` (and its subtree); hardlinks to it keep the old inode alive."""
         assert node.parent is not None
+        self._last_dir = None
         del node.parent.children[node.name]
         self.count -= 1
         if node.link is not None:
@@ -128,8 +136,10 @@ class Tree:
         while i < len(out):
             node = out[i]
             i += 1
+            prefix = node.path + b"/" if node.path else b""
             for key in sorted(node.children):
                 child = node.children[key]
                 child.ordinal = len(out)
+                child.path = prefix + key
                 out.append(child)
         return out

@@ -51,15 +51,6 @@ def _nlink(node: Node) -> int:
     return 1 + len(inode.links)
 
 
-def _path(node: Node) -> bytes:
-    parts: list[bytes] = []
-    cur: Node | None = node
-    while cur is not None and cur.parent is not None:
-        parts.append(cur.name)
-        cur = cur.parent
-    return b"/".join(reversed(parts))
-
-
 def serialise(
     nodes: list[Node],
     checkpoints: list[RawCheckpoint],
@@ -77,7 +68,7 @@ def serialise(
             child_runs[node.ordinal] = min(c.ordinal for c in node.children.values())
     for node in nodes:
         m = node.member
-        path_off, path_len = strings.add(_path(node))
+        path_off, path_len = strings.add(node.path)
         x_first = xattr_count
         xa = m.xattrs if m is not None else {}
         for key in sorted(xa):
