@@ -139,10 +139,11 @@ class DemoNode:
         say("    " + result.stdout.strip())
 
     def run(self, ref: str, name: str, snapshotter: str) -> None:
-        out = self.ctr(
-            "run", "--rm", "--snapshotter", snapshotter, ref, name, PYTHON, "/app/main.py"
-        )
-        say("    container: " + out.strip())
+        out = self.containerd.run(
+            "--rm", "--snapshotter", snapshotter, ref, name, PYTHON, "/app/main.py",
+            namespace=NAMESPACE, timeout=900,
+        )  # fmt: skip
+        say("    container: " + out.stdout.strip())
 
 
 def measure(

@@ -167,18 +167,10 @@ class Node:
     def run(
         self, ref: str, name: str, *argv: str, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return self.containerd.ctr(
-            "run",
-            "--rm",
-            "--snapshotter",
-            "clip",
-            ref,
-            name,
-            *argv,
-            namespace=NAMESPACE,
-            check=check,
-            timeout=300,
-        )
+        return self.containerd.run(
+            "--rm", "--snapshotter", "clip", ref, name, *argv,
+            namespace=NAMESPACE, check=check, timeout=300,
+        )  # fmt: skip
 
     def wait_until_reachable(self, timeout: float = 60.0) -> None:
         """containerd redials a restarted proxy plugin with gRPC's backoff: wait for it."""

@@ -20,6 +20,7 @@ from types import TracebackType
 
 import grpc
 
+from integration.harness.process import log_tail, stop_process
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -87,18 +88,8 @@ class ClipDaemon:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM by PID, wait, SIGKILL if needed; return the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
+        proc, self.proc = self.proc, None
+        return stop_process(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID (crash simulation)."""
@@ -108,10 +99,7 @@ class ClipDaemon:
             self.proc = None
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
+        return log_tail(self.log_path)
 
     def __enter__(self) -> ClipDaemon:
         self.start()

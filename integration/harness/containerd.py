@@ -8,12 +8,13 @@ daemon by PID and unmounts anything still mounted under the work dir, by path.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from integration.harness.process import log_tail, stop_process
 
 CONFIG = """\
 version = 2
@@ -95,7 +96,7 @@ class Containerd:
             raise CommandFailed(f"{' '.join(cmd)} -> {result.returncode}: {result.stderr.strip()}")
         return result
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, **ctr_options: Any) -> subprocess.CompletedProcess[str]:
         """``ctr run`` with FIFOs and runc state under the work dir (not /run/containerd)."""
         private = [
             "--fifo-dir",
@@ -103,7 +104,7 @@ class Containerd:
             "--runc-root",
             str(self.workdir / "runc"),
         ]
-        return self.ctr("run", *private, *args)
+        return self.ctr("run", *private, *args, **ctr_options)
 
     def _remove_leftovers(self) -> None:
         """Kill and delete tasks and containers in every namespace (best effort)."""
@@ -115,23 +116,14 @@ class Containerd:
                 self.ctr("containers", "rm", c, namespace=ns, check=False)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self._remove_leftovers()
-                os.kill(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
-            self.proc = None
+        if self.proc is not None and self.proc.poll() is None:
+            self._remove_leftovers()
+        proc, self.proc = self.proc, None
+        stop_process(proc, timeout)
         unmount_under(self.workdir)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except FileNotFoundError:
-            return ""
+        return log_tail(self.log_path)
 
     def __enter__(self) -> Containerd:
         self.start()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from integration.harness.process import stop_process
 from integration.harness.registry import free_port
 
 REDIS_SERVER = "redis-server"
@@ -99,23 +100,53 @@ class RedisServer:
 
     def _args(self) -> list[str]:
         args = [
-            REDIS_SERVER, "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no",
-            "--logfile", str(self.log_path), "--protected-mode", "no",
-            "--enable-debug-command", "local",
+            REDIS_SERVER,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
+            "--protected-mode",
+            "no",
+            "--enable-debug-command",
+            "local",
         ]
         if self.tls:
             ca, cert, key = self.tls
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca),
-                     "--tls-cert-file", str(cert), "--tls-key-file", str(key),
-                     "--tls-auth-clients", "no"]
+            args += [
+                "--port",
+                "0",
+                "--tls-port",
+                str(self.port),
+                "--tls-ca-cert-file",
+                str(ca),
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+                "--tls-auth-clients",
+                "no",
+            ]
         else:
             args += ["--port", str(self.port)]
         if self.password:
             args += ["--requirepass", self.password]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file",
-                     str(self.workdir / "nodes.conf"), "--cluster-node-timeout", "2000"]
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.workdir / "nodes.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
         return args
 
     def start(self, timeout: float = 10.0) -> None:
@@ -126,7 +157,9 @@ class RedisServer:
             raise RuntimeError(f"{REDIS_SERVER} not installed (Debian package redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
-            self._args(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            self._args(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -163,16 +196,9 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop by PID (SIGCONT first in case it is paused, then SIGTERM, then SIGKILL)."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGCONT)
-            proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout)
 
     def cli(self, *command: str) -> str:
         """Run one redis-cli command against this server; returns stdout."""
@@ -218,9 +244,18 @@ class RedisClusterServers:
                 server.start()
             nodes = [f"127.0.0.1:{s.port}" for s in self.servers]
             subprocess.run(
-                [REDIS_CLI, "--cluster", "create", *nodes, "--cluster-replicas", "0",
-                 "--cluster-yes"],
-                capture_output=True, timeout=60, check=True,
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "create",
+                    *nodes,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                capture_output=True,
+                timeout=60,
+                check=True,
             )
             self._wait_ok(timeout)
         except BaseException:

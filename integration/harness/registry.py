@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from types import TracebackType
 
+from integration.harness.process import stop_process
+
 REGISTRY_BINARY = "docker-registry"
 
 
@@ -130,14 +132,7 @@ class RegistryServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop this registry by PID (SIGTERM, then SIGKILL) and reap it; storage is kept."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout)
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (distribution's storage layout)."""
