@@ -1,4 +1,8 @@
-"""The one read path for every byte a FUSE read returns: memory -> disk -> the layer's source.
+"""The one read path for every byte clip serves: memory -> disk -> ContentCache -> registry.
+
+FUSE reads, start-profile prefetch and background fetch all come through here (`read` for
+foreground reads, `fetch_blocks` for low-priority ones), so every byte is verified, cached and
+counted the same way.
 
 Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of the layer's
 *uncompressed* stream (the last block ends at the stream end). A FUSE read of a file range maps
@@ -16,32 +20,44 @@ to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
   checkpoint are kept as a *fragment*: the reader's next miss then starts fetching exactly at the
   checkpoint, so a sequential read fetches and inflates each compressed byte about once. Random
   reads do not pay for that look-ahead. Runs are capped at `ReadPolicy.max_run` bytes.
+- A flight first asks the shared ContentCache (when configured) for its blocks, widened to
+  whole verification chunks (chunks may cross 1 MiB blocks), in one round trip through the
+  Bridge; the joined bytes are checked against every chunk digest the flight's range touches.
+  A missing block or a mismatch (logged, counted in `clip_verification_failures_total`) makes
+  the flight go to the registry instead. Registry bytes are written to disk and queued for the
+  ContentCache (bounded, fire and forget).
 - A flight retries a failing source with backoff and gives up after `ReadPolicy.timeout` seconds
   in total; its readers get `ReadFailed` (EIO at the FUSE layer) — never a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from snapshotter.bridge import Bridge
 from snapshotter.cache import LayerCache, MemoryTier
+from snapshotter.contentcache import ContentCache, NoContentCache
 from snapshotter.errors import Unavailable
 from snapshotter.index import EntryType, LayerIndex, inflate_range
+from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 
 #: An async callable returning `length` compressed bytes of the blob starting at `coff`.
 Source = Callable[[int, int], Awaitable[bytes]]
+T = TypeVar("T")
 
 
 class ReadFailed(Unavailable):
@@ -80,6 +96,8 @@ class ReadStats:
     inflated_bytes: int = 0
     source_errors: int = 0
     failures: int = 0
+    content_hits: int = 0
+    verify_failures: int = 0
 
 
 class Layer:
@@ -95,21 +113,70 @@ class Layer:
         cache.set_size(self.size)
         self._file_starts: list[int] | None = None
         self._file_ordinals: list[int] = []
+        self._file_ends: list[int] = []
         self._map_lock = threading.Lock()
+        #: Blocks read by foreground reads while a start profile is being recorded.
+        self.profile: set[int] | None = None
+        self.profile_until = 0.0
+
+    def record_profile(self, seconds: float) -> None:
+        """Record the blocks foreground reads touch during the next `seconds`."""
+        self.profile = set()
+        self.profile_until = time.monotonic() + seconds
+
+    def _note(self, blocks: range) -> None:
+        if self.profile is not None and time.monotonic() < self.profile_until:
+            self.profile.update(blocks)
 
     def _file_map(self) -> list[int]:
         """Regular files sorted by stream offset (built on first verification, off the loop)."""
         with self._map_lock:
             if self._file_starts is None:
-                pairs = []
+                triples = []
                 for i in range(len(self.index)):
                     e = self.index.entry(i)
                     if e.type == EntryType.FILE and e.size > 0:
-                        pairs.append((e.uoff, i))
-                pairs.sort()
-                self._file_ordinals = [o for _, o in pairs]
-                self._file_starts = [u for u, _ in pairs]
+                        triples.append((e.uoff, i, e.uoff + e.size))
+                triples.sort()
+                self._file_ordinals = [o for _, o, _ in triples]
+                self._file_ends = [end for _, _, end in triples]
+                self._file_starts = [u for u, _, _ in triples]
             return self._file_starts
+
+    def chunk_cover(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) widened to the whole verification chunks of the files it touches."""
+        starts = self._file_map()
+        cs = int(self.index.chunk_size)
+        lo, hi = start, end
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        while i < len(starts) and starts[i] < end:
+            fstart, fend = starts[i], self._file_ends[i]
+            if fend > start:
+                first = fstart + (max(start, fstart) - fstart) // cs * cs
+                last = fstart + (min(end, fend) - 1 - fstart) // cs * cs
+                lo, hi = min(lo, first), max(hi, min(last + cs, fend))
+            i += 1
+        return lo, hi
+
+    def verify_cover(self, dstart: int, data: bytes, start: int, end: int) -> int:
+        """Check every chunk digest of the files touching [start, end); `data` (bytes from
+        `dstart`) must hold all of them (see `chunk_cover`). Returns the chunks checked."""
+        starts = self._file_map()
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        view = memoryview(data)
+        dend = dstart + len(data)
+        checked = 0
+        while i < len(starts) and starts[i] < end:
+            for cu, clen, digest in self.index.chunk_digests(self._file_ordinals[i]):
+                if cu + clen <= start or cu >= end:
+                    continue
+                if cu < dstart or cu + clen > dend:
+                    raise VerifyError(f"layer {self.name}: chunk at {cu}+{clen} not covered")
+                if hashlib.sha256(view[cu - dstart : cu + clen - dstart]).digest() != digest:
+                    raise VerifyError(f"layer {self.name}: chunk at {cu}+{clen} is corrupt")
+                checked += 1
+            i += 1
+        return checked
 
     def verify(self, uoff: int, data: bytes) -> int:
         """Check every chunk digest whose chunk lies wholly inside [uoff, uoff+len(data)).
@@ -136,6 +203,7 @@ class _Flight:
     event: trio.Event = field(default_factory=trio.Event)
     blocks: dict[int, bytes] = field(default_factory=dict)
     error: ReadFailed | None = None
+    tier: str = "registry"
 
 
 class ReadPath:
@@ -146,11 +214,16 @@ class ReadPath:
         bridge: Bridge | None = None,
         memory: MemoryTier | None = None,
         policy: ReadPolicy | None = None,
+        content: ContentCache | None = None,
     ) -> None:
         self.bridge = bridge
         self.memory = memory if memory is not None else MemoryTier()
         self.policy = policy if policy is not None else ReadPolicy()
+        #: The shared tier; its methods run on the asyncio loop (reached through the bridge).
+        self.content: ContentCache = content if content is not None else NoContentCache()
         self.stats = ReadStats()
+        #: Foreground reads currently waiting for a fetch (background fetch pauses meanwhile).
+        self.waiting = 0
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._fragments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._failed: dict[tuple[str, int], tuple[float, ReadFailed]] = {}
@@ -166,36 +239,64 @@ class ReadPath:
         length = min(length, layer.size - uoff)
         if length <= 0:
             return b""
+        t0 = time.monotonic()
         cache = layer.cache
+        blocks = cache.block_range(uoff, length)
+        layer._note(blocks)
         if cache.has_range(uoff, length):
             self.stats.disk_hits += 1
+            TELEMETRY.tier_hit("disk", length)
+            TELEMETRY.read_latency(time.monotonic() - t0, "disk")
             return cache.read(uoff, length)
-        blocks = cache.block_range(uoff, length)
         parts: dict[int, bytes] = {}
         missing: list[int] = []
+        tiers = set()
         for b in blocks:
-            data = self._local_block(layer, b)
+            data, tier = self._local_block(layer, b)
             if data is None:
                 missing.append(b)
             else:
                 parts[b] = data
+                tiers.add(tier)
+        lowest = "disk" if "disk" in tiers else "memory"
         if missing:
             self.stats.misses += 1
-            parts.update(await self._fetch(layer, missing))
+            TELEMETRY.tier_miss("memory", len(missing))
+            TELEMETRY.tier_miss("disk", len(missing))
+            with TELEMETRY.slow_read(layer.digest, uoff, length) as extra:
+                self.waiting += 1
+                try:
+                    got, lowest = await self._fetch(layer, missing)
+                finally:
+                    self.waiting -= 1
+                extra["tier"] = lowest
+            parts.update(got)
         joined = b"".join(parts[b] for b in blocks)
         start = uoff - blocks[0] * cache.block_size
+        TELEMETRY.read_latency(time.monotonic() - t0, lowest)
         return joined[start : start + length]
 
-    def _local_block(self, layer: Layer, block: int) -> bytes | None:
+    async def fetch_blocks(self, layer: Layer, blocks: list[int]) -> int:
+        """Low priority: make `blocks` present on disk through the tiers (background fetch,
+        start-profile prefetch). Returns the bytes that had to be fetched."""
+        missing = [b for b in blocks if not layer.cache.has(b)]
+        if not missing:
+            return 0
+        got, _ = await self._fetch(layer, missing)
+        return sum(len(v) for v in got.values())
+
+    def _local_block(self, layer: Layer, block: int) -> tuple[bytes | None, str]:
         data = self.memory.get(layer.digest, block)
         if data is not None:
             self.stats.memory_hits += 1
-            return data
+            TELEMETRY.tier_hit("memory", len(data))
+            return data, "memory"
         if layer.cache.has(block):
             self.stats.disk_hits += 1
             start, end = self._block_span(layer, block)
-            return layer.cache.read(start, end - start)
-        return None
+            TELEMETRY.tier_hit("disk", end - start)
+            return layer.cache.read(start, end - start), "disk"
+        return None, ""
 
     def _block_span(self, layer: Layer, block: int) -> tuple[int, int]:
         bs = layer.cache.block_size
@@ -213,7 +314,8 @@ class ReadPath:
                 del self._failed[(layer.digest, b)]
         return None
 
-    async def _fetch(self, layer: Layer, missing: list[int]) -> dict[int, bytes]:
+    async def _fetch(self, layer: Layer, missing: list[int]) -> tuple[dict[int, bytes], str]:
+        """The missing blocks through single-flight fetches, and the lowest tier that served."""
         recent = self._recent_failure(layer, missing)
         if recent is not None:
             self.stats.failures += 1
@@ -235,6 +337,7 @@ class ReadPath:
                 waits.extend((x, flight) for x in range(b, end + 1))
                 b = end + 1
         got: dict[int, bytes] = {}
+        lowest = "contentcache"
         # The flight itself is bounded by policy.timeout; this is a belt-and-braces bound.
         with trio.move_on_after(self.policy.timeout + 5.0):
             for b, flight in waits:
@@ -243,7 +346,9 @@ class ReadPath:
                     self.stats.failures += 1
                     raise ReadFailed(str(flight.error)) from flight.error
                 got[b] = flight.blocks[b]
-            return got
+                if flight.tier == "registry":
+                    lowest = "registry"
+            return got, lowest
         self.stats.failures += 1
         raise ReadFailed(f"layer {layer.name}: read timed out after {self.policy.timeout}s")
 
@@ -312,7 +417,12 @@ class ReadPath:
         flight.error = ReadFailed(f"layer {layer.name}: read of {start}+{end - start} cancelled")
         try:
             with trio.fail_after(self.policy.timeout):
-                flight.blocks = await self._fetch_run(layer, plan, start, end)
+                shared = await self._from_content(layer, plan, start, end)
+                if shared is not None:
+                    flight.blocks, flight.tier = shared, "contentcache"
+                else:
+                    flight.blocks = await self._fetch_run(layer, plan, start, end)
+                    self._share(layer, flight.blocks)
             flight.error = None
         except trio.TooSlowError:
             flight.error = ReadFailed(
@@ -348,12 +458,16 @@ class ReadPath:
             try:
                 compressed = await self._call_source(layer, coff, cend - coff)
                 self.stats.compressed_bytes += len(compressed)
+                TELEMETRY.tier_hit("registry", len(compressed))
                 data = await trio.to_thread.run_sync(
                     self._inflate_store, layer, coff, compressed, istart, iend, head, end,
                     limiter=self._limiter, abandon_on_cancel=True,
                 )
                 break
             except Exception as exc:
+                if isinstance(exc, VerifyError):
+                    self.stats.verify_failures += 1
+                    TELEMETRY.verification_failure("registry")
                 self.stats.source_errors += 1
                 last_error = exc
                 log.warning("layer %s: attempt %d for %d+%d failed: %s",
@@ -373,6 +487,69 @@ class ReadPath:
             b: data[b * bs - start : min((b + 1) * bs, end) - start]
             for b in range(plan.first, plan.last + 1)
         }
+
+    # --- the shared ContentCache tier ---------------------------------------------------------
+
+    async def _from_content(
+        self, layer: Layer, plan: _Plan, start: int, end: int
+    ) -> dict[int, bytes] | None:
+        """The plan's blocks from the ContentCache, verified and stored; None on any miss."""
+        if isinstance(self.content, NoContentCache):
+            return None
+        bs = layer.cache.block_size
+        lo, hi = layer.chunk_cover(start, end)
+        numbers = list(range(lo // bs, (hi - 1) // bs + 1))
+        values = await self._call_content(self.content.get_blocks, layer.digest, numbers)
+        if any(v is None for v in values):
+            return None
+        dstart = numbers[0] * bs
+        data = b"".join(v for v in values if v is not None)
+        expected = min((numbers[-1] + 1) * bs, layer.size) - dstart
+        try:
+            if len(data) != expected:
+                raise VerifyError(f"layer {layer.name}: content cache blocks have "
+                                  f"{len(data)} bytes, expected {expected}")
+            await trio.to_thread.run_sync(
+                self._verify_store, layer, dstart, data, start, end,
+                limiter=self._limiter, abandon_on_cancel=True,
+            )
+        except VerifyError as exc:
+            self.stats.verify_failures += 1
+            TELEMETRY.verification_failure("contentcache")
+            log.warning("layer %s: content cache bytes rejected, trying the registry: %s",
+                        layer.name, exc)
+            return None
+        self.stats.content_hits += 1
+        return {
+            b: data[b * bs - dstart : min((b + 1) * bs, layer.size) - dstart]
+            for b in range(plan.first, plan.last + 1)
+        }
+
+    def _verify_store(self, layer: Layer, dstart: int, data: bytes, start: int, end: int) -> None:
+        """Worker thread: verify every chunk touching [start, end), then store those blocks."""
+        if self.policy.verify:
+            layer.verify_cover(dstart, data, start, end)
+        try:
+            layer.cache.store(start, memoryview(data)[start - dstart : end - dstart])
+        except OSError as exc:
+            log.warning("layer %s: disk cache write failed: %s", layer.name, exc)
+
+    async def _call_content(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        if self.bridge is not None:
+            return await self.bridge.to_asyncio(fn, *args)
+        return await fn(*args)
+
+    def _share(self, layer: Layer, blocks: dict[int, bytes]) -> None:
+        """Queue registry-fetched blocks for the ContentCache without waiting (puts are
+        bounded and dropped when the cache's queue is full)."""
+        if isinstance(self.content, NoContentCache):
+            return
+        for b, data in blocks.items():
+            coro = self.content.put_block(layer.digest, b, data)
+            if self.bridge is not None and not self.bridge.loop.is_closed():
+                asyncio.run_coroutine_threadsafe(coro, self.bridge.loop)
+            else:
+                coro.close()
 
     def _keep_fragment(self, layer: Layer, block: int, data: bytes) -> None:
         self._fragments[(layer.digest, block)] = data
@@ -396,7 +573,9 @@ class ReadPath:
     ) -> bytes:
         """Worker thread: inflate [istart, iend), prepend the head fragment, verify, write the
         complete blocks of [start, end) to disk. Returns head + inflated bytes."""
+        t0 = time.monotonic()
         inflated = inflate_range(layer.index, coff, compressed, istart, iend - istart)
+        TELEMETRY.inflate(time.monotonic() - t0, len(inflated), layer.index.compression)
         self.stats.inflated_bytes += len(inflated)
         data = head + inflated
         start = istart - len(head)

@@ -1,13 +1,25 @@
 """Caches of decompressed layer bytes: a bounded memory tier and the persistent disk tier."""
 
-from snapshotter.cache.disk import BLOCK_SIZE, DiskCache, LayerCache, SequentialWriter, digest_hex
+from snapshotter.cache.disk import (
+    BLOCK_SIZE,
+    CacheEntry,
+    DiskCache,
+    LayerCache,
+    SequentialWriter,
+    digest_hex,
+    prune,
+    scan,
+)
 from snapshotter.cache.memory import MemoryTier
 
 __all__ = [
     "BLOCK_SIZE",
+    "CacheEntry",
     "DiskCache",
     "LayerCache",
     "MemoryTier",
     "SequentialWriter",
     "digest_hex",
+    "prune",
+    "scan",
 ]

@@ -4,6 +4,9 @@ Layout under `<root>/cache/<digest hex>/`:
 
 - `data`    — sparse file; byte `u` is byte `u` of the layer's uncompressed tar stream.
 - `present` — which fixed-size blocks of `data` hold valid bytes (see `_Record`).
+- `lock`    — held with a shared flock by every process that has the layer open (the daemon);
+  `clip cache prune` and eviction remove a layer only under an exclusive, non-blocking flock,
+  so a layer in use is never removed underneath its reader. Its mtime is the layer's last use.
 
 The unit of presence is an aligned block of `block_size` bytes (1 MiB by default) of the
 uncompressed stream; the last block ends at the stream end. Crash safety rests on ordering: a
@@ -15,6 +18,8 @@ whose bytes are not on disk.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -23,6 +28,8 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.errors import InvalidArgument
@@ -100,7 +107,7 @@ class LayerCache:
         self.digest = digest
         self.directory = directory
         self.block_size = block_size
-        directory.mkdir(parents=True, exist_ok=True)
+        self._lockfd = _open_shared(directory)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._record = self._load()
@@ -233,6 +240,11 @@ class LayerCache:
                 raise
             self._last_flush = time.monotonic()
 
+    def touch(self) -> None:
+        """Record a use now (the LRU order of eviction and `clip cache ls`)."""
+        with contextlib.suppress(OSError):
+            os.utime(self._lockfd)
+
     def writer(self) -> SequentialWriter:
         """A fast in-order writer for prefilling the whole layer while it streams."""
         return SequentialWriter(self)
@@ -242,6 +254,7 @@ class LayerCache:
             self.flush()
         finally:
             os.close(self._fd)
+            os.close(self._lockfd)
 
     # used by SequentialWriter
     def _pwrite(self, data: memoryview, uoff: int) -> None:
@@ -315,11 +328,128 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-class DiskCache:
-    """All layers' caches under `<root>/cache`; one shared LayerCache per digest."""
+def _open_shared(directory: Path) -> int:
+    """Create the layer directory and hold its lock shared (retrying if a prune removed the
+    directory between our mkdir and our flock)."""
+    for _ in range(8):
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+        os.close(fd)
+    raise OSError(f"cache {directory}: removed repeatedly while opening")
 
-    def __init__(self, root: os.PathLike[str] | str, block_size: int = BLOCK_SIZE) -> None:
-        self.directory = Path(root) / "cache"
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One layer's disk cache as `clip cache ls` shows it."""
+
+    digest: str
+    bytes_cached: int
+    size: int | None
+    complete: bool
+    in_use: bool
+    last_used: float
+
+
+def scan(directory: Path, block_size: int = BLOCK_SIZE) -> list[CacheEntry]:
+    """Every layer cache under `directory`, without opening (or locking) any of them."""
+    out = []
+    for path in sorted(directory.glob("[0-9a-f]" * 4 + "*")):
+        if not _DIGEST_RE.match("sha256:" + path.name):
+            continue
+        out.append(_entry(path, block_size))
+    return out
+
+
+def _entry(path: Path, block_size: int) -> CacheEntry:
+    try:
+        record = _Record.decode((path / "present").read_bytes(), block_size)
+    except OSError:
+        record = None
+    try:
+        data_bytes = os.stat(path / "data").st_blocks * 512
+    except OSError:
+        data_bytes = 0
+    size = record.size if record is not None else None
+    complete = False
+    if record is not None and size is not None:
+        complete = all(record.test(b) for b in range(-(-size // block_size)))
+    stamps = [0.0]
+    for name in ("lock", "present", "data"):
+        with contextlib.suppress(OSError):
+            stamps.append(os.stat(path / name).st_mtime)
+    with _exclusive(path) as free:
+        in_use = not free
+    return CacheEntry("sha256:" + path.name, data_bytes, size, complete, in_use, max(stamps))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[bool]:
+    """Try the layer's lock exclusively without waiting; yields whether we got it."""
+    try:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def remove_if_unused(path: Path) -> bool:
+    """Remove a layer cache directory unless some process has it open; True when removed."""
+    with _exclusive(path) as free:
+        if not free:
+            return False
+        # unlink the lock first: an opener that raced us sees nlink 0 and starts over
+        (path / "lock").unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+
+
+def prune(
+    directory: Path, limit: int | None, keep: Collection[str] = (), block_size: int = BLOCK_SIZE
+) -> list[CacheEntry]:
+    """Remove caches of layers not in use and not in `keep`, least recently used first.
+
+    `limit` None removes every such layer; otherwise only until the total is at most `limit`.
+    Returns what was removed.
+    """
+    entries = scan(directory, block_size)
+    total = sum(e.bytes_cached for e in entries)
+    removed = []
+    for entry in sorted(entries, key=lambda e: e.last_used):
+        if limit is not None and total <= limit:
+            break
+        if entry.in_use or entry.digest in keep:
+            continue
+        if remove_if_unused(directory / entry.digest.removeprefix("sha256:")):
+            total -= entry.bytes_cached
+            removed.append(entry)
+    return removed
+
+
+class DiskCache:
+    """All layers' caches under `<root>/cache` (or `directory`); one LayerCache per digest."""
+
+    def __init__(
+        self,
+        root: os.PathLike[str] | str,
+        block_size: int = BLOCK_SIZE,
+        directory: os.PathLike[str] | str | None = None,
+    ) -> None:
+        self.directory = Path(directory) if directory else Path(root) / "cache"
         self.block_size = block_size
         self._layers: dict[str, LayerCache] = {}
         self._lock = threading.Lock()
@@ -346,6 +476,22 @@ class DiskCache:
         if cache is not None:
             cache.close()
         shutil.rmtree(self.directory / hexd, ignore_errors=True)
+
+    def release(self, digest: str) -> None:
+        """Close a layer's cache (keeping its files) so it may be evicted or pruned."""
+        with self._lock:
+            cache = self._layers.pop(digest_hex(digest), None)
+        if cache is not None:
+            cache.touch()
+            cache.close()
+
+    def evict(self, limit: int, keep: Collection[str]) -> list[CacheEntry]:
+        """Bring the cache under `limit` bytes by removing layers not in `keep`, LRU first."""
+        with self._lock:
+            open_now = {c.digest for c in self._layers.values()}
+        for digest in open_now - set(keep):
+            self.release(digest)
+        return prune(self.directory, limit, keep, self.block_size)
 
     def close(self) -> None:
         with self._lock:
