@@ -218,6 +218,12 @@ class TarScanner:
                 self._remaining -= take
                 if not self._remaining:
                     self._end_data()
+                    pad = self._pad
+                    if pad and pad <= n - i and self._state == "pad":  # skip padding inline
+                        i += pad
+                        self.pos += pad
+                        self._pad = 0
+                        self._state = "header"
             elif self._state == "pad":
                 take = min(self._pad, n - i)
                 i += take
@@ -246,7 +252,7 @@ class TarScanner:
             self._state = "end"
             return
         try:
-            stored = _number(block, 148, 8, "checksum", where)
+            stored = _num(block[148:156], "checksum", where)
         except LayerFormatError:
             stored = -1
         if stored != sum(block[:148]) + 256 + sum(block[156:]) and stored != _signed_sum(block):
@@ -387,6 +393,10 @@ class TarScanner:
             self._collect += chunk
             return
         if self._hash is None:
+            return
+        if len(chunk) < self._chunk_left:  # the common case: no chunk boundary inside
+            self._hash.update(chunk)
+            self._chunk_left -= len(chunk)
             return
         while len(chunk):
             take = min(self._chunk_left, len(chunk))
