@@ -84,3 +84,34 @@ def test_roundtrip_every_file(tmp_path: Path, compression: str) -> None:
             assert inflate_range(idx, c0, blob[c0:c1], e.uoff + 3, 7) == data[3:10]
     if compression == "gzip":
         assert res.checkpoints >= 4
+
+
+def test_checkpoint_at_large_file_start_and_zstd_frames(tmp_path: Path) -> None:
+    import itertools
+    import os
+
+    files = {f"small/{i}": os.urandom(3000) for i in range(200)}
+    files["zbig.bin"] = os.urandom(3 << 20)
+    raw = _tar(files)
+    # spacing so large that only the first block and large-file starts get checkpoints
+    opts = IndexBuildOptions(checkpoint_spacing=1 << 30, max_span=1 << 30,
+                             large_file_size=1 << 20)
+    out = io.BytesIO()
+    build_index(io.BytesIO(gzip.compress(raw, 6)), out, opts)
+    idx = LayerIndex.from_bytes(out.getvalue())
+    big = idx.entry(idx.lookup("zbig.bin") or 0)
+    cp = idx.checkpoint_before(big.uoff)
+    assert idx.checkpoint_count == 2
+    assert big.uoff - 200_000 < cp.uoff <= big.uoff  # the block end just before the file
+    c0, c1 = idx.compressed_range(big.uoff, 4096)
+    assert c1 - c0 < 300_000
+    # zstd: every frame start is a checkpoint
+    z = zstandard.ZstdCompressor()
+    cuts = [0, 100_000, 400_000, len(raw)]
+    frames = b"".join(z.compress(raw[a:b]) for a, b in itertools.pairwise(cuts))
+    out = io.BytesIO()
+    build_index(io.BytesIO(frames), out)
+    zidx = LayerIndex.from_bytes(out.getvalue())
+    assert [zidx.checkpoint(i).uoff for i in range(zidx.checkpoint_count)] == cuts[:-1]
+    c0, c1 = zidx.compressed_range(150_000, 10)
+    assert (c0, c1) == (zidx.checkpoint(1).coff, zidx.checkpoint(2).coff)
