@@ -59,7 +59,6 @@ class PullResult:
     manifest_digest: str
     layers: list[LayerProgress] = field(default_factory=list)
     seconds: float = 0.0
-    registry_bytes: int = 0
 
     @property
     def compressed_size(self) -> int:
@@ -160,7 +159,6 @@ class Puller:
         finally:
             await self.containerd.delete_lease()
         result.seconds = time.monotonic() - started
-        result.registry_bytes = int(self.registry.stats.get("bytes", 0))
         return result
 
     @staticmethod

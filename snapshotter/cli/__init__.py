@@ -19,7 +19,12 @@ from snapshotter.errors import ClipError
 _SUBCOMMANDS = ("index", "serve", "pull", "status")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` (a known subcommand name) only that module is imported.
+
+    Subcommand modules pull in heavy dependencies (FUSE and trio for ``serve``, aiohttp for
+    ``pull``); importing only the one asked for keeps every command's start-up short.
+    """
     parser = argparse.ArgumentParser(
         prog="clip",
         description="clip: a lazy-loading containerd snapshotter for unmodified OCI images.",
@@ -27,14 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clip {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
+    for name in (command,) if command in _SUBCOMMANDS else _SUBCOMMANDS:
         module = __import__(f"snapshotter.cli.{name}", fromlist=["register"])
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -82,8 +82,8 @@ class _Reporter:
         lazy = sum(1 for layer in result.layers if layer.state == "lazy")
         print(
             f"pulled {result.name} ({result.manifest_digest[:19]}): {len(result.layers)} layers, "
-            f"{_mb(result.compressed_size)} compressed, {lazy} served lazily, "
-            f"{_mb(result.registry_bytes)} fetched by the client, in {result.seconds:.2f}s"
+            f"{_mb(result.compressed_size)} compressed, {lazy} prepared lazily by clip, "
+            f"{len(result.layers) - lazy} already present, in {result.seconds:.2f}s"
         )
 
 
