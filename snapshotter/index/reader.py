@@ -12,6 +12,8 @@ import bisect
 import hashlib
 import mmap
 import os
+import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -75,9 +77,8 @@ class LayerIndex:
         self._xattr_base = self._n * fmt.ENTRY.size
         self._cp_base = self._xattr_base + self._nx * fmt.XATTR.size
         marks_base = self._cp_base + self._nc * fmt.CHECKPOINT.size
-        self._mark_uoffs = self._body[marks_base : marks_base + 8 * self._nm].cast("Q")
-        self._mark_cends = self._body[marks_base + 8 * self._nm : marks_base + 16 * self._nm]
-        self._mark_cends = self._mark_cends.cast("Q")
+        self._mark_uoffs = self._u64s(marks_base, self._nm)
+        self._mark_cends = self._u64s(marks_base + 8 * self._nm, self._nm)
         self._digest_base = marks_base + 16 * self._nm
         self._str_base = self._digest_base + self._nd * fmt.DIGEST_SIZE
         self._windows_base = body_end
@@ -89,6 +90,13 @@ class LayerIndex:
         self._digest: str | None = None
         self._windows: OrderedDict[int, bytes] = OrderedDict()
         self._windows_lock = threading.Lock()
+
+    def _u64s(self, start: int, count: int) -> Sequence[int]:
+        """A little-endian u64 array of the body as a sequence, without copying on LE hosts."""
+        view = self._body[start : start + 8 * count]
+        if sys.byteorder == "little":
+            return view.cast("Q")
+        return struct.unpack(f"<{count}Q", view)
 
     @classmethod
     def open(cls, path: os.PathLike[str] | str) -> LayerIndex:
