@@ -217,6 +217,19 @@ class _Loader:
         return section
 
 
+def parse_size(source: str, value: Any) -> int:
+    """A size like "10GiB" or a byte count; InvalidArgument naming `source` otherwise."""
+    loader = _Loader(source)
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    try:
+        return loader.size(source, value)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"{source}: expected a size like 10GiB or a byte count, got {value!r}"
+        ) from None
+
+
 def load(path: Path | None) -> Config:
     """Read a config file (None: all defaults)."""
     if path is None:

@@ -16,7 +16,7 @@ from snapshotter import __version__
 from snapshotter.errors import ClipError
 
 # Subcommand modules, in the order they appear in ``clip --help``.
-_SUBCOMMANDS = ("index", "serve", "pull", "status")
+_SUBCOMMANDS = ("index", "serve", "pull", "status", "cache")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from snapshotter import config as config_mod
 from snapshotter import logs
 from snapshotter.provider import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
+from snapshotter.telemetry import TELEMETRY
 
 EPILOG = """\
 example:
@@ -53,8 +54,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: config_mod.Config) -> None:
-    """The daemon with its remote layer provider (FUSE mount + registry) plugged in."""
+    """The daemon with its remote layer provider (FUSE mount + registry) plugged in, and the
+    Prometheus endpoint on `[daemon] metrics_address` when set."""
     provider = RemoteLayerProvider(cfg)
     daemon = Daemon(cfg, provider)
     daemon.add_service(provider)
+    if cfg.daemon.metrics_address:
+        daemon.add_service(MetricsService(cfg.daemon.metrics_address))
     await daemon.run()
+
+
+class MetricsService:
+    """`/metrics` for the daemon's lifetime (a BackgroundService)."""
+
+    name = "metrics"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def start(self, daemon: Daemon) -> None:
+        TELEMETRY.start_metrics_server(self.address)
+
+    async def stop(self) -> None:
+        TELEMETRY.stop_metrics_server()
