@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from snapshotter.cli.index_push import register_push
 from snapshotter.errors import InvalidArgument, NotFound
 from snapshotter.index import (
     Entry,
@@ -92,6 +93,7 @@ def register(subparsers: Any) -> None:
     cat.add_argument("--stats", action="store_true",
                      help="print compressed_bytes_read and inflated_bytes as JSON to stderr")
     cat.set_defaults(func=_cat)
+    register_push(sub)
 
 
 def _build(args: argparse.Namespace) -> int:
