@@ -40,7 +40,7 @@ from snapshotter.publish import Artifact, build_from_registry, find_artifact
 from snapshotter.readpath import Layer, ReadPolicy
 from snapshotter.registry import RegistryClient, RegistryHostConfig
 from snapshotter.registry.reference import SHA256_DIGEST
-from snapshotter.service.status import LayerStatus, ProviderStatus
+from snapshotter.service.status import LayerStatus, ProviderStatus, tier_health
 from snapshotter.snapshots.remote import CRI_PREFIX, RemoteLayer
 from snapshotter.telemetry import TELEMETRY
 
@@ -250,6 +250,7 @@ class RemoteLayerProvider:
             mountpoint=str(self.mountpoint),
             cache_dir=str(self.cache.directory),
             layers=layers,
+            content_cache=tier_health(self.content.health()),
         )
 
     # internals ----------------------------------------------------------------------------

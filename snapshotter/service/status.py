@@ -6,8 +6,8 @@ store (snapshot counts), the remote layer provider (attached layers, FUSE mount,
 directory, shared ContentCache tier) and the config (limits) — without changing any of them.
 
 A provider reports through :class:`ProviderStatus`. Its ``content_cache`` field is a generic
-:class:`TierHealth`, ``backend="none"`` until a shared tier is wired in, so a new backend fills
-the same fields instead of changing the API.
+:class:`TierHealth` (``backend="none"`` when no shared tier is configured), so another backend
+fills the same fields instead of changing the API.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import grpc
 from snapshotter import __version__
 from snapshotter.api.clip.v1 import status_pb2 as pb
 from snapshotter.api.clip.v1 import status_pb2_grpc as pb_grpc
+from snapshotter.contentcache import ContentCacheHealth
 from snapshotter.errors import ClipError
 from snapshotter.snapshots.store import Kind
 
@@ -56,6 +57,22 @@ class TierHealth:
     configured: bool = False
     healthy: bool = False
     detail: str = ""
+
+
+def tier_health(health: ContentCacheHealth) -> TierHealth:
+    """A ContentCache's own health report, as one line an operator can act on."""
+    if health.backend == "none":
+        return TierHealth()
+    detail = f"{health.target}, breaker {health.state}"
+    if not health.healthy:
+        detail += f" after {health.consecutive_failures} failures"
+        if health.last_error:
+            detail += f" (last: {health.last_error})"
+        if health.retry_in_seconds:
+            detail += f", retry in {health.retry_in_seconds:g}s"
+    if health.queued_puts:
+        detail += f", {health.queued_puts} puts queued"
+    return TierHealth(health.backend, configured=True, healthy=health.healthy, detail=detail)
 
 
 @dataclass(frozen=True)
