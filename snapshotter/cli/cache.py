@@ -78,14 +78,14 @@ def _snapshot_layers(root: Path) -> set[str]:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
         try:
-            rows = conn.execute("SELECT key, parent, labels FROM snapshots").fetchall()
+            rows = conn.execute("SELECT key, labels FROM snapshots").fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise InvalidArgument(f"cache: cannot read {db}: {exc}") from None
     used = set()
-    for key, parent, labels in rows:
-        layer = remote_layer(str(key), str(parent or ""), json.loads(str(labels)))
+    for key, labels in rows:
+        layer = remote_layer(str(key), "", json.loads(str(labels)))
         if layer is not None:
             used.add(layer.digest)
     return used
