@@ -3,8 +3,10 @@
 A node pulls an image lazily from seeded indexes: status lists each layer attached to the
 FUSE mount with its image, nothing cached, not complete; reading a file in a container fills
 the disk cache and status shows it. A node without indexes streams each blob once, so its
-layers are complete. A restarted daemon re-attaches the same layers; a stopped one makes
-`clip status` fail with one line.
+layers are complete. With background fetch on, status shows lazily attached layers
+becoming complete on their own. A restarted daemon re-attaches the same layers; a stopped one
+makes `clip status` fail with one line. With a real redis-server as the ContentCache, status
+reports it healthy, and unhealthy once it is gone (while containers keep reading).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ import pytest
 from integration.harness.clipd import ClipDaemon
 from integration.harness.containerd import Containerd
 from integration.harness.images import BuiltImage, build_image, make_layer_tar, push_image
+from integration.harness.redis import RedisServer
 from integration.harness.registry import RegistryServer
 from snapshotter import __version__
 from snapshotter.provider import layer_id
@@ -32,6 +36,7 @@ from snapshotter.provider import layer_id
 pytestmark = pytest.mark.slow
 NAMESPACE = "clip-status"
 BIG = 24 << 20
+NO_BACKGROUND_FETCH = "[background_fetch]\nenabled = false\n"
 BIG_DATA = random.Random(7).randbytes(BIG)
 
 
@@ -65,12 +70,12 @@ def node_factory(registry: RegistryServer) -> Iterator[NodeFactory]:
     """clip + containerd pairs on short private paths, stopped by PID afterwards."""
     started: list[tuple[Node, Path]] = []
 
-    def make(seed: Path | None = None) -> Node:
+    def make(seed: Path | None = None, extra_config: str = "") -> Node:
         work = Path(f"/tmp/clip-status-{os.getpid()}-{len(started)}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         config = work / "clip.toml"
-        config.write_text(f'[registry."{registry.host}"]\nplain_http = true\n')
+        config.write_text(f'[registry."{registry.host}"]\nplain_http = true\n\n{extra_config}')
         clip = ClipDaemon(work / "clip", config=config)
         if seed is not None:
             shutil.copytree(seed, clip.root / "indexes")
@@ -121,7 +126,7 @@ def _layers(report: dict[str, object]) -> dict[str, dict[str, object]]:
 def test_status_of_a_lazy_node_fills_as_containers_read(
     image: BuiltImage, node_factory: NodeFactory, tmp_path: Path
 ) -> None:
-    node = node_factory(_seed(image, tmp_path / "indexes"))
+    node = node_factory(_seed(image, tmp_path / "indexes"), NO_BACKGROUND_FETCH)
     node.pull(image.ref)
 
     report = node.report()
@@ -186,3 +191,55 @@ def test_status_of_a_streamed_pull_restart_and_stop(
     assert _layers(after) == _layers(before)  # restored from the metadata store and disk cache
     assert after["pid"] != before["pid"]
     assert after["snapshots"] == before["snapshots"]
+
+
+def _poll(
+    node: Node, done: Callable[[dict[str, object]], bool], timeout: float
+) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = node.report()
+        if done(report) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.5)
+
+
+def test_background_fetch_completes_lazy_layers(
+    image: BuiltImage, node_factory: NodeFactory, tmp_path: Path
+) -> None:
+    node = node_factory(_seed(image, tmp_path / "indexes"))
+    node.pull(image.ref)
+    report = _poll(node, lambda r: all(x["complete"] for x in _layers(r).values()), 120)
+    for layer in _layers(report).values():
+        assert layer["complete"] is True, report
+        assert layer["cached_bytes"] == layer["uncompressed_size"]
+
+
+def test_content_cache_health(image: BuiltImage, node_factory: NodeFactory, tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as redis:
+        url = redis.url()
+        config = f'{NO_BACKGROUND_FETCH}\n[content_cache]\nurl = "{url}"\n'
+        node = node_factory(_seed(image, tmp_path / "indexes"), config)
+        node.pull(image.ref)
+        tier = node.report()["content_cache"]
+        assert tier == {
+            "backend": "redis",
+            "configured": True,
+            "healthy": True,
+            "detail": f"{url}, breaker closed",
+        }, tier
+        up = node.status()
+        assert f"content cache: redis (healthy): {url}, breaker closed" in up.stdout
+    # redis-server is gone: reads that miss locally try it, fail, and open the breaker; the
+    # registry still serves them.
+    result = node.containerd.ctr(
+        "run", "--rm", "--snapshotter", "clip", image.ref, "gone",
+        "/bin/sh", "-c", "cat /big.bin | sha256sum",
+        namespace=NAMESPACE,
+    )  # fmt: skip
+    assert result.stdout.split()[:1] == [hashlib.sha256(BIG_DATA).hexdigest()], result
+    report = _poll(node, lambda r: not r["content_cache"]["healthy"], 30)  # type: ignore[index]
+    tier = report["content_cache"]
+    assert isinstance(tier, dict) and tier["configured"] is True and tier["healthy"] is False
+    assert "breaker open" in str(tier["detail"]), tier
+    assert "content cache: redis (UNHEALTHY)" in node.status().stdout

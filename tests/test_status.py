@@ -24,9 +24,11 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc 
 from snapshotter.cli import main
 from snapshotter.cli.status import human_bytes, human_duration, render
 from snapshotter.config import Config, DaemonConfig, DiskCacheConfig
+from snapshotter.contentcache import ContentCacheHealth, NoContentCache
 from snapshotter.index import build_index
 from snapshotter.provider import RemoteLayerProvider, layer_id
 from snapshotter.service.daemon import Daemon
+from snapshotter.service.status import TierHealth, tier_health
 from snapshotter.snapshots.remote import RemoteLayer
 
 NS = (("containerd-namespace", "default"),)
@@ -222,3 +224,27 @@ def test_human_units() -> None:
         "5.0 TiB",
     ]
     assert [human_duration(s) for s in (5, 61, 90061)] == ["0m05s", "1m01s", "1d01h01m"]
+
+
+def test_tier_health_from_a_content_cache_report() -> None:
+    assert tier_health(NoContentCache().health()) == TierHealth()
+    ok = ContentCacheHealth("redis", "redis://10.0.0.1:6379/0", "closed", True, queued_puts=2)
+    assert tier_health(ok) == TierHealth(
+        "redis", True, True, "redis://10.0.0.1:6379/0, breaker closed, 2 puts queued"
+    )
+    down = ContentCacheHealth(
+        "redis-cluster",
+        "redis://10.0.0.1:7000/0",
+        "open",
+        False,
+        consecutive_failures=3,
+        last_error="connection refused",
+        retry_in_seconds=4.5,
+    )
+    assert tier_health(down) == TierHealth(
+        "redis-cluster",
+        True,
+        False,
+        "redis://10.0.0.1:7000/0, breaker open after 3 failures (last: connection refused), "
+        "retry in 4.5s",
+    )
