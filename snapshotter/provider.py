@@ -225,6 +225,7 @@ class RemoteLayerProvider:
                 self.fs.detach(layer_id(layer.digest))
         with contextlib.suppress(InvalidArgument, OSError):
             self.cache.release(layer.digest)
+        self._spawn(self.evict())
 
     # status (read-only) -------------------------------------------------------------------
 
@@ -408,6 +409,7 @@ class RemoteLayerProvider:
             raise
         TELEMETRY.registry_request("blob", 200, index.compressed_size)
         self._spawn(self._share_index(digest, upload_blocks=True))
+        self._spawn(self.evict())
         return index
 
     async def _share_index(self, digest: str, upload_blocks: bool = False) -> None:
@@ -460,6 +462,8 @@ class RemoteLayerProvider:
 
     async def evict(self) -> None:
         """Bring the disk cache under its limit, keeping layers in use or being resolved."""
+        if self.config.disk_cache.limit_bytes <= 0:
+            return
         keep = set(self._users) | {d for d, t in self._resolving.items() if not t.done()}
         try:
             removed = await asyncio.to_thread(

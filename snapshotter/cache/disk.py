@@ -486,11 +486,11 @@ class DiskCache:
             cache.close()
 
     def evict(self, limit: int, keep: Collection[str]) -> list[CacheEntry]:
-        """Bring the cache under `limit` bytes by removing layers not in `keep`, LRU first."""
-        with self._lock:
-            open_now = {c.digest for c in self._layers.values()}
-        for digest in open_now - set(keep):
-            self.release(digest)
+        """Bring the cache under `limit` bytes by removing layers not in `keep`, LRU first.
+
+        Layers this process has open are locked and therefore kept too: callers `release()`
+        a layer when its last user goes, which is what makes it evictable.
+        """
         return prune(self.directory, limit, keep, self.block_size)
 
     def close(self) -> None:
