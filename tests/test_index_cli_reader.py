@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -191,7 +192,10 @@ def test_system_zlib_fallback_engine(tmp_path: Path) -> None:
 
 def test_failing_consumer_stops_the_build(tmp_path: Path) -> None:
     """An on_data callback that fails (say, a full disk cache) aborts the build cleanly."""
-    raw = gnu_tar(Path("/usr/share/doc").resolve(), tmp_path / "layer.tar", "gnu", "tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(5).randbytes(3 << 20))  # several pieces
+    raw = gnu_tar(src, tmp_path / "layer.tar", "gnu")
     blob = compress(raw, "gzip")
     out = tmp_path / "out"
     out.mkdir()

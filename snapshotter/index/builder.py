@@ -9,6 +9,7 @@ of chosen checkpoints, per-entry metadata and digests are kept, never the layer.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import queue
@@ -19,7 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from snapshotter.index.decoders import Decoder, GzipDecoder, PlainDecoder, ZstdDecoder
+from snapshotter.index.decoders import (
+    Bound,
+    Decoder,
+    GzipDecoder,
+    Piece,
+    PlainDecoder,
+    ZstdDecoder,
+)
 from snapshotter.index.model import BuildResult, IndexBuildOptions, LayerFormatError
 from snapshotter.index.tarscan import TarScanner
 from snapshotter.index.tree import Tree
@@ -32,7 +40,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 OnData = Callable[[int, memoryview], None]
-Event = bytes | RawCheckpoint
+WINDOW = 32768
 
 
 def detect(head: bytes) -> str:
@@ -55,11 +63,11 @@ class _Decoding(threading.Thread):
         super().__init__(name="clip-index-decode", daemon=True)
         self.blob = blob
         self.head = head
-        self.queue: queue.Queue[list[Event] | BaseException | None] = queue.Queue(QUEUE_BATCHES)
+        self.queue: queue.Queue[list[Piece] | BaseException | None] = queue.Queue(QUEUE_BATCHES)
         self.stop = threading.Event()
         self.sha = hashlib.sha256()
         self.size = 0
-        self._batch: list[Event] = []
+        self._batch: list[Piece] = []
         self._batched = 0
         self.decoder: Decoder
         if compression == "gzip":
@@ -69,12 +77,11 @@ class _Decoding(threading.Thread):
         else:
             self.decoder = PlainDecoder(self._emit)
 
-    def _emit(self, event: Event) -> None:
-        self._batch.append(event)
-        if isinstance(event, bytes):
-            self._batched += len(event)
-            if self._batched >= BATCH_BYTES:
-                self._flush()
+    def _emit(self, data: bytes, bounds: list[Bound]) -> None:
+        self._batch.append((data, bounds))
+        self._batched += len(data)
+        if self._batched >= BATCH_BYTES:
+            self._flush()
 
     def _flush(self) -> None:
         if self._batch:
@@ -82,7 +89,7 @@ class _Decoding(threading.Thread):
             self._batch = []
             self._batched = 0
 
-    def _put(self, item: list[Event] | BaseException | None) -> None:
+    def _put(self, item: list[Piece] | BaseException | None) -> None:
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
@@ -113,55 +120,80 @@ class _Decoding(threading.Thread):
                 return
 
 
+# A restart point seen in a piece, its window not yet cut out: (uoff, coff, bits, piece data,
+# offset in the piece, the stream's last 32 KiB before the piece).
+_Pending = tuple[int, int, int, bytes, int, bytes]
+
+
 class _CheckpointPolicy:
     """Chooses gzip checkpoints among block boundaries.
 
     Every boundary becomes the *candidate*. It is kept when the compressed distance from the
     last checkpoint reaches ``checkpoint_spacing`` or the uncompressed one ``max_span``; and
     when a large file's data starts in the block after a boundary, that boundary is kept too,
-    so reading the file never needs the previous file's bytes.
+    so reading the file never needs the previous file's bytes. Windows are cut out of the
+    stream only for boundaries that are kept (a few per 2 MiB), never for every block.
     """
 
-    def __init__(self, options: IndexBuildOptions, forced: bool) -> None:
+    def __init__(self, options: IndexBuildOptions, forced: bool, windowed: bool) -> None:
         self.opts = options
         self.forced = forced
+        self.windowed = windowed
         self.checkpoints: list[RawCheckpoint] = []
-        # every boundary as (uoff, compressed bytes needed to produce everything before it):
-        # lets compressed_range stop within one deflate block after the range end.
-        self.marks: list[tuple[int, int]] = []
-        self.candidate: RawCheckpoint | None = None
-        self.large_start: int | None = None
+        # every boundary: its uoff and the compressed bytes needed to produce everything
+        # before it; lets compressed_range stop within one deflate block after the range end.
+        self.mark_uoffs: list[int] = []
+        self.mark_cends: list[int] = []
+        self.candidate: _Pending | None = None
+        self.large: collections.deque[int] = collections.deque()  # large files' data starts
+        self.tail = b""  # the last 32 KiB of stream before the current piece
 
     def on_file_start(self, uoff: int, size: int) -> None:
-        if size >= self.opts.large_file_size and self.large_start is None and not self.forced:
-            self.large_start = uoff
+        if size >= self.opts.large_file_size and not self.forced:
+            self.large.append(uoff)
 
-    def boundary(self, here: RawCheckpoint) -> None:
-        self.marks.append((here.uoff, here.coff + (1 if here.bits else 0)))
+    def piece(self, start: int, data: bytes, bounds: list[Bound]) -> None:
+        """The restart points of one piece whose data starts at uncompressed ``start``."""
+        for rel, coff, bits in bounds:
+            here = (start + rel, coff, bits, data, rel, self.tail)
+            self._boundary(here)
+        if len(data) >= WINDOW:
+            self.tail = data[-WINDOW:]
+        elif data:
+            self.tail = (self.tail + data)[-WINDOW:]
+
+    def _boundary(self, here: _Pending) -> None:
+        uoff, coff = here[0], here[1]
+        self.mark_uoffs.append(uoff)
+        self.mark_cends.append(coff + (1 if here[2] else 0))
         if self.forced:
             self._keep(here)
             return
-        large = self.large_start
-        if large is not None and here.uoff >= large:
-            self.large_start = None
-            pick = here if here.uoff == large else self.candidate
+        large = self.large
+        while large and large[0] <= uoff:
+            pick = here if large.popleft() == uoff else self.candidate
             if pick is not None:
                 self._keep(pick)
         self.candidate = here
         last = self.checkpoints[-1] if self.checkpoints else None
         if (
             last is None
-            or here.coff - last.coff >= self.opts.checkpoint_spacing
-            or here.uoff - last.uoff >= self.opts.max_span
+            or coff - last.coff >= self.opts.checkpoint_spacing
+            or uoff - last.uoff >= self.opts.max_span
         ):
             self._keep(here)
 
-    def _keep(self, cp: RawCheckpoint) -> None:
-        if self.checkpoints and self.checkpoints[-1].uoff >= cp.uoff:
-            if self.forced and self.checkpoints[-1].uoff == cp.uoff:
-                self.checkpoints[-1] = cp  # an empty zstd frame: the later start is closer
+    def _keep(self, pending: _Pending) -> None:
+        uoff, coff, bits, data, rel, tail = pending
+        if self.checkpoints and self.checkpoints[-1].uoff >= uoff:
+            if self.forced and self.checkpoints[-1].uoff == uoff:
+                # an empty zstd frame: the later start is closer
+                self.checkpoints[-1] = RawCheckpoint(coff, bits, uoff, b"")
             return
-        self.checkpoints.append(cp)
+        window = b""
+        if self.windowed:
+            window = data[rel - WINDOW : rel] if rel >= WINDOW else (tail + data[:rel])[-WINDOW:]
+        self.checkpoints.append(RawCheckpoint(coff, bits, uoff, window))
 
 
 def build_index(
@@ -183,7 +215,8 @@ def build_index(
         raise LayerFormatError("layer blob is empty")
     compression = detect(head)
     decoding = _Decoding(blob, head, compression)
-    policy = _CheckpointPolicy(options, decoding.decoder.forced)
+    decoder = decoding.decoder
+    policy = _CheckpointPolicy(options, decoder.forced, decoder.windowed)
     tree = Tree()
     scanner = TarScanner(options, tree.add, policy.on_file_start)
     uoff = 0
@@ -195,14 +228,14 @@ def build_index(
                 break
             if isinstance(batch, BaseException):
                 raise batch
-            for event in batch:
-                if isinstance(event, bytes):
+            for data, bounds in batch:
+                if data:
                     if on_data is not None:
-                        on_data(uoff, memoryview(event))
-                    uoff += len(event)
-                    scanner.feed(event)
-                else:
-                    policy.boundary(event)
+                        on_data(uoff, memoryview(data))
+                    scanner.feed(data)
+                # after the scanner: it has announced every large file starting in this piece
+                policy.piece(uoff, data, bounds)
+                uoff += len(data)
         scanner.finish()
     except BaseException:
         # The decoding thread stops at its next queue put; it may be blocked reading a stalled
@@ -213,7 +246,7 @@ def build_index(
     decoding.join()
     nodes = tree.ordered()
     meta = Meta(compression, options.chunk_size, uoff, decoding.size, decoding.sha.digest())
-    data = serialise(nodes, policy.checkpoints, policy.marks, meta)
+    data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
     _write(out, data)
     return BuildResult(
         entries=len(nodes),

@@ -1,10 +1,16 @@
-"""Decoders turn compressed blob bytes into an ordered stream of build events.
+"""Decoders turn compressed blob bytes into an ordered stream of *pieces* of the tar stream.
 
-Events are ``bytes`` (the next piece of uncompressed stream) or ``RawCheckpoint`` objects. A
-checkpoint event is a *possible* restart point at the current position: for gzip every deflate
-block boundary (the builder's policy picks a few of them), for zstd every frame start (all
-kept). Decoders run in the builder's decoding thread; the zlib and zstd calls release the GIL,
-so decoding overlaps with tar parsing and hashing in the main thread.
+A piece is ``(data, bounds)``: the next ``data`` bytes of uncompressed stream and the restart
+points found while producing them, each ``(rel, coff, bits)`` at uncompressed offset
+``piece_start + rel`` (``0 <= rel <= len(data)``). For gzip those are every deflate block
+boundary (the builder's policy picks a few of them as checkpoints and derives their 32 KiB
+windows from the stream it has already seen); for zstd every frame start (all kept). Decoders
+run in the builder's decoding thread; the zlib and zstd calls release the GIL, so decoding
+overlaps with tar parsing and hashing in the calling thread.
+
+gzip output accumulates in one 1 MiB buffer across deflate blocks and is copied out once per
+buffer: per block the decoding thread only records a bound, so its Python work per MiB stays
+small whatever the block size.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ import zstandard
 
 from snapshotter.index import inflate as zi
 from snapshotter.index.model import LayerFormatError
-from snapshotter.index.writer import RawCheckpoint
 
-Emit = Callable[[bytes | RawCheckpoint], None]
+Bound = tuple[int, int, int]  # (offset in the piece, coff, bits)
+Piece = tuple[bytes, list[Bound]]
+Emit = Callable[[bytes, list[Bound]], None]
 
 
 class GzipDecoder:
@@ -29,14 +36,15 @@ class GzipDecoder:
     """
 
     forced = False  # boundaries are candidates, not mandatory checkpoints
+    windowed = True
     read_size = 1 << 20
 
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
         self.inf = zi.Inflater(zi.GZIP)
         self.consumed = 0  # compressed bytes handed to the inflater
-        self.uoff = 0
-        self.tail = b""  # last 32 KiB of output: the window at the current position
+        self.filled = 0  # bytes of the output buffer not yet emitted
+        self.bounds: list[Bound] = []
         self.member_done = False
         self.trailing = False  # inside zero padding after the last member
 
@@ -51,39 +59,39 @@ class GzipDecoder:
             return
         self.member_done = False
         self.consumed += len(data)
-        self.inf.feed(data)
+        self.inf.feed_bytes(data)
         self._drain()
 
     def _drain(self) -> None:
         inf = self.inf
+        size = inf.out_size
         while True:
             try:
-                rc, out = inf.run(zi.Z_BLOCK)
+                rc, produced = inf.run_at(zi.Z_BLOCK, self.filled)
             except zi.InflateError as exc:
                 at = self.consumed - inf.avail_in
                 raise LayerFormatError(f"corrupt gzip data near offset {at}: {exc}") from None
-            if len(out):
-                self._output(bytes(out))
-            if rc == zi.Z_BUF_ERROR:
-                return
+            self.filled += produced
             if rc == zi.Z_STREAM_END:
                 if not self._next_member():
                     return
                 continue
-            if inf.data_type & 0xC0 == 0x80:
-                bits = inf.data_type & 7
-                coff = self.consumed - inf.avail_in - (1 if bits else 0)
-                self.emit(RawCheckpoint(coff, bits, self.uoff, self.tail))
-            if not inf.avail_in and not len(out):
+            if rc != zi.Z_BUF_ERROR:
+                data_type = inf.data_type
+                if data_type & 0xC0 == 0x80:
+                    bits = data_type & 7
+                    coff = self.consumed - inf.avail_in - (1 if bits else 0)
+                    self.bounds.append((self.filled, coff, bits))
+            if self.filled == size:
+                self._flush()
+            if rc == zi.Z_BUF_ERROR or (not inf.avail_in and not produced):
                 return
 
-    def _output(self, data: bytes) -> None:
-        self.emit(data)
-        self.uoff += len(data)
-        if len(data) >= zi.WINDOW_SIZE:
-            self.tail = data[-zi.WINDOW_SIZE :]
-        else:
-            self.tail = (self.tail + data)[-zi.WINDOW_SIZE :]
+    def _flush(self) -> None:
+        if self.filled or self.bounds:
+            self.emit(self.inf.output(self.filled), self.bounds)
+            self.filled = 0
+            self.bounds = []
 
     def _next_member(self) -> bool:
         """After a member's trailer: start the next member, or accept zero padding."""
@@ -96,7 +104,7 @@ class GzipDecoder:
         self.inf.reset(zi.GZIP)
         self.member_done = not rest
         if rest:
-            self.inf.feed(rest)
+            self.inf.feed_bytes(rest)
         return bool(rest)
 
     @staticmethod
@@ -110,6 +118,7 @@ class GzipDecoder:
             raise LayerFormatError(f"garbage after the last gzip member near offset {at}")
 
     def finish(self) -> None:
+        self._flush()
         self.inf.close()
         if not (self.member_done or self.trailing):
             raise LayerFormatError("gzip stream is truncated (no end of the last member)")
@@ -123,6 +132,7 @@ class ZstdDecoder:
     """
 
     forced = True
+    windowed = False
     read_size = 1 << 15
 
     def __init__(self, emit: Emit) -> None:
@@ -130,14 +140,13 @@ class ZstdDecoder:
         self.dctx = zstandard.ZstdDecompressor()
         self.obj = self.dctx.decompressobj()
         self.consumed = 0
-        self.uoff = 0
         self.in_frame = False
-        emit(RawCheckpoint(0, 0, 0, b""))
+        emit(b"", [(0, 0, 0)])
 
     def feed(self, data: bytes) -> None:
         while data:
             if not self.in_frame and self.consumed:
-                self.emit(RawCheckpoint(self.consumed, 0, self.uoff, b""))
+                self.emit(b"", [(0, self.consumed, 0)])
             self.in_frame = True
             start = self.consumed
             self.consumed += len(data)
@@ -146,8 +155,7 @@ class ZstdDecoder:
             except zstandard.ZstdError as exc:
                 raise LayerFormatError(f"corrupt zstd data near offset {start}: {exc}") from None
             if out:
-                self.emit(out)
-                self.uoff += len(out)
+                self.emit(out, [])
             if not self.obj.eof:
                 return
             data = self.obj.unused_data
@@ -164,13 +172,14 @@ class PlainDecoder:
     """An uncompressed tar: the blob is the stream, and needs no checkpoints."""
 
     forced = True
+    windowed = False
     read_size = 1 << 20
 
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
 
     def feed(self, data: bytes) -> None:
-        self.emit(data)
+        self.emit(data, [])
 
     def finish(self) -> None:
         return

@@ -156,6 +156,7 @@ class Inflater:
         self._open = True
         self._in = ctypes.create_string_buffer(0)
         self._in_addr = 0
+        self._in_ref = b""
         self._out = (ctypes.c_ubyte * out_size)()
         self._out_addr = ctypes.addressof(self._out)
         self._out_view = memoryview(self._out).cast("B")
@@ -191,6 +192,13 @@ class Inflater:
         self._s.next_in = self._in_addr
         self._s.avail_in = n
 
+    def feed_bytes(self, data: bytes) -> None:
+        """Like ``feed``, without the copy: inflate reads ``data`` in place (a reference is
+        kept until the next feed, so the buffer stays alive while zlib points into it)."""
+        self._in_ref = data
+        self._s.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+        self._s.avail_in = len(data)
+
     @property
     def avail_in(self) -> int:
         return int(self._s.avail_in)
@@ -221,6 +229,24 @@ class Inflater:
             msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
             raise InflateError(msg)
         return rc, self._out_view[:produced]
+
+    def run_at(self, flush: int, start: int) -> tuple[int, int]:
+        """Inflate once into the output buffer from ``start`` on (output accumulates across
+        calls, so callers copy it out once per buffer, not once per deflate block); returns
+        (zlib code, bytes produced). ``start`` must be below ``out_size``."""
+        s = self._s
+        room = self.out_size - start
+        s.next_out = self._out_addr + start
+        s.avail_out = room
+        rc = int(API.inflate(self._ref, flush))
+        if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
+            msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
+            raise InflateError(msg)
+        return rc, room - s.avail_out
+
+    def output(self, end: int) -> bytes:
+        """A copy of the output buffer's first ``end`` bytes."""
+        return ctypes.string_at(self._out_addr, end)
 
     def _check(self, rc: int, what: str) -> None:
         if rc != Z_OK:

@@ -54,7 +54,7 @@ def _nlink(node: Node) -> int:
 def serialise(
     nodes: list[Node],
     checkpoints: list[RawCheckpoint],
-    marks: list[tuple[int, int]],
+    marks: tuple[list[int], list[int]],
     meta: Meta,
 ) -> bytes:
     strings = _Strings()
@@ -118,8 +118,9 @@ def serialise(
         cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, len(cp.window), len(windows),
                                    len(packed))
         windows += packed
-    mark_uoffs = struct.pack(f"<{len(marks)}Q", *(u for u, _c in marks))
-    mark_cends = struct.pack(f"<{len(marks)}Q", *(c for _u, c in marks))
+    uoffs, cends = marks
+    mark_uoffs = struct.pack(f"<{len(uoffs)}Q", *uoffs)
+    mark_cends = struct.pack(f"<{len(cends)}Q", *cends)
     raw_body = b"".join(
         (entries, xattrs, cps, mark_uoffs, mark_cends, digests, strings.buf)
     )
@@ -141,6 +142,6 @@ def serialise(
         len(body),
         len(raw_body),
         len(windows),
-        len(marks),
+        len(uoffs),
     )
     return header + body + bytes(windows)
