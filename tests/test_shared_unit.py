@@ -1,0 +1,105 @@
+"""Pure parts of the shared read path: chunk cover and verification, start profiles, runs,
+the index artifact's naming and parsing."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from fs_layers import M, index_layer, pattern, write_layer
+
+from snapshotter.cache import DiskCache
+from snapshotter.errors import InvalidArgument
+from snapshotter.index import LayerIndex
+from snapshotter.prefetch import decode_profile, encode_profile, profile_digest, runs
+from snapshotter.publish import ARTIFACT_TYPE, INDEX_MEDIA_TYPE, PROFILE_MEDIA_TYPE, artifact_tag
+from snapshotter.publish import _parse as parse_artifact
+from snapshotter.readpath import FileSource, Layer, VerifyError
+from snapshotter.registry.reference import parse_reference
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory: pytest.TempPathFactory) -> tuple[LayerIndex, bytes, Path]:
+    d = tmp_path_factory.mktemp("cover")
+    blob = write_layer(d / "b.tgz", [
+        M("odd", data=pattern(333_333, 1)),
+        M("big", data=pattern(5 * MiB + 123, 2)),
+        M("small", data=b"tiny"),
+    ])
+    return index_layer(blob, d / "idx"), gzip.decompress(blob.read_bytes()), d
+
+
+def make(layer: tuple[LayerIndex, bytes, Path]) -> Layer:
+    index, _, d = layer
+    return Layer("t", index, FileSource(d / "b.tgz"), DiskCache(d).layer(index.blob_digest))
+
+
+def test_chunk_cover_widens_to_whole_chunks(layer: tuple[LayerIndex, bytes, Path]) -> None:
+    index, stream, _ = layer
+    lay = make(layer)
+    big = index.entry(index.lookup("big") or 0)
+    lo, hi = lay.chunk_cover(2 * MiB, 3 * MiB)
+    # the big file's chunks start at its own offset, not at block boundaries
+    assert (lo - big.uoff) % MiB == 0 and (hi - big.uoff) % MiB == 0
+    assert lo <= 2 * MiB and hi >= 3 * MiB and hi - lo <= 3 * MiB
+    assert lay.verify_cover(lo, stream[lo:hi], 2 * MiB, 3 * MiB) >= 1
+    # the file's tail chunk ends at the file end
+    end = big.uoff + big.size
+    assert lay.chunk_cover(end - 10, end)[1] == end
+
+
+def test_verify_cover_rejects_corruption_and_missing_coverage(
+    layer: tuple[LayerIndex, bytes, Path],
+) -> None:
+    _, stream, _ = layer
+    lay = make(layer)
+    lo, hi = lay.chunk_cover(2 * MiB, 3 * MiB)
+    bad = bytearray(stream[lo:hi])
+    bad[len(bad) // 2] ^= 1
+    with pytest.raises(VerifyError, match="corrupt"):
+        lay.verify_cover(lo, bytes(bad), 2 * MiB, 3 * MiB)
+    with pytest.raises(VerifyError, match="not covered"):
+        lay.verify_cover(2 * MiB, stream[2 * MiB : 3 * MiB], 2 * MiB, 3 * MiB)
+
+
+def test_profiles_round_trip_and_reject_foreign() -> None:
+    d = "sha256:" + "ab" * 32
+    data = encode_profile(d, MiB, [5, 1, 5, 3])
+    assert decode_profile(data, d, MiB) == [1, 3, 5]
+    assert decode_profile(data, "sha256:" + "cd" * 32, MiB) is None
+    assert decode_profile(data, d, 4096) is None
+    assert decode_profile(b"not json", d, MiB) is None
+    assert decode_profile(json.dumps({"layer": d, "block_size": MiB, "blocks": [-1]}).encode(),
+                          d, MiB) is None
+    assert profile_digest(d).startswith("sha256:") and profile_digest(d) != d
+
+
+def test_runs_group_consecutive_blocks() -> None:
+    assert runs([9, 1, 2, 3, 4, 5, 7]) == [[1, 2, 3, 4], [5], [7], [9]]
+    assert runs([]) == []
+
+
+def test_artifact_tag_and_parse() -> None:
+    manifest = "sha256:" + "12" * 32
+    assert artifact_tag(manifest) == "sha256-" + "12" * 32 + ".clip"
+    with pytest.raises(InvalidArgument):
+        artifact_tag("nohex")
+    layer_digest = "sha256:" + "34" * 32
+
+    def desc(media_type: str, data: bytes) -> dict[str, object]:
+        return {"mediaType": media_type, "size": len(data),
+                "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                "annotations": {"io.clip.layer.digest": layer_digest}}
+
+    doc = {"schemaVersion": 2, "artifactType": ARTIFACT_TYPE,
+           "layers": [desc(INDEX_MEDIA_TYPE, b"i"), desc(PROFILE_MEDIA_TYPE, b"p")]}
+    artifact = parse_artifact(parse_reference("h:1/r:t"), json.dumps(doc).encode())
+    entry = artifact.layers[layer_digest]
+    assert entry.index.size == 1 and entry.profile is not None
+    with pytest.raises(InvalidArgument):
+        parse_artifact(parse_reference("h:1/r:t"), json.dumps({"artifactType": "x"}).encode())
