@@ -14,6 +14,7 @@ veth pair and qdiscs are removed, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -55,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round trip")
     parser.add_argument("--no-shaped", action="store_true", help="skip the shaped link")
     parser.add_argument("--no-throughput", action="store_true", help="skip FUSE throughput")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated setups to record with py-spy into <work>/profiles (slows them)",
+    )
     parser.add_argument("--work", type=Path, default=HERE / "work", help="image cache")
     parser.add_argument(
         "--out", type=Path, default=None, help="report dir (bench/results; --quick: bench/work)"
@@ -64,6 +70,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # clip closes range responses it no longer needs (and nodes stop mid-fetch): the proxy's
+    # "cannot write to closing transport" tracebacks are expected, not failures.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     repeats = args.repeats or (1 if args.quick else 2)
     wanted = args.images.split(",") if args.images else (["python"] if args.quick else None)
     specs = [s for s in IMAGES if wanted is None or s.name in wanted]
@@ -108,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         hosts = [direct.host, shaped.host]
         links = ["unshaped"] + ([] if args.no_shaped else [f"{args.mbit}mbit-{args.rtt_ms:g}ms"])
         runs = []
+        failures: list[dict[str, Any]] = []
         tp: list[Throughput] = []
         for name in links:
             proxy = direct if name == "unshaped" else shaped
@@ -116,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
                 relay.start()
             say(f"== link {name}")
             bench = Bench(nodes, proxy, name, hosts, cc_url)
+            bench.profile = tuple(filter(None, args.profile.split(",")))
+            bench.profile_dir = args.work / "profiles"
             for repeat in range(repeats):
                 for spec in specs:
                     bench.image_round(by_name[spec.name], repeat, cc_available)
             runs += bench.runs
+            failures += bench.failures
             if proxy is direct and with_fs:
                 say("== FUSE read throughput")
                 n_small = 2000 if args.quick else 5000
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=time.monotonic() - started,
         links=links,
         runs=[r.as_dict() for r in runs],
+        failures=failures,
         summary=summary,
         throughput=report.throughput_rows(tp),
         big_mib=BIG_MIB,
@@ -156,6 +170,7 @@ def run_mode(args: argparse.Namespace) -> str:
             ("--repeats", args.repeats is not None and args.repeats < 2),
             ("--no-shaped", args.no_shaped),
             ("--no-throughput", args.no_throughput),
+            ("--profile", args.profile),
         )
         if on
     ]

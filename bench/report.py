@@ -24,6 +24,7 @@ SETUP_ORDER = (
     "overlayfs-warm",
     "clip-cold",
     "clip-lazy",
+    "clip-lazy-nobg",
     "clip-contentcache",
     "clip-warm",
 )
@@ -32,6 +33,7 @@ SETUP_TITLES = {
     "overlayfs-warm": "1b overlayfs, image unpacked (run only)",
     "clip-cold": "2 clip, first node, no index",
     "clip-lazy": "3 clip, indexes published (lazy)",
+    "clip-lazy-nobg": "3b same, background fetch off",
     "clip-contentcache": "4 clip node B, warm ContentCache",
     "clip-warm": "5 clip, warm local disk cache",
 }
@@ -65,6 +67,8 @@ def machine() -> dict[str, Any]:
         "containerd": _sh(["containerd", "--version"]),
         "python": platform.python_version(),
         "clip_commit": _sh(["git", "rev-parse", "--short", "HEAD"]),
+        "clip_uncommitted": _sh(["sh", "-c", "git status --short snapshotter | wc -l"])
+        + " changed files under snapshotter/ (shared tree, other work in progress)",
         "disk": _sh(["sh", "-c", "df -h --output=source,fstype,size / | tail -1"]),
     }
 
@@ -92,10 +96,12 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, Any]]:
             "registry_blob_bytes",
             "registry_bytes",
             "registry_requests",
+            "registry_unique_bytes",
             "contentcache_bytes",
             "clip_cpu_s",
             "clip_peak_rss",
             "read_compressed_bytes",
+            "load1",
         ):
             values = [getattr(r, key) for r in group if getattr(r, key) is not None]
             row[key] = _med(values) if values else None
@@ -126,22 +132,20 @@ def targets(
     out: list[dict[str, Any]] = []
 
     def add(
-        name: str, link: str, value: float | None, limit: float, unit: str = "x", note: str = ""
+        name: str,
+        link: str,
+        value: float | None,
+        limit: float,
+        unit: str = "x",
+        note: str = "",
+        absent: str = "no data (see failures)",
     ) -> None:
         if value is None:
-            out.append(
-                {
-                    "target": name,
-                    "link": link,
-                    "value": None,
-                    "limit": limit,
-                    "status": "not available yet",
-                    "note": note,
-                }
-            )
+            row = {"target": name, "link": link, "value": None, "limit": limit, "note": note}
+            out.append({**row, "status": absent})
             return
         met = value <= limit
-        by = f"{value / limit:.2f}x the limit" if limit else f"{value:.0f} over"
+        by = f"{value / limit:.2f}x the limit" if limit else f"{value:.3g} {unit} over"
         out.append(
             {
                 "target": name,
@@ -161,23 +165,24 @@ def targets(
             _ratio(summary, link, LARGE, "clip-lazy", "end_to_end_s"),
             0.25,
         )
-        lazy = summary.get(f"{link}/{LARGE}/clip-lazy")
-        read = lazy and lazy["read_compressed_bytes"]
-        add(
-            "lazy: registry bytes <= 1.5x compressed bytes of what the workload read",
-            link,
-            lazy["registry_blob_bytes"] / read if lazy and read else None,
-            1.5,
-            note="read bytes estimated from the files the workload loaded (see docs)",
-        )
+        for setup, what in (("clip-lazy-nobg", "background fetch off"), ("clip-lazy", "on")):
+            lazy = summary.get(f"{link}/{LARGE}/{setup}")
+            read = lazy and lazy["read_compressed_bytes"]
+            add(
+                f"lazy, {what}: registry bytes <= 1.5x compressed bytes the workload read",
+                link,
+                lazy["registry_blob_bytes"] / read if lazy and read else None,
+                1.5,
+                note="read bytes estimated from the files the workload loaded (see docs)",
+            )
         if cc_available:
             cc = summary.get(f"{link}/{LARGE}/clip-contentcache")
             add(
                 "node B warm ContentCache: zero registry blob bytes",
                 link,
-                cc["registry_blob_bytes"] if cc else None,
+                cc["registry_blob_bytes"] / MB if cc else None,
                 0,
-                unit="bytes",
+                unit="MB",
             )
             add(
                 "node B warm ContentCache: pull+run <= 0.2x overlayfs",
@@ -192,6 +197,7 @@ def targets(
                 None,
                 0.2,
                 note="the read path has no ContentCache tier yet",
+                absent="not available yet",
             )
         add(
             "first node, no index: pull+run <= 0.6x overlayfs pull+run",
@@ -234,7 +240,13 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['duration_s'] / 60:.1f} min. See docs/benchmarks.md for the method.",
         "",
     ]
-    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in payload["machine"].items()] + [""]
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in payload["machine"].items()]
+    loads = [r["load1"] for r in payload["runs"]]
+    lines += [
+        f"- 1-min load average at the end of each run: median {_med(loads):.1f}, max "
+        f"{max(loads):.1f} (the machine is shared with other work; expect noise)",
+        "",
+    ]
     lines += [
         "## Images",
         "",
@@ -263,11 +275,13 @@ def markdown(payload: dict[str, Any]) -> str:
             f"## Link: {link}",
             "",
             "Times in seconds, median (min) over the repeats; ratio = median pull+run / "
-            "overlayfs median pull+run. Registry MB = layer blob bytes served.",
+            "overlayfs median pull+run. Registry MB = layer blob bytes served; unique MB = the "
+            "same with overlapping ranges counted once; read MB (est.) = compressed bytes of the "
+            "files the workload loaded.",
             "",
             "| image | setup | pull s | first exec s | pull+run s | ratio | registry MB | "
             "of image | read MB (est.) | ContentCache MB | clip CPU s | clip peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for image, img in payload["images"].items():
             for setup in SETUP_ORDER:
@@ -276,7 +290,7 @@ def markdown(payload: dict[str, Any]) -> str:
                     if setup == "clip-contentcache" and not payload["contentcache_available"]:
                         lines.append(
                             f"| {image} | {SETUP_TITLES[setup]} | not available yet "
-                            "(no ContentCache tier in the read path) ||||||||||"
+                            "(no ContentCache tier in the read path) |||||||||||"
                         )
                     continue
                 ratio = _ratio(summary, link, image, setup, "end_to_end_s")
@@ -285,12 +299,19 @@ def markdown(payload: dict[str, Any]) -> str:
                     f"{_fmt_t(row['first_exec_s'])} | {_fmt_t(row['end_to_end_s'])} | "
                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | "
                     f"{_mb(row['registry_blob_bytes'])} | "
+                    f"{_mb(row['registry_unique_bytes'])} | "
                     f"{100 * row['registry_blob_bytes'] / img['compressed']:.0f}% | "
                     f"{_mb(row['read_compressed_bytes'])} | "
                     f"{_mb(row['contentcache_bytes'])} | "
                     f"{_num(row['clip_cpu_s'])} | "
                     f"{_mb(row['clip_peak_rss'])} |"
                 )
+    if payload.get("failures"):
+        lines += ["", "## Failed runs (not in the tables)", ""]
+        lines += [
+            f"- {f['link']} / {f['image']} / {f['setup']} #{f['repeat']}: {f['error']}"
+            for f in payload["failures"]
+        ]
     if payload["throughput"]:
         lines += [
             "",

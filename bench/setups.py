@@ -25,11 +25,13 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +85,12 @@ class Run:
     registry_blob_bytes: int  # layer blob bytes the registry served (CountingProxy)
     registry_bytes: int  # everything the registry served (manifests, config, blobs)
     registry_requests: int
+    registry_unique_bytes: int  # blob bytes counted once however often ranges overlapped
     contentcache_bytes: int | None
     clip_cpu_s: float | None  # CPU time of `clip serve` during pull + run
     clip_peak_rss: int | None  # VmHWM of `clip serve`
     read_compressed_bytes: int | None = None  # compressed bytes of the files the workload read
+    load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
     output: str = ""
 
     @property
@@ -100,7 +104,9 @@ class Run:
 class Node:
     """A clip serve + containerd pair on a private short path, for one measured run."""
 
-    def __init__(self, work: Path, registry_hosts: list[str], *, cc_url: str = "") -> None:
+    def __init__(
+        self, work: Path, registry_hosts: list[str], *, cc_url: str = "", extra: str = ""
+    ) -> None:
         self.work = work
         if work.exists():
             unmount_under(work)
@@ -108,7 +114,7 @@ class Node:
         work.mkdir(parents=True)
         tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in registry_hosts)
         cache = f'[content_cache]\nurl = "{cc_url}"\n' if cc_url else ""
-        (work / "clip.toml").write_text(tables + cache)
+        (work / "clip.toml").write_text(tables + cache + extra)
         self.clip = ClipDaemon(work / "clip", config=work / "clip.toml", log_level="warning")
         self.containerd = Containerd(work / "ctd", self.clip.socket, self.clip.root)
 
@@ -179,17 +185,24 @@ class Node:
         return result.stdout
 
 
-def redis_output_bytes(url: str) -> int:
-    """total_net_output_bytes of the Redis server behind ``url`` (bytes it sent to clients)."""
+def _redis_info(url: str, section: str) -> dict[str, int]:
+    """Integer fields of Redis ``INFO section`` for the server behind ``url``."""
     host_port = url.split("//", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
     host, port = host_port.rsplit(":", 1)
     out = subprocess.run(
-        ["redis-cli", "-h", host, "-p", port, "INFO", "stats"], capture_output=True, text=True
+        ["redis-cli", "-h", host, "-p", port, "INFO", section], capture_output=True, text=True
     ).stdout
+    fields: dict[str, int] = {}
     for line in out.splitlines():
-        if line.startswith("total_net_output_bytes:"):
-            return int(line.split(":", 1)[1])
-    return 0
+        key, _, value = line.strip().partition(":")
+        if value.isdigit():
+            fields[key] = int(value)
+    return fields
+
+
+def redis_output_bytes(url: str) -> int:
+    """total_net_output_bytes of the Redis server (bytes it sent to clients)."""
+    return _redis_info(url, "stats").get("total_net_output_bytes", 0)
 
 
 @dataclass
@@ -201,10 +214,13 @@ class Bench:
     link: str  # "unshaped" or e.g. "200mbit-20ms"
     hosts: list[str]  # every proxy host the nodes must treat as plain http
     cc_url: str = ""  # a Redis URL when setup 4 runs
+    profile: tuple[str, ...] = ()  # setups to record with py-spy (bench/work/profiles)
+    profile_dir: Path = Path("bench/work/profiles")
     runs: list[Run] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
-    def node(self, name: str, *, cc: bool = False) -> Node:
-        return Node(self.work / name, self.hosts, cc_url=self.cc_url if cc else "")
+    def node(self, name: str, *, cc: bool = False, extra: str = "") -> Node:
+        return Node(self.work / name, self.hosts, cc_url=self.cc_url if cc else "", extra=extra)
 
     def measure(
         self,
@@ -223,12 +239,18 @@ class Bench:
         self.proxy.reset()
         cc0 = redis_output_bytes(self.cc_url) if self.cc_url else None
         cpu0 = cpu_seconds(pid)
+        spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
-        if pull is not None:
-            pull(ref)
-        t1 = time.monotonic()
-        out = node.run(ref, snapshotter, f"{setup}-{repeat}", pushed.spec.argv)
-        t2 = time.monotonic()
+        try:
+            if pull is not None:
+                pull(ref)
+            t1 = time.monotonic()
+            out = node.run(ref, snapshotter, f"{setup}-{repeat}", pushed.spec.argv)
+            t2 = time.monotonic()
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
         blobs = sum(self.proxy.blob_bytes(d) for d in pushed.image.layer_digests)
         run = Run(
             link=self.link,
@@ -240,10 +262,12 @@ class Bench:
             registry_blob_bytes=blobs,
             registry_bytes=self.proxy.total_bytes,
             registry_requests=self.proxy.total_requests,
+            registry_unique_bytes=unique_blob_bytes(self.proxy, pushed),
             contentcache_bytes=(redis_output_bytes(self.cc_url) - cc0) if cc0 is not None else None,
             clip_cpu_s=cpu_seconds(pid) - cpu0 if snapshotter == "clip" else None,
             clip_peak_rss=peak_rss_bytes(pid) if snapshotter == "clip" else None,
             read_compressed_bytes=_read_bytes(pushed, out),
+            load1=os.getloadavg()[0],
             output=_short(out),
         )
         self.runs.append(run)
@@ -255,57 +279,164 @@ class Bench:
         )
         return run
 
+    def _py_spy(self, pid: int, name: str, setup: str) -> subprocess.Popen[bytes] | None:
+        """py-spy recording `clip serve` (all threads, native frames off) when asked for."""
+        if setup not in self.profile:
+            return None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        out = self.profile_dir / f"{name}.txt"
+        cmd = ["py-spy", "record", "-p", str(pid), "--format", "raw", "-o", str(out),
+               "--rate", "200", "--threads", "--nonblocking"]  # fmt: skip
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / cmd[0]), *cmd[1:]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # let it attach before the measured work starts
+        return spy
+
     # --------------------------------------------------------------------------- one image
 
     def image_round(self, pushed: PushedImage, repeat: int, with_cc: bool) -> None:
-        """Setups 1-5 for one image, each on a clean node."""
+        """Setups 1-5 for one image, each on a clean node; a failing setup is recorded in
+        ``failures`` and the round goes on with what does not depend on it."""
         name = pushed.spec.name
-        overlay = self.node(f"{name}-o")
+        self._attempt(pushed, "overlayfs", repeat, lambda: self._overlay(pushed, repeat))
+        if with_cc:
+            _flush_redis(self.cc_url)
+        cold = self.node(f"{name}-a", cc=with_cc)
         try:
-            overlay.start()
-            self.measure(overlay, pushed, "overlayfs", repeat, overlay.overlay_pull, "overlayfs")
-            self.measure(overlay, pushed, "overlayfs-warm", repeat, None, "overlayfs")
-        finally:
-            overlay.remove()
-        cold = self.node(f"{name}-a")
-        try:
-            cold.start()
-            self.measure(cold, pushed, "clip-cold", repeat, cold.clip_pull, "clip")
-        finally:
-            cold.stop()
-        try:
-            self._lazy_and_warm(pushed, repeat, cold, with_cc)
+            if not self._attempt(
+                pushed, "clip-cold", repeat, lambda: self._cold(cold, pushed, repeat, with_cc)
+            ):
+                return
+            for setup, extra in (("clip-lazy", ""), ("clip-lazy-nobg", NO_BACKGROUND)):
+                self._attempt(
+                    pushed,
+                    setup,
+                    repeat,
+                    partial(self._fresh, pushed, setup, repeat, cold, extra=extra),
+                )
+            if with_cc:
+                self._attempt(
+                    pushed,
+                    "clip-contentcache",
+                    repeat,
+                    lambda: self._fresh(pushed, "clip-contentcache", repeat, None, cc=True),
+                )
+            self._attempt(pushed, "clip-warm", repeat, lambda: self._warm(pushed, repeat, cold))
         finally:
             cold.remove()
 
-    def _lazy_and_warm(self, pushed: PushedImage, repeat: int, cold: Node, with_cc: bool) -> None:
-        name = pushed.spec.name
-        if with_cc:
-            _flush_redis(self.cc_url)
-        lazy = self.node(f"{name}-b", cc=with_cc)
+    def _attempt(
+        self, pushed: PushedImage, setup: str, repeat: int, step: Callable[[], None]
+    ) -> bool:
         try:
-            shutil.copytree(cold.root / "indexes", lazy.root / "indexes")
-            lazy.start()
-            self.measure(lazy, pushed, "clip-lazy", repeat, lazy.clip_pull, "clip")
-        finally:
-            lazy.remove()
-        if with_cc:
-            node_b = self.node(f"{name}-c", cc=True)
-            try:
-                shutil.copytree(cold.root / "indexes", node_b.root / "indexes")
-                node_b.start()
-                self.measure(node_b, pushed, "clip-contentcache", repeat, node_b.clip_pull, "clip")
-            finally:
-                node_b.remove()
-        warm = self.node(f"{name}-d")
+            step()
+            return True
+        except Exception as exc:  # recorded and reported; the benchmark goes on
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            self.failures.append(
+                {
+                    "link": self.link,
+                    "image": pushed.spec.name,
+                    "setup": setup,
+                    "repeat": repeat,
+                    "error": first,
+                }
+            )
+            say(f"    {self.link:<14} {pushed.spec.name:<10} {setup:<18} #{repeat}: FAILED {first}")
+            return False
+
+    def _overlay(self, pushed: PushedImage, repeat: int) -> None:
+        node = self.node(f"{pushed.spec.name}-o")
         try:
-            warm.root.mkdir(parents=True)
-            (cold.root / "indexes").rename(warm.root / "indexes")
-            (cold.root / "cache").rename(warm.root / "cache")
-            warm.start()
-            self.measure(warm, pushed, "clip-warm", repeat, warm.clip_pull, "clip")
+            node.start()
+            self.measure(node, pushed, "overlayfs", repeat, node.overlay_pull, "overlayfs")
+            self.measure(node, pushed, "overlayfs-warm", repeat, None, "overlayfs")
         finally:
-            warm.remove()
+            node.remove()
+
+    def _cold(self, node: Node, pushed: PushedImage, repeat: int, with_cc: bool) -> None:
+        """Setup 2; with a ContentCache the node also publishes to it (waited for, untimed)."""
+        try:
+            node.start()
+            self.measure(node, pushed, "clip-cold", repeat, node.clip_pull, "clip")
+            if with_cc:
+                wait_redis_settled(self.cc_url)
+        finally:
+            node.stop()
+
+    def _fresh(
+        self,
+        pushed: PushedImage,
+        setup: str,
+        repeat: int,
+        seed: Node | None,
+        *,
+        extra: str = "",
+        cc: bool = False,
+    ) -> None:
+        """A new node, its index store seeded from ``seed`` (if any), empty disk cache."""
+        node = self.node(f"{pushed.spec.name}-{setup}", cc=cc, extra=extra)
+        try:
+            if seed is not None:
+                shutil.copytree(seed.root / "indexes", node.root / "indexes")
+            node.start()
+            self.measure(node, pushed, setup, repeat, node.clip_pull, "clip")
+        finally:
+            node.remove()
+
+    def _warm(self, pushed: PushedImage, repeat: int, cold: Node) -> None:
+        """Setup 5: node 2's disk cache and indexes moved to a fresh node."""
+        node = self.node(f"{pushed.spec.name}-d")
+        try:
+            node.root.mkdir(parents=True)
+            (cold.root / "indexes").rename(node.root / "indexes")
+            (cold.root / "cache").rename(node.root / "cache")
+            node.start()
+            self.measure(node, pushed, "clip-warm", repeat, node.clip_pull, "clip")
+        finally:
+            node.remove()
+
+
+NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
+
+
+def wait_redis_settled(url: str, quiet: float = 2.0, limit: float = 90.0) -> None:
+    """Wait until the ContentCache stops growing (a node's background publishing is done)."""
+    deadline = time.monotonic() + limit
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        used = _redis_info(url, "memory").get("used_memory", 0)
+        if used != last:
+            last, since = used, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.25)
+
+
+def unique_blob_bytes(proxy: CountingProxy, pushed: PushedImage) -> int:
+    """Layer bytes the registry served, each byte counted once (union of the ranges asked)."""
+    sizes = dict(zip(pushed.image.layer_digests, pushed.image.layer_sizes, strict=True))
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for method, path, rng in list(proxy.request_log):
+        digest = path.rsplit("/", 1)[-1]
+        if method != "GET" or digest not in sizes:
+            continue
+        if rng and rng.startswith("bytes="):
+            first, _, last = rng[6:].partition("-")
+            end = int(last) + 1 if last else sizes[digest]
+            spans.setdefault(digest, []).append((int(first), min(end, sizes[digest])))
+        else:
+            spans.setdefault(digest, []).append((0, sizes[digest]))
+    total = 0
+    for ranges in spans.values():
+        reach = -1
+        for start, end in sorted(ranges):
+            total += max(0, end - max(start, reach))
+            reach = max(reach, end)
+    return total
 
 
 def _flush_redis(url: str) -> None:
