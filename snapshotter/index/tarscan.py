@@ -14,8 +14,10 @@ import base64
 import binascii
 import hashlib
 import struct
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from snapshotter.index.model import EntryType, IndexBuildOptions, LayerFormatError
@@ -60,7 +62,7 @@ class Member:
     linkname: str
     devmajor: int
     devminor: int
-    xattrs: dict[str, bytes]
+    xattrs: Mapping[str, bytes]
     uoff: int
     digests: list[bytes] = field(default_factory=list)
 
@@ -135,6 +137,56 @@ def _pax_time_ns(value: str, where: int) -> int:
     return -ns if neg else ns
 
 
+_FAST_TYPES = {k: v for k, v in _TYPES.items() if k != b"D"}
+_NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+
+
+def _plain_member(view: memoryview, i: int, where: int) -> Member | None:
+    """The member of a plain ustar/GNU header at ``view[i:i+512]``, or None when anything about
+    it needs the general path (which then also produces the right error).
+
+    Same results as ``TarScanner._header`` for the headers it accepts; the checksum is summed
+    with ``zlib.adler32`` (its low half is 1 + the byte sum, exact for 256 bytes or fewer)
+    instead of a Python loop over 512 bytes.
+    """
+    (name_b, mode_b, uid_b, gid_b, size_b, mtime_b, chk_b, kind, link_b, magic, major_b,
+     minor_b, prefix) = _HEADER.unpack_from(view, i)
+    etype = _FAST_TYPES.get(kind)
+    if etype is None or not name_b[0]:
+        return None
+    try:
+        stored = int(chk_b.rstrip(b"\0 "), 8)
+        mode = int(mode_b.rstrip(b"\0 "), 8)
+        uid = int(uid_b.rstrip(b"\0 "), 8)
+        gid = int(gid_b.rstrip(b"\0 "), 8)
+        size = int(size_b.rstrip(b"\0 "), 8)
+        mtime = int(mtime_b.rstrip(b"\0 "), 8)
+        major = minor = 0
+        if etype is EntryType.CHAR or etype is EntryType.BLOCK:
+            major = int(major_b.rstrip(b"\0 "), 8)
+            minor = int(minor_b.rstrip(b"\0 "), 8)
+    except ValueError:
+        return None
+    summed = ((zlib.adler32(view[i : i + 256]) & 0xFFFF)
+              + (zlib.adler32(view[i + 256 : i + BLOCK]) & 0xFFFF) + 254 - sum(chk_b))
+    if stored != summed or size < 0:
+        return None
+    name_b = name_b.split(b"\0", 1)[0]
+    if magic == b"ustar\0" and prefix[0]:
+        name_b = prefix.split(b"\0", 1)[0] + b"/" + name_b
+    raw_path = name_b.decode("utf-8", "surrogateescape")
+    linkname = ""
+    if etype is EntryType.FILE:
+        if raw_path.endswith("/"):
+            return None  # a pre-POSIX directory
+    else:
+        size = 0
+        if etype is EntryType.SYMLINK or etype is EntryType.HARDLINK:
+            linkname = link_b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    return Member(normalise(raw_path), raw_path, etype, mode & 0o7777, uid, gid, size,
+                  mtime * 1_000_000_000, linkname, major, minor, _NO_XATTRS, where + BLOCK)
+
+
 def parse_pax(data: bytes, where: int) -> dict[str, bytes]:
     """Parse ``"<len> <key>=<value>\\n"`` records; values stay bytes (xattrs are binary)."""
     out: dict[str, bytes] = {}
@@ -198,10 +250,8 @@ class TarScanner:
         i = 0
         while i < n:
             if self._state == "header":
-                if not self._hdr and n - i >= BLOCK:  # a whole header in this piece: no copy
-                    i += BLOCK
-                    self.pos += BLOCK
-                    self._header(bytes(view[i - BLOCK : i]), self.pos - BLOCK)
+                if not self._hdr and n - i >= BLOCK:  # whole headers in this piece: no copy
+                    i = self._members(view, i, n)
                     continue
                 take = min(BLOCK - len(self._hdr), n - i)
                 self._hdr += view[i : i + take]
@@ -234,6 +284,63 @@ class TarScanner:
             else:  # "end": everything after the end-of-archive marker is ignored
                 self.pos += n - i
                 i = n
+
+    def _members(self, view: memoryview, i: int, n: int) -> int:
+        """Consume whole members of ``view`` from ``i`` on, as long as headers are complete in
+        it; returns where it stopped (``self.pos`` follows).
+
+        The common member (a plain ustar/GNU header, no PAX or long-name record before it,
+        its data inside this piece) is handled here in one pass: the header is read in place,
+        the file hashed with one call per verification chunk, padding skipped, with no state
+        machine steps. Everything else (PAX, long names, zero blocks, odd numbers, bad
+        checksums, data crossing the piece end) goes through ``_header`` and the state
+        machine, the general path.
+        """
+        base = self.pos - i
+        chunk = self._opts.chunk_size
+        on_member = self._on_member
+        on_file_start = self.on_file_start
+        sha256 = hashlib.sha256
+        while n - i >= BLOCK and self._state == "header":
+            where = base + i
+            member = None
+            if not (self._pax_local or self._pax_global or self._long_name is not None
+                    or self._long_link is not None):
+                member = _plain_member(view, i, where)
+            i += BLOCK
+            if member is None:
+                self.pos = base + i
+                self._header(bytes(view[i - BLOCK : i]), where)
+                continue
+            if member.type is not EntryType.FILE:
+                on_member(member)
+                continue
+            size = member.size
+            if on_file_start is not None:
+                on_file_start(i + base, size)
+            end = i + size
+            if end > n:  # the data continues in the next piece: the general path
+                self.pos = base + i
+                self._member = member
+                self._hash = sha256()
+                self._chunk_left = chunk
+                self._begin_data(size)
+                return i
+            if size <= chunk:
+                if size:
+                    member.digests.append(sha256(view[i:end]).digest())
+            else:
+                member.digests = [
+                    sha256(view[p : min(p + chunk, end)]).digest() for p in range(i, end, chunk)
+                ]
+            on_member(member)
+            i = end + (-size % BLOCK)
+            if i > n:  # the padding crosses the piece end
+                self._pad = i - n
+                self._state = "pad"
+                i = n
+        self.pos = base + i
+        return i
 
     def finish(self) -> None:
         """Check the stream ended on a member boundary."""

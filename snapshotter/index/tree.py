@@ -10,25 +10,48 @@ is a binary search, with no separate children table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from snapshotter.index.model import EntryType, LayerFormatError
 from snapshotter.index.tarscan import Member, normalise
 
 
-@dataclass(slots=True, eq=False)
 class Node:
-    """A mutable tree node; ``member`` is None only for synthesised directories and the root."""
+    """A mutable tree node; ``member`` is None only for synthesised directories and the root.
 
-    name: bytes
-    member: Member | None
-    type: EntryType
-    parent: Node | None = None
-    children: dict[bytes, Node] = field(default_factory=dict)
-    link: Node | None = None  # HARDLINK: the node it shares an inode with
-    links: list[Node] = field(default_factory=list)  # hardlinks pointing here
-    ordinal: int = -1
-    path: bytes = b""  # set by Tree.ordered()
+    Only directories get a ``children`` dict of their own (files share an empty one that is
+    never written), and ``links`` exists only on nodes that hardlinks point at: a layer has
+    tens of thousands of nodes, so per-node allocations matter.
+    """
+
+    __slots__ = (
+        "children",
+        "first_child",
+        "link",
+        "links",
+        "member",
+        "name",
+        "ordinal",
+        "parent",
+        "path",
+        "subdirs",
+        "type",
+    )
+
+    def __init__(self, name: bytes, member: Member | None, etype: EntryType,
+                 parent: Node | None) -> None:
+        self.name = name
+        self.member = member
+        self.type = etype
+        self.parent = parent
+        self.children: dict[bytes, Node] = {} if etype is EntryType.DIR else _LEAF
+        self.link: Node | None = None  # HARDLINK: the node it shares an inode with
+        self.links: list[Node] | None = None  # hardlinks pointing here
+        self.ordinal = -1
+        self.path = b""  # set by Tree.ordered()
+        self.first_child = 0  # set by Tree.ordered() (directories with children)
+        self.subdirs = 0  # set by Tree.ordered()
+
+
+_LEAF: dict[bytes, Node] = {}  # the children of every non-directory: always empty
 
 
 def _name(text: str) -> bytes:
@@ -37,7 +60,7 @@ def _name(text: str) -> bytes:
 
 class Tree:
     def __init__(self) -> None:
-        self.root = Node(b"", None, EntryType.DIR)
+        self.root = Node(b"", None, EntryType.DIR, None)
         self.count = 1
         # members usually arrive directory by directory: remember the last parent found
         self._last_dir: tuple[str, Node] | None = None
@@ -65,6 +88,8 @@ class Tree:
         node = Node(name, member, member.type, parent)
         if link is not None:
             node.link = link
+            if link.links is None:
+                link.links = []
             link.links.append(node)
         parent.children[name] = node
         self.count += 1
@@ -109,6 +134,7 @@ class Tree:
         del node.parent.children[node.name]
         self.count -= 1
         if node.link is not None:
+            assert node.link.links is not None
             node.link.links.remove(node)
         elif node.links:
             heir = node.links[0]
@@ -129,17 +155,25 @@ class Tree:
             self._remove(child)
 
     def ordered(self) -> list[Node]:
-        """All nodes, breadth-first, siblings by name bytes; sets ``ordinal`` on each."""
+        """All nodes, breadth-first, siblings by name bytes; sets ``ordinal``, ``path``,
+        ``first_child`` and ``subdirs`` on each."""
         out = [self.root]
+        append = out.append
         self.root.ordinal = 0
-        i = 0
-        while i < len(out):
-            node = out[i]
-            i += 1
+        directory = EntryType.DIR
+        for node in out:  # grows while it is walked: breadth-first
+            children = node.children
+            if not children:
+                continue
             prefix = node.path + b"/" if node.path else b""
-            for key in sorted(node.children):
-                child = node.children[key]
+            node.first_child = len(out)
+            subdirs = 0
+            for key in sorted(children):
+                child = children[key]
                 child.ordinal = len(out)
                 child.path = prefix + key
-                out.append(child)
+                if child.type is directory:
+                    subdirs += 1
+                append(child)
+            node.subdirs = subdirs
         return out

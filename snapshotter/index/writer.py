@@ -34,82 +34,71 @@ class Meta:
     blob_sha256: bytes
 
 
-class _Strings:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def add(self, data: bytes) -> tuple[int, int]:
-        off = len(self.buf)
-        self.buf += data
-        return off, len(data)
-
-
-def _nlink(node: Node) -> int:
-    if node.type is EntryType.DIR:
-        return 2 + sum(1 for c in node.children.values() if c.type is EntryType.DIR)
-    inode = node.link if node.link is not None else node
-    return 1 + len(inode.links)
-
-
 def serialise(
     nodes: list[Node],
     checkpoints: list[RawCheckpoint],
     marks: tuple[list[int], list[int]],
     meta: Meta,
 ) -> bytes:
-    strings = _Strings()
-    entries = bytearray()
-    xattrs = bytearray()
-    digests = bytearray()
-    xattr_count = digest_count = 0
-    child_runs: dict[int, int] = {}
-    for node in nodes:  # breadth-first: a directory's children are a contiguous run
-        if node.children:
-            child_runs[node.ordinal] = min(c.ordinal for c in node.children.values())
+    """The index bytes; ``nodes`` come from ``Tree.ordered()`` (breadth-first, so a
+    directory's children are the contiguous run ``first_child .. + len(children)``)."""
+    strings: list[bytes] = []  # joined once at the end; str_len is the running offset
+    str_len = 0
+    records: list[bytes] = []
+    xattrs: list[bytes] = []
+    digests: list[bytes] = []
+    pack = fmt.ENTRY.pack
+    pack_xattr = fmt.XATTR.pack
+    directory, symlink, hardlink, regular = (
+        EntryType.DIR, EntryType.SYMLINK, EntryType.HARDLINK, EntryType.FILE)
     for node in nodes:
         m = node.member
-        path_off, path_len = strings.add(node.path)
-        x_first = xattr_count
-        xa = m.xattrs if m is not None else {}
-        for key in sorted(xa):
-            k_off, k_len = strings.add(key.encode("utf-8", "surrogateescape"))
-            v_off, v_len = strings.add(xa[key])
-            xattrs += fmt.XATTR.pack(k_off, k_len, v_off, v_len)
-            xattr_count += 1
-        linkname = b""
-        if m is not None and node.type in (EntryType.SYMLINK, EntryType.HARDLINK):
-            linkname = m.linkname.encode("utf-8", "surrogateescape")
-        link_off, link_len = strings.add(linkname)
-        c_first = digest_count
-        is_file = node.type is EntryType.FILE and m is not None
-        if is_file and m is not None:
-            for d in m.digests:
-                digests += d
-            digest_count += len(m.digests)
-        entries += fmt.ENTRY.pack(
-            path_off,
-            path_len,
-            len(node.name),
-            node.parent.ordinal if node.parent is not None else 0,
-            int(node.type),
-            (m.mode if m else 0o755) & 0o7777,
-            m.uid if m else 0,
-            m.gid if m else 0,
-            m.size if is_file and m else 0,
-            m.mtime_ns if m else 0,
-            m.uoff if is_file and m else 0,
-            link_off,
-            link_len,
-            node.link.ordinal if node.link is not None else -1,
-            _nlink(node),
-            m.devmajor if m else 0,
-            m.devminor if m else 0,
-            x_first,
-            xattr_count - x_first,
-            child_runs.get(node.ordinal, 0),
-            len(node.children),
-            c_first,
-        )
+        path = node.path
+        path_off = str_len
+        strings.append(path)
+        str_len += len(path)
+        etype = node.type
+        parent = node.parent.ordinal if node.parent is not None else 0
+        if etype is directory:
+            nlink = 2 + node.subdirs
+        else:
+            inode = node.link if node.link is not None else node
+            nlink = 1 + (len(inode.links) if inode.links else 0)
+        link_target = node.link.ordinal if node.link is not None else -1
+        x_first = len(xattrs)
+        if m is None:  # the root or a synthesised directory
+            records.append(pack(path_off, len(path), len(node.name), parent, int(etype), 0o755,
+                                0, 0, 0, 0, 0, str_len, 0, link_target, nlink, 0, 0, x_first,
+                                0, node.first_child, len(node.children), len(digests)))
+            continue
+        for key in sorted(m.xattrs) if m.xattrs else ():
+            k = key.encode("utf-8", "surrogateescape")
+            v = m.xattrs[key]
+            xattrs.append(pack_xattr(str_len, len(k), str_len + len(k), len(v)))
+            strings += (k, v)
+            str_len += len(k) + len(v)
+        link_off = str_len
+        link_len = 0
+        if etype is symlink or etype is hardlink:
+            link = m.linkname.encode("utf-8", "surrogateescape")
+            strings.append(link)
+            link_len = len(link)
+            str_len += link_len
+        c_first = len(digests)
+        if etype is regular:
+            digests += m.digests
+            size, uoff = m.size, m.uoff
+        else:
+            size = uoff = 0
+        records.append(pack(path_off, len(path), len(node.name), parent, int(etype),
+                            m.mode & 0o7777, m.uid, m.gid, size, m.mtime_ns, uoff, link_off,
+                            link_len, link_target, nlink, m.devmajor, m.devminor, x_first,
+                            len(xattrs) - x_first, node.first_child, len(node.children),
+                            c_first))
+    entries = b"".join(records)
+    string_bytes = b"".join(strings)
+    xattr_count = len(xattrs)
+    digest_count = len(digests)
     cps = bytearray()
     windows = bytearray()
     cctx = zstandard.ZstdCompressor(level=fmt.ZSTD_LEVEL, write_checksum=True)
@@ -122,7 +111,8 @@ def serialise(
     mark_uoffs = struct.pack(f"<{len(uoffs)}Q", *uoffs)
     mark_cends = struct.pack(f"<{len(cends)}Q", *cends)
     raw_body = b"".join(
-        (entries, xattrs, cps, mark_uoffs, mark_cends, digests, strings.buf)
+        (entries, b"".join(xattrs), cps, mark_uoffs, mark_cends, b"".join(digests),
+         string_bytes)
     )
     body = cctx.compress(raw_body)
     header = fmt.HEADER.pack(
@@ -135,7 +125,7 @@ def serialise(
         xattr_count,
         len(checkpoints),
         digest_count,
-        len(strings.buf),
+        len(string_bytes),
         meta.uncompressed_size,
         meta.compressed_size,
         meta.blob_sha256,
