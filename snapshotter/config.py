@@ -67,6 +67,13 @@ class BackgroundFetchConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    otlp_endpoint: str = ""
+    trace_log: bool = False
+    slow_read_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
 class MemoryCacheConfig:
     limit_bytes: int = 64 * 1024**2
 
@@ -93,6 +100,7 @@ class Config:
     disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
     memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def registry_for(self, host: str) -> RegistryConfig:
         return self.registry.get(host, RegistryConfig())
@@ -196,6 +204,7 @@ class _Loader:
             "disk_cache": DiskCacheConfig,
             "memory_cache": MemoryCacheConfig,
             "background_fetch": BackgroundFetchConfig,
+            "telemetry": TelemetryConfig,
         }
         out: dict[str, Any] = {}
         for name, raw in doc.items():

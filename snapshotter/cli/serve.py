@@ -10,7 +10,7 @@ from snapshotter import config as config_mod
 from snapshotter import logs
 from snapshotter.provider import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
-from snapshotter.telemetry import TELEMETRY
+from snapshotter.telemetry import TELEMETRY, TelemetryOptions
 
 EPILOG = """\
 example:
@@ -49,7 +49,19 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
     )
     logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
-    asyncio.run(_serve(cfg))
+    tel = cfg.telemetry
+    if tel == config_mod.TelemetryConfig():
+        asyncio.run(_serve(cfg))
+        return 0
+    TELEMETRY.configure(TelemetryOptions(
+        otlp_endpoint=tel.otlp_endpoint,
+        trace_log=tel.trace_log,
+        slow_read_seconds=tel.slow_read_seconds,
+    ))
+    try:
+        asyncio.run(_serve(cfg))
+    finally:
+        TELEMETRY.shutdown()  # flush the exporters configured above
     return 0
 
 
