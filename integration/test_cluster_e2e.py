@@ -337,3 +337,37 @@ def test_cache_ls_and_prune_beside_a_running_daemon(
     out = subprocess.run(prune, capture_output=True, text=True, check=True, timeout=60)
     assert {r["digest"] for r in json.loads(out.stdout)} == set(image.layer_digests)
     assert node.cache_ls() == []
+
+
+def test_eviction_keeps_the_disk_cache_under_its_cap(
+    cluster_image: ClusterImage, registry: RegistryServer, cluster_nodes: NodeFactory,
+    tmp_path: Path,
+) -> None:
+    cap = 32 * MiB
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    other_big = os.urandom(20 * MiB)
+    (tree / "other.bin").write_bytes(other_big)
+    tools = host_rootfs_tree(tmp_path / "tools", BINARIES)
+    layers = [make_layer_tar(t, tmp_path / f"e{i}.tar.gz") for i, t in enumerate((tools, tree))]
+    other = push_image(build_image(layers, tmp_path / "oci"), registry.host, "clip/evict", "v1")
+
+    node = cluster_nodes([registry.host], "ev", f"[disk_cache]\nlimit_bytes = {cap}\n")
+    first = cluster_image.image
+    node.pull(first.ref)
+    assert _read(node, first.ref, "first", 2) == cluster_image.middle(2)
+    node.containerd.ctr("images", "rm", "--sync", first.ref, namespace="clip-lazy")
+    _wait("the first image's snapshots to go", lambda: node.committed() == [], timeout=60)
+
+    node.pull(other.ref)
+    out = node.run(other.ref, "second", "/bin/sh", "-c", "sha256sum /other.bin")
+    assert out.stdout.split()[0] == hashlib.sha256(other_big).hexdigest()
+
+    def under_cap() -> bool:
+        return sum(int(str(r["bytes_cached"])) for r in node.cache_ls()) <= cap
+
+    _wait("eviction under the cap", under_cap, timeout=60)
+    rows = {str(r["digest"]): r for r in node.cache_ls()}
+    assert cluster_image.big_digest not in rows  # unused and least recently used: evicted
+    assert rows[other.layer_digests[1]]["in_use"] and rows[other.layer_digests[1]]["complete"]
+    assert "evicted layer cache" in node.clip.log_path.read_text()
