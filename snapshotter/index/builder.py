@@ -1,10 +1,11 @@
 """``build_index``: one streaming pass over a layer blob produces its clip index.
 
-Two threads form a pipeline. The decoding thread reads the blob (hashing it), decodes it
-(zlib-ng inflate / zstd, both release the GIL) and queues batches of events; the calling
-thread feeds the uncompressed bytes to ``on_data`` and the tar scanner (which hashes file data)
-and chooses checkpoints. The queue is bounded, so memory stays bounded: only the 32 KiB windows
-of chosen checkpoints, per-entry metadata and digests are kept, never the layer.
+Three threads form a pipeline. The reading thread reads the blob and hashes it; the decoding
+thread decodes it (zlib-ng inflate / zstd) and queues batches of pieces; the calling thread
+feeds the uncompressed bytes to ``on_data`` and the tar scanner (which hashes file data) and
+chooses checkpoints. Hashing and decoding release the GIL, so on two cores they overlap with
+the tar parsing. The queues are bounded, so memory stays bounded: only the 32 KiB windows of
+chosen checkpoints, per-entry metadata and digests are kept, never the layer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from snapshotter.index.decoders import (
     Bound,
@@ -36,6 +37,7 @@ from snapshotter.index.writer import Meta, RawCheckpoint, serialise
 READ_SIZE = 1 << 20
 BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch
 QUEUE_BATCHES = 16
+QUEUE_CHUNKS = 8  # compressed READ_SIZE chunks read ahead of the decoder
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -53,20 +55,82 @@ def detect(head: bytes) -> str:
 
 
 class _Stopped(Exception):
-    """The consumer gave up; the decoding thread unwinds quietly."""
+    """The consumer gave up; the pipeline threads unwind quietly."""
 
 
-class _Decoding(threading.Thread):
-    """Reads and decodes the blob, handing batches of events to the calling thread."""
+_Item = TypeVar("_Item")
 
-    def __init__(self, blob: BinaryIO, head: bytes, compression: str) -> None:
-        super().__init__(name="clip-index-decode", daemon=True)
+
+class _Stage(threading.Thread):
+    """A pipeline thread with a bounded output queue. Every wait polls ``stop`` so that a
+    failing consumer never leaves a thread blocked for good (a thread blocked in the blob's
+    own ``read`` is a daemon and holds no resources)."""
+
+    def __init__(self, name: str, stop: threading.Event, depth: int) -> None:
+        super().__init__(name=name, daemon=True)
+        self.stop = stop
+        self.queue: queue.Queue[Any] = queue.Queue(depth)
+
+    def _put(self, item: object) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def get(self, kind: type[_Item]) -> _Item | BaseException | None:
+        """The next item, an exception the stage raised, or None at its end."""
+        while not self.stop.is_set():
+            try:
+                item = self.queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None or isinstance(item, (kind, BaseException)):
+                return item
+        raise _Stopped
+
+    def _fail(self, exc: BaseException) -> None:
+        """Hand ``exc`` downstream, where the calling thread re-raises it."""
+        try:
+            self._put(exc)
+        except _Stopped:
+            return
+
+
+class _Reading(_Stage):
+    """Reads the blob and hashes it: sha256 releases the GIL, so the blob digest costs the
+    decoding thread nothing (it runs on whichever core is free)."""
+
+    def __init__(self, blob: BinaryIO, head: bytes, stop: threading.Event) -> None:
+        super().__init__("clip-index-read", stop, QUEUE_CHUNKS)
         self.blob = blob
         self.head = head
-        self.queue: queue.Queue[list[Piece] | BaseException | None] = queue.Queue(QUEUE_BATCHES)
-        self.stop = threading.Event()
         self.sha = hashlib.sha256()
         self.size = 0
+
+    def run(self) -> None:
+        try:
+            chunk = self.head
+            while chunk:
+                self.sha.update(chunk)
+                self.size += len(chunk)
+                self._put(chunk)
+                chunk = self.blob.read(READ_SIZE)
+            self._put(None)
+        except _Stopped:
+            return
+        except BaseException as exc:
+            self._fail(exc)
+
+
+class _Decoding(_Stage):
+    """Decodes the blob's chunks, handing batches of pieces to the calling thread."""
+
+    def __init__(self, reading: _Reading, compression: str) -> None:
+        super().__init__("clip-index-decode", reading.stop, QUEUE_BATCHES)
+        self.reading = reading
         self._batch: list[Piece] = []
         self._batched = 0
         self.decoder: Decoder
@@ -89,35 +153,24 @@ class _Decoding(threading.Thread):
             self._batch = []
             self._batched = 0
 
-    def _put(self, item: list[Piece] | BaseException | None) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped
-
     def run(self) -> None:
         try:
             step = self.decoder.read_size
-            chunk = self.head
-            while chunk:
-                self.sha.update(chunk)
-                self.size += len(chunk)
+            while True:
+                chunk = self.reading.get(bytes)
+                if chunk is None:
+                    break
+                if isinstance(chunk, BaseException):
+                    raise chunk
                 for i in range(0, len(chunk), step):
                     self.decoder.feed(chunk[i : i + step])
-                chunk = self.blob.read(READ_SIZE)
             self.decoder.finish()
             self._flush()
             self._put(None)
         except _Stopped:
             return
-        except BaseException as exc:  # handed to the calling thread, which re-raises it
-            try:
-                self._put(exc)
-            except _Stopped:
-                return
+        except BaseException as exc:
+            self._fail(exc)
 
 
 # A restart point seen in a piece, its window not yet cut out: (uoff, coff, bits, piece data,
@@ -214,12 +267,14 @@ def build_index(
     if not head:
         raise LayerFormatError("layer blob is empty")
     compression = detect(head)
-    decoding = _Decoding(blob, head, compression)
+    reading = _Reading(blob, head, threading.Event())
+    decoding = _Decoding(reading, compression)
     decoder = decoding.decoder
     policy = _CheckpointPolicy(options, decoder.forced, decoder.windowed)
     tree = Tree()
     scanner = TarScanner(options, tree.add, policy.on_file_start)
     uoff = 0
+    reading.start()
     decoding.start()
     try:
         while True:
@@ -238,24 +293,27 @@ def build_index(
                 uoff += len(data)
         scanner.finish()
     except BaseException:
-        # The decoding thread stops at its next queue put; it may be blocked reading a stalled
-        # blob, so do not wait for it forever (it is a daemon thread and holds no resources).
-        decoding.stop.set()
+        # The threads stop at their next queue put or get; the reading thread may be blocked
+        # reading a stalled blob, so do not wait for it forever (it is a daemon thread and
+        # holds no resources).
+        reading.stop.set()
         decoding.join(timeout=5)
+        reading.join(timeout=5)
         raise
     decoding.join()
+    reading.join()
     nodes = tree.ordered()
-    meta = Meta(compression, options.chunk_size, uoff, decoding.size, decoding.sha.digest())
+    meta = Meta(compression, options.chunk_size, uoff, reading.size, reading.sha.digest())
     data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
     _write(out, data)
     return BuildResult(
         entries=len(nodes),
         uncompressed_size=uoff,
-        compressed_size=decoding.size,
+        compressed_size=reading.size,
         index_size=len(data),
         checkpoints=len(policy.checkpoints),
         seconds=time.monotonic() - started,
-        blob_digest="sha256:" + decoding.sha.hexdigest(),
+        blob_digest="sha256:" + reading.sha.hexdigest(),
         index_digest="sha256:" + hashlib.sha256(data).hexdigest(),
         compression=compression,
     )
