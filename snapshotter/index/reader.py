@@ -16,7 +16,7 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import BinaryIO, cast
 
@@ -33,6 +33,13 @@ from snapshotter.index.model import (
     LayerFormatError,
 )
 from snapshotter.index.tarscan import normalise
+
+_ENTRY_UNPACK = fmt.ENTRY.unpack_from
+_ENTRY_SIZE = fmt.ENTRY.size
+_NAME_FIELDS = struct.Struct("<III")  # the first fields of ENTRY: path_off, path_len, name_len
+_CHILD_FIELDS = struct.Struct("<II")  # ENTRY's first_child, child_count, at offset 84
+_ENTRY_TYPES = tuple(EntryType)
+_NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
 
 
 class LayerIndex:
@@ -73,6 +80,7 @@ class LayerIndex:
                   + self._nd * fmt.DIGEST_SIZE + strings_len)
         if len(body) != raw_len or raw_len != expect or self._n < 1:
             raise IndexFormatError(f"{origin}: corrupt index body (record counts do not match)")
+        self._data: bytes = body
         self._body = memoryview(body)
         self._xattr_base = self._n * fmt.ENTRY.size
         self._cp_base = self._xattr_base + self._nx * fmt.XATTR.size
@@ -144,66 +152,85 @@ class LayerIndex:
 
     def _str(self, off: int, length: int) -> bytes:
         start = self._str_base + off
-        return bytes(self._body[start : start + length])
+        return self._data[start : start + length]
 
     def _name_bytes(self, ordinal: int) -> bytes:
-        rec = fmt.ENTRY.unpack_from(self._body, ordinal * fmt.ENTRY.size)
-        path_off, path_len, name_len = rec[0], rec[1], rec[2]
-        return self._str(path_off + path_len - name_len, name_len)
+        path_off, path_len, name_len = _NAME_FIELDS.unpack_from(self._data, ordinal * _ENTRY_SIZE)
+        end = self._str_base + path_off + path_len
+        return self._data[end - name_len : end]
 
     def entry(self, ordinal: int) -> Entry:
+        """Decode one entry: one ``unpack_from`` of its record plus slices of the string table
+        (no per-field helper calls; entries without xattrs share one empty mapping)."""
+        if not 0 <= ordinal < self._n:
+            raise IndexError(f"entry ordinal {ordinal} out of range (0..{self._n - 1})")
+        data = self._data
         (path_off, path_len, _name_len, parent, etype, mode, uid, gid, size, mtime_ns, uoff,
          link_off, link_len, link_target, nlink, devmajor, devminor, x_first, x_count,
-         _first_child, _child_count, _c_first) = self._record(ordinal)
-        path = self._str(path_off, path_len).decode("utf-8", "surrogateescape")
+         _first_child, _child_count, _c_first) = _ENTRY_UNPACK(data, ordinal * _ENTRY_SIZE)
+        start = self._str_base + path_off
+        path = data[start : start + path_len].decode("utf-8", "surrogateescape")
+        if link_len:
+            start = self._str_base + link_off
+            linkname = data[start : start + link_len].decode("utf-8", "surrogateescape")
+        else:
+            linkname = ""
+        return Entry(ordinal, path, path[path.rfind("/") + 1 :], parent, _ENTRY_TYPES[etype],
+                     mode, uid, gid, size, mtime_ns, linkname, link_target, nlink, devmajor,
+                     devminor, self._xattrs(x_first, x_count) if x_count else _NO_XATTRS, uoff)
+
+    def _xattrs(self, first: int, count: int) -> Mapping[str, bytes]:
         xattrs: dict[str, bytes] = {}
-        for i in range(x_first, x_first + x_count):
+        for i in range(first, first + count):
             k_off, k_len, v_off, v_len = fmt.XATTR.unpack_from(
-                self._body, self._xattr_base + i * fmt.XATTR.size
+                self._data, self._xattr_base + i * fmt.XATTR.size
             )
             xattrs[self._str(k_off, k_len).decode("utf-8", "surrogateescape")] = self._str(
                 v_off, v_len
             )
-        return Entry(
-            ordinal=ordinal,
-            path=path,
-            name=path.rsplit("/", 1)[-1],
-            parent=parent,
-            type=EntryType(etype),
-            mode=mode,
-            uid=uid,
-            gid=gid,
-            size=size,
-            mtime_ns=mtime_ns,
-            linkname=self._str(link_off, link_len).decode("utf-8", "surrogateescape"),
-            link_target=link_target,
-            nlink=nlink,
-            devmajor=devmajor,
-            devminor=devminor,
-            xattrs=MappingProxyType(xattrs),
-            uoff=uoff,
-        )
+        return MappingProxyType(xattrs)
 
     def children(self, dir_ordinal: int) -> Sequence[int]:
         return self._children(dir_ordinal)
 
+    def names(self, dir_ordinal: int) -> list[str]:
+        """The names of ``children(dir_ordinal)``, in the same order: what a directory listing
+        needs, without decoding whole entries (about 5x cheaper per child than ``entry()``)."""
+        kids = self._children(dir_ordinal)
+        data = self._data
+        base = self._str_base
+        unpack = _NAME_FIELDS.unpack_from
+        out = []
+        for ordinal in kids:
+            path_off, path_len, name_len = unpack(data, ordinal * _ENTRY_SIZE)
+            end = base + path_off + path_len
+            out.append(data[end - name_len : end].decode("utf-8", "surrogateescape"))
+        return out
+
     def _children(self, dir_ordinal: int) -> range:
-        rec = self._record(dir_ordinal)
-        first, count = rec[19], rec[20]
+        if not 0 <= dir_ordinal < self._n:
+            raise IndexError(f"entry ordinal {dir_ordinal} out of range (0..{self._n - 1})")
+        first, count = _CHILD_FIELDS.unpack_from(self._data, dir_ordinal * _ENTRY_SIZE + 84)
         return range(first, first + count)
 
     def child(self, dir_ordinal: int, name: str) -> int | None:
+        """Binary search of the directory's sorted run, reading only the name fields."""
         kids = self._children(dir_ordinal)
         key = name.encode("utf-8", "surrogateescape")
+        data = self._data
+        base = self._str_base
+        unpack = _NAME_FIELDS.unpack_from
         lo, hi = kids.start, kids.stop
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._name_bytes(mid) < key:
+            path_off, path_len, name_len = unpack(data, mid * _ENTRY_SIZE)
+            end = base + path_off + path_len
+            if data[end - name_len : end] < key:
                 lo = mid + 1
             else:
                 hi = mid
         if lo < kids.stop and self._name_bytes(lo) == key:
-            return int(lo)
+            return lo
         return None
 
     def lookup(self, path: str) -> int | None:
