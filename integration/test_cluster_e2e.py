@@ -324,9 +324,11 @@ def test_cache_ls_and_prune_beside_a_running_daemon(
     image = cluster_image.image
     node = cluster_nodes([registry.host], "ls")
     node.pull(image.ref)
+    # built here, or (after the index-push test) found in the registry and background-fetched
+    _wait("complete layers", lambda: all(r["complete"] for r in node.cache_ls()))
     rows = {r["digest"]: r for r in node.cache_ls()}
     assert set(rows) == set(image.layer_digests)
-    assert all(r["complete"] and r["in_use"] for r in rows.values())
+    assert all(r["in_use"] for r in rows.values()), rows
     prune = [sys.executable, "-m", "snapshotter", "cache", "prune", "--all-unused", "--json",
              "--root", str(node.clip.root)]
     out = subprocess.run(prune, capture_output=True, text=True, check=True, timeout=60)
