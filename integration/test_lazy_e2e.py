@@ -190,7 +190,11 @@ class Node:
 
 def _clip_config(path: Path, hosts: list[str]) -> Path:
     tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in hosts)
-    path.write_text(f"{tables}[fuse]\nread_timeout_seconds = {READ_TIMEOUT}\n")
+    # No background fetch: these tests measure what reads alone fetch (docs/cluster.md).
+    path.write_text(
+        f"{tables}[fuse]\nread_timeout_seconds = {READ_TIMEOUT}\n\n"
+        "[background_fetch]\nenabled = false\n"
+    )
     return path
 
 
