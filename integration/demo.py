@@ -109,7 +109,11 @@ class DemoNode:
     def __init__(self, work: Path, registry_host: str, stack: ExitStack) -> None:
         work.mkdir(parents=True)
         config = work / "clip.toml"
-        config.write_text(f'[registry."{registry_host}"]\nplain_http = true\n')
+        # Background fetch off: the registry figures then show what the workload itself read.
+        config.write_text(
+            f'[registry."{registry_host}"]\nplain_http = true\n\n'
+            "[background_fetch]\nenabled = false\n"
+        )
         self.clip = ClipDaemon(work / "clip", config=config, log_level="info")
         self.containerd = Containerd(work / "containerd", self.clip.socket, self.clip.root)
         stack.callback(self.clip.stop)
@@ -220,6 +224,7 @@ def demo(workdir: Path) -> None:
             )
         )
         report(image, results)
+    say("(clip nodes ran with background fetch off, so registry bytes are what the workload read)")
     say(f"\neverything stopped; `make demo-clean` removes {workdir}")
 
 
