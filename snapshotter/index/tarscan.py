@@ -139,6 +139,10 @@ def _pax_time_ns(value: str, where: int) -> int:
 
 _FAST_TYPES = {k: v for k, v in _TYPES.items() if k != b"D"}
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+# enum members as module globals: ``EntryType.FILE`` is a class attribute lookup (~80 ns more)
+# and the fast path tests types several times per member
+_FILE, _SYMLINK, _HARDLINK, _CHAR, _BLOCK = (
+    EntryType.FILE, EntryType.SYMLINK, EntryType.HARDLINK, EntryType.CHAR, EntryType.BLOCK)
 
 
 def _plain_member(view: memoryview, i: int, where: int) -> Member | None:
@@ -162,7 +166,7 @@ def _plain_member(view: memoryview, i: int, where: int) -> Member | None:
         size = int(size_b.rstrip(b"\0 "), 8)
         mtime = int(mtime_b.rstrip(b"\0 "), 8)
         major = minor = 0
-        if etype is EntryType.CHAR or etype is EntryType.BLOCK:
+        if etype is _CHAR or etype is _BLOCK:
             major = int(major_b.rstrip(b"\0 "), 8)
             minor = int(minor_b.rstrip(b"\0 "), 8)
     except ValueError:
@@ -176,12 +180,12 @@ def _plain_member(view: memoryview, i: int, where: int) -> Member | None:
         name_b = prefix.split(b"\0", 1)[0] + b"/" + name_b
     raw_path = name_b.decode("utf-8", "surrogateescape")
     linkname = ""
-    if etype is EntryType.FILE:
+    if etype is _FILE:
         if raw_path.endswith("/"):
             return None  # a pre-POSIX directory
     else:
         size = 0
-        if etype is EntryType.SYMLINK or etype is EntryType.HARDLINK:
+        if etype is _SYMLINK or etype is _HARDLINK:
             linkname = link_b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     return Member(normalise(raw_path), raw_path, etype, mode & 0o7777, uid, gid, size,
                   mtime * 1_000_000_000, linkname, major, minor, _NO_XATTRS, where + BLOCK)
@@ -312,7 +316,7 @@ class TarScanner:
                 self.pos = base + i
                 self._header(bytes(view[i - BLOCK : i]), where)
                 continue
-            if member.type is not EntryType.FILE:
+            if member.type is not _FILE:
                 on_member(member)
                 continue
             size = member.size

@@ -13,6 +13,8 @@ from __future__ import annotations
 from snapshotter.index.model import EntryType, LayerFormatError
 from snapshotter.index.tarscan import Member, normalise
 
+_DIR, _HARDLINK = EntryType.DIR, EntryType.HARDLINK  # globals: cheaper than enum attributes
+
 
 class Node:
     """A mutable tree node; ``member`` is None only for synthesised directories and the root.
@@ -42,7 +44,7 @@ class Node:
         self.member = member
         self.type = etype
         self.parent = parent
-        self.children: dict[bytes, Node] = {} if etype is EntryType.DIR else _LEAF
+        self.children: dict[bytes, Node] = {} if etype is _DIR else _LEAF
         self.link: Node | None = None  # HARDLINK: the node it shares an inode with
         self.links: list[Node] | None = None  # hardlinks pointing here
         self.ordinal = -1
@@ -78,10 +80,10 @@ class Tree:
             parent = self._parent_dir(dir_path.split("/") if dir_path else [], member)
             self._last_dir = (dir_path, parent)
         name = _name(leaf)
-        link = self._link_node(member) if member.type is EntryType.HARDLINK else None
+        link = self._link_node(member) if member.type is _HARDLINK else None
         old = parent.children.get(name)
         if old is not None:
-            if old.type is EntryType.DIR and member.type is EntryType.DIR:
+            if old.type is _DIR and member.type is _DIR:
                 old.member = member
                 return
             self._remove(old)
