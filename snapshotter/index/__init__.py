@@ -14,6 +14,13 @@ from snapshotter.index.model import (
     LayerFormatError,
 )
 from snapshotter.index.reader import IndexReader, LayerIndex, inflate_range
+from snapshotter.index.resume import (
+    InflateResult,
+    ResumePoint,
+    ResumePoints,
+    compressed_range_from,
+    inflate_from,
+)
 
 __all__ = [
     "BuildResult",
@@ -23,9 +30,14 @@ __all__ = [
     "IndexBuildOptions",
     "IndexFormatError",
     "IndexReader",
+    "InflateResult",
     "LayerFormatError",
     "LayerIndex",
+    "ResumePoint",
+    "ResumePoints",
     "build_index",
+    "compressed_range_from",
     "detect",
+    "inflate_from",
     "inflate_range",
 ]

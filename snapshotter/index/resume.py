@@ -1,0 +1,268 @@
+"""Resume points: restart gzip inflation where an earlier read stopped, not at a checkpoint.
+
+An index checkpoint can lie up to ``checkpoint_spacing`` (2 MiB) of compressed data before a
+read, and every read from it fetches and inflates that whole prefix again. While a read
+inflates, it passes deflate block boundaries; at any of them inflation could restart with the
+same four facts a checkpoint stores (compressed offset, bit offset, uncompressed offset, the
+32 KiB window before it). ``inflate_from`` records such *resume points* as it goes, at most one
+per ``record_every`` uncompressed bytes plus the block boundary just past the range, and starts
+from either a checkpoint or a resume point. The read path keeps a bounded set of points per
+layer (``ResumePoints``) and starts each fetch at the nearest one, so a later read in the same
+checkpoint interval costs only the bytes after the point.
+
+Which boundaries become points is a property of the stream alone: the first boundary at or
+after each multiple of ``record_every`` (and the first boundary at or after the range end). So
+two reads that pass the same place record the same point, whatever they started from.
+
+gzip only. Plain tar is random access already (the range itself is fetched), and zstd frames
+have no block-level restart state that could be captured from Python (``zstandard`` exposes no
+way to snapshot or prime a decompression context mid-frame); a zstd layer restarts at frame
+starts, which the index records as checkpoints. For those layers ``inflate_from`` with a
+``Checkpoint`` behaves like ``inflate_range`` and records no points.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from snapshotter.index import inflate as zi
+from snapshotter.index.model import Checkpoint, LayerFormatError
+from snapshotter.index.reader import LayerIndex, inflate_range
+
+#: default spacing of recorded points, in uncompressed bytes
+RECORD_EVERY = 256 << 10
+#: past the range end, inflation continues to the next block boundary for at most this many
+#: bytes (deflate blocks are usually 20-100 KiB; a run of zeros can make one megabytes long)
+TAIL_LIMIT = 1 << 20
+WINDOW = zi.WINDOW_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """A deflate block boundary of one gzip layer where inflation can restart.
+
+    Same meaning as a ``Checkpoint``'s fields (``coff`` first compressed byte, ``bits`` high
+    bits of that byte that belong to the block, ``uoff`` uncompressed offset), plus the window
+    itself (the up to 32 KiB of stream before ``uoff``) and the digest of the blob it belongs
+    to, so a point is never applied to another layer.
+    """
+
+    blob_digest: str
+    coff: int
+    bits: int
+    uoff: int
+    window: bytes
+
+
+Start = Checkpoint | ResumePoint
+
+
+@dataclass(frozen=True, slots=True)
+class InflateResult:
+    """The requested bytes and the resume points passed on the way, in stream order."""
+
+    data: bytes
+    points: tuple[ResumePoint, ...]
+
+
+def compressed_range_from(
+    index: LayerIndex, start: Start, uoff: int, length: int
+) -> tuple[int, int]:
+    """(coff_start, coff_end): the compressed bytes ``inflate_from(index, start, …)`` needs to
+    produce [uoff, uoff+length), i.e. from ``start`` to just past the first deflate block end
+    at or after the range end (the same end ``compressed_range`` names)."""
+    _check_start(index, start, uoff)
+    end = index.compressed_range(uoff, length)[1]
+    if index.compression == "none":
+        return uoff, end
+    return start.coff, max(end, start.coff)
+
+
+def inflate_from(
+    index: LayerIndex,
+    start: Start,
+    compressed: bytes,
+    uoff: int,
+    length: int,
+    *,
+    record_every: int | None = RECORD_EVERY,
+) -> InflateResult:
+    """Uncompressed bytes [uoff, uoff+length) from ``compressed`` (which begins at
+    ``start.coff``, as ``compressed_range_from`` names), and the resume points passed.
+
+    Pure CPU and thread-safe (each call has its own inflate stream; ctypes releases the GIL).
+    ``record_every=None`` records nothing (then it costs the same as ``inflate_range``). Raises
+    LayerFormatError when the bytes do not inflate or end before the range does.
+    """
+    _check_start(index, start, uoff)
+    index.compressed_range(uoff, length)  # validates the range against the layer
+    if length == 0:
+        return InflateResult(b"", ())
+    if index.compression == "none":
+        return InflateResult(inflate_range(index, uoff, compressed, uoff, length), ())
+    if index.compression == "zstd":
+        if isinstance(start, ResumePoint):
+            raise ValueError("resume points exist only for gzip layers")
+        return InflateResult(inflate_range(index, start.coff, compressed, uoff, length), ())
+    if record_every is not None and record_every <= 0:
+        raise ValueError("record_every must be positive")
+    window = start.window if isinstance(start, ResumePoint) else index.window(start)
+    run = _Run(index.blob_digest, start, window, uoff + length, record_every)
+    try:
+        run.inflate(bytes(compressed))
+    except zi.InflateError as exc:
+        raise LayerFormatError(
+            f"layer {index.blob_digest}: corrupt gzip data after offset {start.coff}: {exc}"
+        ) from None
+    data = run.slice(uoff, uoff + length)
+    if len(data) != length:
+        raise LayerFormatError(
+            f"layer {index.blob_digest}: compressed range at {start.coff} "
+            f"ends before uncompressed offset {uoff + length}"
+        )
+    return InflateResult(data, tuple(run.points))
+
+
+def _check_start(index: LayerIndex, start: Start, uoff: int) -> None:
+    if isinstance(start, ResumePoint) and start.blob_digest != index.blob_digest:
+        raise ValueError(
+            f"resume point of layer {start.blob_digest} used with layer {index.blob_digest}"
+        )
+    if start.uoff > uoff:
+        raise ValueError(f"start at uncompressed offset {start.uoff} is after {uoff}")
+
+
+class _Run:
+    """One inflation from a start point, recording boundaries as it goes.
+
+    Output accumulates in ``out`` (from ``start.uoff`` on); the compressed position of the
+    inflater is ``fed_end - avail_in`` because every buffer fed is a suffix of the caller's.
+    """
+
+    def __init__(
+        self, digest: str, start: Start, window: bytes, end: int, every: int | None
+    ) -> None:
+        self.digest = digest
+        self.start = start
+        self.window = window
+        self.end = end
+        self.every = every
+        self.out = bytearray()
+        self.points: list[ResumePoint] = []
+        self.last_boundary = start.uoff  # the previous boundary seen (the start is one)
+        self.inf = zi.Inflater(zi.RAW)
+
+    def inflate(self, compressed: bytes) -> None:
+        inf = self.inf
+        try:
+            data = compressed
+            if self.start.bits:
+                inf.prime(self.start.bits, data[0] >> (8 - self.start.bits))
+                data = data[1:]
+            inf.set_dictionary(self.window)
+            fed_end = self.start.coff + len(compressed)
+            inf.feed_bytes(data)
+            self._loop(fed_end)
+        finally:
+            inf.close()
+
+    def _loop(self, fed_end: int) -> None:
+        inf = self.inf
+        flush = zi.Z_BLOCK if self.every is not None else zi.Z_NO_FLUSH
+        trailer = 8  # the start's member is inflated raw; later members in gzip mode
+        base = self.start.uoff
+        while True:
+            pos = base + len(self.out)
+            if pos >= self.end and (self.every is None or pos - self.end > TAIL_LIMIT):
+                return
+            room = None if pos >= self.end or self.every is not None else self.end - pos
+            rc, chunk = inf.run(flush, limit=room)
+            self.out += chunk
+            if rc == zi.Z_STREAM_END:
+                rest = inf.unused_input()[trailer:]
+                if not rest or rest[0] == 0:
+                    return
+                inf.reset(zi.GZIP)
+                inf.feed_bytes(rest)
+                trailer = 0
+                continue
+            if (
+                self.every is not None
+                and rc == zi.Z_OK
+                and inf.data_type & 0xC0 == 0x80
+                and self._boundary(fed_end - inf.avail_in, inf.data_type & 7)
+            ):
+                return
+            if rc == zi.Z_BUF_ERROR or (not chunk and not inf.avail_in):
+                return
+
+    def _boundary(self, consumed: int, bits: int) -> bool:
+        """Record the boundary just reached if it is due; True once past the range end."""
+        uoff = self.start.uoff + len(self.out)
+        assert self.every is not None
+        prev, self.last_boundary = self.last_boundary, uoff
+        tail = uoff >= self.end
+        if uoff == prev or not (tail or uoff // self.every > prev // self.every):
+            return False
+        coff = consumed - (1 if bits else 0)
+        self.points.append(ResumePoint(self.digest, coff, bits, uoff, self._window(uoff)))
+        return tail
+
+    def _window(self, uoff: int) -> bytes:
+        rel = uoff - self.start.uoff
+        if rel >= WINDOW:
+            return bytes(self.out[rel - WINDOW : rel])
+        return (self.window + bytes(self.out[:rel]))[-WINDOW:]
+
+    def slice(self, a: int, b: int) -> bytes:
+        base = self.start.uoff
+        return bytes(self.out[a - base : b - base])
+
+
+class ResumePoints:
+    """A bounded, thread-safe set of one layer's resume points (least recently used go first).
+
+    ``best_start(uoff)`` is the nearest known point at or before ``uoff`` when it is after the
+    index checkpoint there, else that checkpoint; ``add`` takes the points an inflation
+    returned. Each point holds its 32 KiB window, so ``max_points=256`` is 8 MiB per layer.
+    """
+
+    def __init__(self, index: LayerIndex, max_points: int = 256) -> None:
+        if max_points <= 0:
+            raise ValueError("max_points must be positive")
+        self.index = index
+        self.max_points = max_points
+        self._uoffs: list[int] = []  # sorted
+        self._points: OrderedDict[int, ResumePoint] = OrderedDict()  # LRU order
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def add(self, points: tuple[ResumePoint, ...] | list[ResumePoint]) -> None:
+        with self._lock:
+            for p in points:
+                if p.blob_digest != self.index.blob_digest:
+                    raise ValueError(f"resume point of layer {p.blob_digest} added to "
+                                     f"the points of {self.index.blob_digest}")
+                if p.uoff in self._points:
+                    self._points.move_to_end(p.uoff)
+                    continue
+                self._points[p.uoff] = p
+                bisect.insort(self._uoffs, p.uoff)
+            while len(self._points) > self.max_points:
+                old, _p = self._points.popitem(last=False)
+                del self._uoffs[bisect.bisect_left(self._uoffs, old)]
+
+    def best_start(self, uoff: int) -> Start:
+        cp = self.index.checkpoint_before(uoff)
+        with self._lock:
+            i = bisect.bisect_right(self._uoffs, uoff) - 1
+            if i < 0 or self._uoffs[i] <= cp.uoff:
+                return cp
+            point = self._points[self._uoffs[i]]
+            self._points.move_to_end(point.uoff)
+            return point
