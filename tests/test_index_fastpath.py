@@ -8,16 +8,18 @@ against full entry decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import tarfile
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from index_helpers import gnu_tar, make_special_tree
 
 from snapshotter.index import IndexBuildOptions, IndexReader, LayerIndex, build_index
-from snapshotter.index.model import EntryType
+from snapshotter.index.model import Entry, EntryType, make_entry
 from snapshotter.index.tarscan import Member, TarScanner
 
 OPTS = IndexBuildOptions(chunk_size=4096)
@@ -116,3 +118,14 @@ def test_names_child_and_lookup_agree_with_entries(tmp_path: Path, fmt: str) -> 
         big = index.lookup("big.bin")
         assert big is not None
         assert reader.read(big, 0, 1 << 20) == (src / "big.bin").read_bytes()
+
+
+def test_make_entry_builds_the_same_frozen_entry() -> None:
+    """The reader's fast constructor gives an Entry indistinguishable from ``Entry(...)``."""
+    values = (7, "a/b", "b", 3, EntryType.SYMLINK, 0o755, 1, 2, 0, 10**18 + 5, "../x", -1, 1,
+              0, 0, MappingProxyType({"user.k": b"v"}), 0)
+    fast, slow = make_entry(*values), Entry(*values)
+    assert fast == slow and repr(fast) == repr(slow)
+    assert [getattr(fast, f.name) for f in dataclasses.fields(Entry)] == list(values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.mode = 0  # type: ignore[misc]

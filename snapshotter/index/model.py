@@ -54,6 +54,47 @@ class Entry:
     uoff: int
 
 
+# Entry's frozen __init__ sets each of its 17 fields with object.__setattr__ (about 1.8 us per
+# entry, two thirds of decoding one). The reader decodes entries for every getattr and readdir,
+# so it builds them with ``make_entry``, which stores into the slots through their descriptors
+# directly: the same object (eq, hash, repr, pickling are the dataclass's), about 0.8 us.
+_FIELDS = ("ordinal", "path", "name", "parent", "type", "mode", "uid", "gid", "size",
+           "mtime_ns", "linkname", "link_target", "nlink", "devmajor", "devminor", "xattrs",
+           "uoff")
+assert tuple(Entry.__dataclass_fields__) == _FIELDS
+(_s_ordinal, _s_path, _s_name, _s_parent, _s_type, _s_mode, _s_uid, _s_gid, _s_size,
+ _s_mtime_ns, _s_linkname, _s_link_target, _s_nlink, _s_devmajor, _s_devminor, _s_xattrs,
+ _s_uoff) = (Entry.__dict__[name].__set__ for name in _FIELDS)
+_new = object.__new__
+
+
+def make_entry(
+    ordinal: int, path: str, name: str, parent: int, etype: EntryType, mode: int, uid: int,
+    gid: int, size: int, mtime_ns: int, linkname: str, link_target: int, nlink: int,
+    devmajor: int, devminor: int, xattrs: Mapping[str, bytes], uoff: int,
+) -> Entry:
+    """``Entry(...)`` with positional fields, without the frozen ``__init__``'s overhead."""
+    e: Entry = _new(Entry)
+    _s_ordinal(e, ordinal)
+    _s_path(e, path)
+    _s_name(e, name)
+    _s_parent(e, parent)
+    _s_type(e, etype)
+    _s_mode(e, mode)
+    _s_uid(e, uid)
+    _s_gid(e, gid)
+    _s_size(e, size)
+    _s_mtime_ns(e, mtime_ns)
+    _s_linkname(e, linkname)
+    _s_link_target(e, link_target)
+    _s_nlink(e, nlink)
+    _s_devmajor(e, devmajor)
+    _s_devminor(e, devminor)
+    _s_xattrs(e, xattrs)
+    _s_uoff(e, uoff)
+    return e
+
+
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A place where inflation can restart.

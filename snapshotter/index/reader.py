@@ -31,6 +31,7 @@ from snapshotter.index.model import (
     EntryType,
     IndexFormatError,
     LayerFormatError,
+    make_entry,
 )
 from snapshotter.index.tarscan import normalise
 
@@ -175,9 +176,10 @@ class LayerIndex:
             linkname = data[start : start + link_len].decode("utf-8", "surrogateescape")
         else:
             linkname = ""
-        return Entry(ordinal, path, path[path.rfind("/") + 1 :], parent, _ENTRY_TYPES[etype],
-                     mode, uid, gid, size, mtime_ns, linkname, link_target, nlink, devmajor,
-                     devminor, self._xattrs(x_first, x_count) if x_count else _NO_XATTRS, uoff)
+        return make_entry(ordinal, path, path[path.rfind("/") + 1 :], parent,
+                          _ENTRY_TYPES[etype], mode, uid, gid, size, mtime_ns, linkname,
+                          link_target, nlink, devmajor, devminor,
+                          self._xattrs(x_first, x_count) if x_count else _NO_XATTRS, uoff)
 
     def _xattrs(self, first: int, count: int) -> Mapping[str, bytes]:
         xattrs: dict[str, bytes] = {}
