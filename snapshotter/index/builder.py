@@ -29,6 +29,7 @@ from snapshotter.index.decoders import (
     PlainDecoder,
     ZstdDecoder,
 )
+from snapshotter.index.density import DensityBudget, DensityRule
 from snapshotter.index.model import BuildResult, IndexBuildOptions, LayerFormatError
 from snapshotter.index.tarscan import TarScanner
 from snapshotter.index.tree import Tree
@@ -184,7 +185,8 @@ class _CheckpointPolicy:
     Every boundary becomes the *candidate*. It is kept when the compressed distance from the
     last checkpoint reaches ``checkpoint_spacing`` or the uncompressed one ``max_span``; and
     when a large file's data starts in the block after a boundary, that boundary is kept too,
-    so reading the file never needs the previous file's bytes. Windows are cut out of the
+    so reading the file never needs the previous file's bytes. Between those, ``DensityBudget``
+    adds checkpoints as densely as the index-size budget allows. Windows are cut out of the
     stream only for boundaries that are kept (a few per 2 MiB), never for every block.
     """
 
@@ -200,8 +202,12 @@ class _CheckpointPolicy:
         self.candidate: _Pending | None = None
         self.large: collections.deque[int] = collections.deque()  # large files' data starts
         self.tail = b""  # the last 32 KiB of stream before the current piece
+        rule = DensityRule(options.min_checkpoint_spacing, options.window_share,
+                           options.index_share)
+        self.density = DensityBudget(rule, options.chunk_size)
 
     def on_file_start(self, uoff: int, size: int) -> None:
+        self.density.on_file(size)
         if size >= self.opts.large_file_size and not self.forced:
             self.large.append(uoff)
 
@@ -219,6 +225,7 @@ class _CheckpointPolicy:
         uoff, coff = here[0], here[1]
         self.mark_uoffs.append(uoff)
         self.mark_cends.append(coff + (1 if here[2] else 0))
+        self.density.on_mark()
         if self.forced:
             self._keep(here)
             return
@@ -233,6 +240,7 @@ class _CheckpointPolicy:
             last is None
             or coff - last.coff >= self.opts.checkpoint_spacing
             or uoff - last.uoff >= self.opts.max_span
+            or self.density.due(uoff, uoff - last.uoff, coff - last.coff)
         ):
             self._keep(here)
 
@@ -245,6 +253,8 @@ class _CheckpointPolicy:
             return
         window = b""
         if self.windowed:
+            last = self.checkpoints[-1] if self.checkpoints else RawCheckpoint(0, 0, 0, b"")
+            self.density.kept(uoff, uoff - last.uoff, coff - last.coff)
             window = data[rel - WINDOW : rel] if rel >= WINDOW else (tail + data[:rel])[-WINDOW:]
         self.checkpoints.append(RawCheckpoint(coff, bits, uoff, window))
 

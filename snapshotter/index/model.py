@@ -127,6 +127,12 @@ class IndexBuildOptions:
         digest.
     max_pax_size: PAX extended headers and GNU long names larger than this are refused (a
         hostile blob must not make the builder allocate without bound).
+    min_checkpoint_spacing, window_share, index_share: the adaptive density rule
+        (snapshotter/index/density.py): beyond the fixed spacing, a gzip block boundary at least
+        ``min_checkpoint_spacing`` compressed bytes after the last checkpoint becomes one when
+        its window's expected size is at most ``window_share`` of the uncompressed distance and
+        the estimated index stays within ``index_share`` of the layer. ``window_share=0`` turns
+        the rule off.
     """
 
     checkpoint_spacing: int = 2 << 20
@@ -134,12 +140,19 @@ class IndexBuildOptions:
     large_file_size: int = 4 << 20
     chunk_size: int = 1 << 20
     max_pax_size: int = 1 << 20
+    min_checkpoint_spacing: int = 256 << 10
+    window_share: float = 0.008
+    index_share: float = 0.01
 
     def __post_init__(self) -> None:
-        names = ("checkpoint_spacing", "max_span", "large_file_size", "chunk_size", "max_pax_size")
+        names = ("checkpoint_spacing", "max_span", "large_file_size", "chunk_size",
+                 "max_pax_size", "min_checkpoint_spacing")
         for name in names:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"index build option {name} must be positive")
+        for name in ("window_share", "index_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InvalidArgument(f"index build option {name} must be between 0 and 1")
         if self.chunk_size % 512:
             raise InvalidArgument("index build option chunk_size must be a multiple of 512")
 
