@@ -497,7 +497,8 @@ class ReadPath:
         if isinstance(self.content, NoContentCache):
             return None
         bs = layer.cache.block_size
-        lo, hi = layer.chunk_cover(start, end)
+        # off the loop: the first call decodes every entry of the index (the file map)
+        lo, hi = await trio.to_thread.run_sync(layer.chunk_cover, start, end)
         numbers = list(range(lo // bs, (hi - 1) // bs + 1))
         values = await self._call_content(self.content.get_blocks, layer.digest, numbers)
         if any(v is None for v in values):
