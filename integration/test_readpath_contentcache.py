@@ -20,7 +20,7 @@ import pytest
 import redis
 import trio
 
-from integration.harness.redis import RedisServer
+from integration.harness.redis import RedisClusterServers, RedisServer
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.config import BackgroundFetchConfig
@@ -57,18 +57,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 class Node:
     """One node's read side: its own disk cache, the shared Redis, a counting source."""
 
-    def __init__(self, root: Path, aio: AsyncioThread, url: str, blob: Path) -> None:
+    def __init__(
+        self, root: Path, aio: AsyncioThread, url: str, blob: Path, cluster: bool = False
+    ) -> None:
         self.aio = aio
         self.bridge = Bridge(aio.loop)
-        self.content: ContentCache = self.on_loop(self._open(url))
+        self.content: ContentCache = self.on_loop(self._open(url, cluster))
         self.source = FileSource(blob)
         self.disk = DiskCache(root)
         policy = ReadPolicy(timeout=10, attempts=2, backoff=0.05)
         self.readpath = ReadPath(self.bridge, MemoryTier(), policy, self.content)
 
     @staticmethod
-    async def _open(url: str) -> ContentCache:
-        return open_content_cache({"url": url, "cooldown_seconds": 1.0})
+    async def _open(url: str, cluster: bool) -> ContentCache:
+        return open_content_cache({"url": url, "cooldown_seconds": 1.0, "cluster": cluster})
 
     def on_loop(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.aio.loop).result(30)  # type: ignore[arg-type]
@@ -108,6 +110,29 @@ def nodes(tmp_path: Path, redis_server: RedisServer,
         for node in made:
             node.close()
         aio.close()
+
+
+def test_second_node_reads_from_a_redis_cluster(
+    tmp_path: Path, layer_files: tuple[Path, LayerIndex, bytes]
+) -> None:
+    blob, index, stream = layer_files
+    aio = AsyncioThread()
+    cluster = RedisClusterServers()
+    cluster.start()
+    made: list[Node] = []
+    try:
+        for name in ("a", "b"):
+            made.append(Node(tmp_path / name, aio, cluster.url(), blob, cluster=True))
+        a, b = made
+        a.run(_read_all(a.layer(index), stream))
+        assert a.on_loop(a.content.flush(10))
+        b.run(_read_all(b.layer(index), stream))
+        assert b.source.bytes_read == 0 and b.readpath.stats.content_hits > 0
+    finally:
+        for node in made:
+            node.close()
+        aio.close()
+        cluster.close()
 
 
 def _read_all(layer: Layer, stream: bytes) -> Callable[[ReadPath], Awaitable[None]]:
@@ -220,3 +245,31 @@ def test_background_fetch_completes_a_layer_profile_first(
     assert layer.cache.complete()
     assert sorted(order[:2]) == sorted(profile)
     assert node.source.bytes_read > 0
+
+
+def test_background_fetch_waits_while_foreground_reads_wait(
+    nodes: Callable[[str], Node], layer_files: tuple[Path, LayerIndex, bytes],
+) -> None:
+    _, index, _ = layer_files
+    node = nodes("pause")
+    layer = node.layer(index)
+    options = BackgroundFetchConfig(enabled=True, bytes_per_second=64 * MiB, concurrency=2)
+
+    async def start() -> BackgroundFetcher:
+        fetcher = BackgroundFetcher(node.readpath, node.bridge, options)
+        fetcher.start(layer, [])
+        return fetcher
+
+    async def finish(fetcher: BackgroundFetcher) -> None:
+        await fetcher._tasks[layer.digest]
+
+    async def body(rp: ReadPath) -> None:
+        rp.waiting = 1  # as while a FUSE read waits for its fetch
+        fetcher = await node.bridge.to_asyncio(start)
+        await trio.sleep(0.5)
+        assert node.source.calls == 0 and layer.cache.present_blocks() == 0
+        rp.waiting = 0
+        await node.bridge.to_asyncio(finish, fetcher)
+
+    node.run(body)
+    assert layer.cache.complete()
