@@ -9,7 +9,9 @@ against full entry decoding.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -129,3 +131,33 @@ def test_make_entry_builds_the_same_frozen_entry() -> None:
     assert [getattr(fast, f.name) for f in dataclasses.fields(Entry)] == list(values)
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.mode = 0  # type: ignore[misc]
+
+
+class _FailingBlob(io.RawIOBase):
+    """A blob stream whose read fails after ``good`` bytes, like a dropped HTTP body."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        self.data, self.pos, self.good = data, 0, good
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.pos >= self.good:
+            raise OSError(104, "Connection reset by peer")
+        size = len(self.data) if size < 0 else size
+        out = self.data[self.pos : min(self.pos + size, self.good)]
+        self.pos += len(out)
+        return out
+
+
+def test_a_failing_blob_read_fails_the_build_cleanly(tmp_path: Path) -> None:
+    """An error raised by the blob's read in the reading thread reaches the caller as is, and
+    no index file is left behind."""
+    blob = gzip.compress(_layer() * 8, 6, mtime=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError) as failed:
+        build_index(_FailingBlob(blob, len(blob) // 2), out / "i.idx")  # type: ignore[arg-type]
+    assert failed.value.errno == 104
+    assert os.listdir(out) == []
