@@ -2,7 +2,9 @@
 
 FUSE reads, start-profile prefetch and background fetch all come through here (`read` for
 foreground reads, `fetch_blocks` for low-priority ones), so every byte is verified, cached and
-counted the same way.
+counted the same way. A hit fills the tiers above it: ContentCache and registry bytes go to
+disk and memory; disk bytes are read with `pread`, so the kernel page cache is their memory
+tier (copying them into the LRU as well would hold them twice).
 
 Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of the layer's
 *uncompressed* stream (the last block ends at the stream end). A FUSE read of a file range maps
