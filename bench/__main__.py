@@ -14,6 +14,8 @@ veth pair and qdiscs are removed, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ from typing import Any
 from bench import report
 from bench.images import BIG_MIB, FSREAD, IMAGES, build_and_push, say
 from bench.netem import DelayRelay, ShapedLink, ShapedRegistry
-from bench.setups import Bench, Throughput, contentcache_in_read_path, throughput
+from bench.setups import Bench, Run, Throughput, contentcache_in_read_path, throughput
 from integration.harness.containerd import unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.redis import RedisServer
@@ -61,6 +63,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="",
         help="comma-separated setups to record with py-spy into <work>/profiles (slows them)",
     )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only rewrite the .md and .png next to an existing results JSON",
+    )
     parser.add_argument("--work", type=Path, default=HERE / "work", help="image cache")
     parser.add_argument(
         "--out", type=Path, default=None, help="report dir (bench/results; --quick: bench/work)"
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     # clip closes range responses it no longer needs (and nodes stop mid-fetch): the proxy's
     # "cannot write to closing transport" tracebacks are expected, not failures.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    if args.report_only is not None:
+        return rerender(args.report_only)
     repeats = args.repeats or (1 if args.quick else 2)
     wanted = args.images.split(",") if args.images else (["python"] if args.quick else None)
     specs = [s for s in IMAGES if wanted is None or s.name in wanted]
@@ -156,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     full = payload["mode"] == "full"
     write(payload, args.out or (HERE / "results" if full else args.work / "results-dev"), full)
     say(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    return 0
+
+
+def rerender(path: Path) -> int:
+    """Recompute summary and targets from the raw runs of ``path`` and rewrite .md and .png."""
+    payload = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(Run)}
+    runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in payload["runs"]]
+    payload["summary"] = report.summarize(runs)
+    payload["targets"] = report.targets(
+        payload["summary"], payload["links"], payload["contentcache_available"]
+    )
+    report.write_json(path, payload)
+    path.with_suffix(".md").write_text(report.markdown(payload))
+    report.chart(payload, path.with_suffix(".png"))
+    say(f"rewrote {path.with_suffix('.md')} and .png")
     return 0
 
 

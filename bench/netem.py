@@ -193,6 +193,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
     async def deliver() -> None:
+        with contextlib.suppress(ConnectionError):
+            await _deliver()
+
+    async def _deliver() -> None:
         while True:
             due, chunk = await queue.get()
             if not chunk:

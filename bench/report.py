@@ -280,7 +280,8 @@ def markdown(payload: dict[str, Any]) -> str:
             "files the workload loaded.",
             "",
             "| image | setup | pull s | first exec s | pull+run s | ratio | registry MB | "
-            "of image | read MB (est.) | ContentCache MB | clip CPU s | clip peak RSS MB |",
+            "unique MB | of image | read MB (est.) | ContentCache MB | clip CPU s | "
+            "clip peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for image, img in payload["images"].items():

@@ -108,6 +108,7 @@ class Node:
         self, work: Path, registry_hosts: list[str], *, cc_url: str = "", extra: str = ""
     ) -> None:
         self.work = work
+        self.cc_url = cc_url
         if work.exists():
             unmount_under(work)
             shutil.rmtree(work)
@@ -237,7 +238,7 @@ class Bench:
         assert pid is not None
         drop_page_cache()
         self.proxy.reset()
-        cc0 = redis_output_bytes(self.cc_url) if self.cc_url else None
+        cc0 = redis_output_bytes(node.cc_url) if node.cc_url else None
         cpu0 = cpu_seconds(pid)
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
@@ -263,7 +264,7 @@ class Bench:
             registry_bytes=self.proxy.total_bytes,
             registry_requests=self.proxy.total_requests,
             registry_unique_bytes=unique_blob_bytes(self.proxy, pushed),
-            contentcache_bytes=(redis_output_bytes(self.cc_url) - cc0) if cc0 is not None else None,
+            contentcache_bytes=(redis_output_bytes(node.cc_url) - cc0) if cc0 is not None else None,
             clip_cpu_s=cpu_seconds(pid) - cpu0 if snapshotter == "clip" else None,
             clip_peak_rss=peak_rss_bytes(pid) if snapshotter == "clip" else None,
             read_compressed_bytes=_read_bytes(pushed, out),
