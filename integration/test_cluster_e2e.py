@@ -373,3 +373,23 @@ def test_eviction_keeps_the_disk_cache_under_its_cap(
     assert cluster_image.big_digest not in rows  # unused and least recently used: evicted
     assert rows[other.layer_digests[1]]["in_use"] and rows[other.layer_digests[1]]["complete"]
     assert "evicted layer cache" in node.clip.log_path.read_text()
+
+
+def test_a_layer_built_while_redis_was_down_is_shared_after_a_restart(
+    cluster_image: ClusterImage, registry: RegistryServer, cluster_nodes: NodeFactory,
+    tmp_path: Path,
+) -> None:
+    image = cluster_image.image
+    server = RedisServer(tmp_path / "redis")  # not started yet: the cache is down
+    try:
+        node = cluster_nodes([registry.host], "down", _cache_section(server))
+        node.pull(image.ref)
+        assert _read(node, image.ref, "down", 1) == cluster_image.middle(1)
+        server.start()
+        assert not _all_shared(server, image)()
+        node.clip.stop()
+        node.clip.start()
+        node.wait_until_reachable()
+        _wait("the restarted node to share its complete layers", _all_shared(server, image))
+    finally:
+        server.close()

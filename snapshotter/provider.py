@@ -209,7 +209,11 @@ class RemoteLayerProvider:
         if index is None:
             manifest = layer.labels.get(MANIFEST_LABEL, "")
             index = await self._resolve(digest, layer.image_ref, manifest)
-        return self._attach(layer, index)
+        path = self._attach(layer, index)
+        if self.cache.is_complete(digest, index.uncompressed_size):
+            # a previous run may have stopped before (or while the cache was down) sharing it
+            self._spawn(self._share_index(digest, upload_blocks=True))
+        return path
 
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         users = self._users.get(layer.digest, 0) - 1
