@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -39,6 +40,7 @@ from bench.images import PushedImage, compressed_bytes_of
 from integration.harness.clipd import ClipDaemon
 from integration.harness.containerd import Containerd, unmount_under
 from integration.harness.proxy import CountingProxy
+from integration.harness.registry import free_port
 
 NAMESPACE = "clip-bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -89,6 +91,7 @@ class Run:
     contentcache_bytes: int | None
     clip_cpu_s: float | None  # CPU time of `clip serve` during pull + run
     clip_peak_rss: int | None  # VmHWM of `clip serve`
+    inflate_s: float | None = None  # clip.inflate.duration sum over the run (read path only)
     read_compressed_bytes: int | None = None  # compressed bytes of the files the workload read
     load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
     output: str = ""
@@ -115,13 +118,30 @@ class Node:
         work.mkdir(parents=True)
         tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in registry_hosts)
         cache = f'[content_cache]\nurl = "{cc_url}"\n' if cc_url else ""
-        (work / "clip.toml").write_text(tables + cache + extra)
+        self.metrics = f"127.0.0.1:{free_port()}"
+        daemon = f'[daemon]\nmetrics_address = "{self.metrics}"\n\n'
+        (work / "clip.toml").write_text(daemon + tables + cache + extra)
         self.clip = ClipDaemon(work / "clip", config=work / "clip.toml", log_level="warning")
         self.containerd = Containerd(work / "ctd", self.clip.socket, self.clip.root)
 
     @property
     def root(self) -> Path:
         return self.clip.root
+
+    def inflate_seconds(self) -> float | None:
+        """Sum of clip's `clip.inflate.duration` histogram (read-path inflation), if served."""
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        total = 0.0
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            metric = name.split("{", 1)[0]
+            if metric.startswith("clip_inflate_duration") and metric.endswith("_sum"):
+                total += float(value.split()[0])
+        return total
 
     def start(self) -> None:
         self.clip.start()
@@ -240,6 +260,7 @@ class Bench:
         self.proxy.reset()
         cc0 = redis_output_bytes(node.cc_url) if node.cc_url else None
         cpu0 = cpu_seconds(pid)
+        inflate0 = node.inflate_seconds() if snapshotter == "clip" else None
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
         try:
@@ -269,6 +290,7 @@ class Bench:
             clip_peak_rss=peak_rss_bytes(pid) if snapshotter == "clip" else None,
             read_compressed_bytes=_read_bytes(pushed, out),
             load1=os.getloadavg()[0],
+            inflate_s=_delta(node.inflate_seconds(), inflate0),
             output=_short(out),
         )
         self.runs.append(run)
@@ -444,6 +466,10 @@ def _flush_redis(url: str) -> None:
     host_port = url.split("//", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
     host, port = host_port.rsplit(":", 1)
     subprocess.run(["redis-cli", "-h", host, "-p", port, "FLUSHALL"], capture_output=True)
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 def _read_bytes(pushed: PushedImage, out: str) -> int | None:
