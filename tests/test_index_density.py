@@ -25,6 +25,7 @@ from snapshotter.index import (
     build_index,
     inflate_range,
 )
+from snapshotter.index.density import Kept, prune
 from tests.index_helpers import gnu_tar
 
 PY = Path("/usr/lib/python3.11")
@@ -158,3 +159,56 @@ def test_options_default_on() -> None:
     opts = IndexBuildOptions()
     assert opts.min_checkpoint_spacing == 256 << 10
     assert (opts.window_share, opts.index_share) == (0.008, 0.01)
+
+
+TINY = 4500
+
+
+def test_late_metadata_prunes_dense_checkpoints(text_layer: tuple[bytes, bytes]) -> None:
+    """Text first (dense checkpoints look affordable), then thousands of tiny files (their
+    records and digests arrive too late for the running estimate): the builder drops dense
+    checkpoints until the index fits 1%, never widening an interval past the fixed spacing."""
+    raw, _ = text_layer
+    buf = io.BytesIO()
+    rnd = random.Random(8)
+    with (tarfile.open(fileobj=io.BytesIO(raw)) as src,
+          tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf):
+        for member in src.getmembers():
+            tf.addfile(member, src.extractfile(member) if member.isfile() else None)
+        for i in range(TINY):
+            payload = rnd.randbytes(rnd.randrange(1, 40))
+            info = tarfile.TarInfo(f"tiny/{i % 100}/{i}")
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    layer = buf.getvalue()
+    blob = gzip.compress(layer, 6, mtime=0)
+    dense, res, data = _build(blob)
+    fixed, fixed_res, _ = _build(blob, OFF)
+    assert fixed_res.index_size < 0.01 * res.uncompressed_size  # room for some, not all
+    assert res.index_size <= 0.01 * res.uncompressed_size
+    text_only = _build(text_layer[1])[0].checkpoint_count
+    assert fixed.checkpoint_count < dense.checkpoint_count < text_only
+    cps = [dense.checkpoint(i) for i in range(dense.checkpoint_count)]
+    assert max(b.coff - a.coff for a, b in itertools.pairwise(cps)) < (2 << 20) + (64 << 10)
+    assert _build(blob)[2] == data
+    a = cps[len(cps) // 2].uoff - 1000
+    c0, c1 = dense.compressed_range(a, 70_000)
+    assert inflate_range(dense, c0, blob[c0:c1], a, 70_000) == layer[a:a + 70_000]
+
+
+def test_prune_order_and_limits() -> None:
+    """Smallest merged interval first; fixed checkpoints stay; no interval beyond the max."""
+    mb = 1 << 20
+    kept = [Kept(0, 0, False, 0), Kept(mb // 2, 2 * mb, True, 100),
+            Kept(mb, 4 * mb, True, 100), Kept(mb + mb // 4, 5 * mb, True, 100),
+            Kept(2 * mb, 8 * mb, False, 0), Kept(3 * mb, 12 * mb, True, 100),
+            Kept(4 * mb, 16 * mb, False, 0)]  # the stream end
+    # merged intervals: #1 0..1 MiB, #2 0.5..1.25 MiB, #3 1..2 MiB, #5 2..4 MiB
+    assert prune(kept, 100, 2 * mb, 1 << 40) == {2}
+    # then #1 (0..1.25) and #3 (0.5..2 before #1 went, 0..2 after); #5 only if 2 MiB is allowed
+    assert prune(kept, 200, 2 * mb, 1 << 40) == {1, 2}
+    assert prune(kept, 10_000, 2 * mb, 1 << 40) == {1, 2, 3, 5}
+    assert prune(kept, 10_000, 3 * mb // 2, 1 << 40) == {1, 2}
+    # the uncompressed limit too: #2 merges 2..5 MiB, #1 0..5, #3 2..8 or 0..8, #5 8..16
+    assert prune(kept, 10_000, 2 * mb, 5 * mb) == {1, 2}
+    assert prune(kept, 0, 2 * mb, 1 << 40) == set()

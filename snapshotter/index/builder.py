@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import zstandard
+
+from snapshotter.index import format as fmt
 from snapshotter.index.decoders import (
     Bound,
     Decoder,
@@ -29,7 +32,7 @@ from snapshotter.index.decoders import (
     PlainDecoder,
     ZstdDecoder,
 )
-from snapshotter.index.density import DensityBudget, DensityRule
+from snapshotter.index.density import DensityBudget, DensityRule, Kept, prune
 from snapshotter.index.model import BuildResult, IndexBuildOptions, LayerFormatError
 from snapshotter.index.tarscan import TarScanner
 from snapshotter.index.tree import Tree
@@ -205,6 +208,8 @@ class _CheckpointPolicy:
         rule = DensityRule(options.min_checkpoint_spacing, options.window_share,
                            options.index_share)
         self.density = DensityBudget(rule, options.chunk_size)
+        self.dense_savings: dict[int, int] = {}  # position -> compressed window size
+        self._cctx = zstandard.ZstdCompressor(level=fmt.ZSTD_LEVEL, write_checksum=True)
 
     def on_file_start(self, uoff: int, size: int) -> None:
         self.density.on_file(size)
@@ -240,13 +245,16 @@ class _CheckpointPolicy:
             last is None
             or coff - last.coff >= self.opts.checkpoint_spacing
             or uoff - last.uoff >= self.opts.max_span
-            or self.density.due(uoff, uoff - last.uoff, coff - last.coff)
         ):
             self._keep(here)
+        elif self.density.due(uoff, uoff - last.uoff, coff - last.coff):
+            self._keep(here, dense=True)
 
-    def _keep(self, pending: _Pending) -> None:
+    def _keep(self, pending: _Pending, dense: bool = False) -> None:
         uoff, coff, bits, data, rel, tail = pending
         if self.checkpoints and self.checkpoints[-1].uoff >= uoff:
+            if not dense:  # now wanted by a fixed rule: never pruned
+                self.dense_savings.pop(len(self.checkpoints) - 1, None)
             if self.forced and self.checkpoints[-1].uoff == uoff:
                 # an empty zstd frame: the later start is closer
                 self.checkpoints[-1] = RawCheckpoint(coff, bits, uoff, b"")
@@ -256,7 +264,24 @@ class _CheckpointPolicy:
             last = self.checkpoints[-1] if self.checkpoints else RawCheckpoint(0, 0, 0, b"")
             self.density.kept(uoff, uoff - last.uoff, coff - last.coff)
             window = data[rel - WINDOW : rel] if rel >= WINDOW else (tail + data[:rel])[-WINDOW:]
+        if dense:
+            self.dense_savings[len(self.checkpoints)] = len(self._cctx.compress(window))
         self.checkpoints.append(RawCheckpoint(coff, bits, uoff, window))
+
+    def prune(self, overshoot: int, end: Kept) -> bool:
+        """Drop dense checkpoints worth ``overshoot`` index bytes; False if none can go.
+        ``end`` is the stream end (the last interval's limit)."""
+        kept = [Kept(cp.coff, cp.uoff, i in self.dense_savings, self.dense_savings.get(i, 0))
+                for i, cp in enumerate(self.checkpoints)]
+        kept.append(end)
+        drop = prune(kept, overshoot, self.opts.checkpoint_spacing, self.opts.max_span)
+        if not drop:
+            return False
+        pos = [i for i in range(len(self.checkpoints)) if i not in drop]
+        self.checkpoints = [self.checkpoints[i] for i in pos]
+        self.dense_savings = {j: self.dense_savings[i] for j, i in enumerate(pos)
+                              if i in self.dense_savings}
+        return True
 
 
 def build_index(
@@ -315,6 +340,10 @@ def build_index(
     nodes = tree.ordered()
     meta = Meta(compression, options.chunk_size, uoff, reading.size, reading.sha.digest())
     data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
+    budget = int(options.index_share * uoff)
+    end = Kept(reading.size, uoff, False, 0)
+    while len(data) > budget and policy.prune(len(data) - budget, end):
+        data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
     _write(out, data)
     return BuildResult(
         entries=len(nodes),

@@ -16,14 +16,19 @@ checkpoint when
   and block marks at their measured compressed cost) stays within ``index_share`` (1%) of the
   uncompressed bytes seen so far.
 
-The local rule spends windows where data compresses well (text: a checkpoint every ~1.4 MB of
+The local rule spends windows where data compresses well (text: a checkpoint every ~1.5 MB of
 output instead of ~7 MB); the running budget keeps metadata-heavy layers (many small files,
-whose digests and records already take most of the 1%) within the target. Everything depends
-on the stream alone, so the build stays deterministic.
+whose digests and records already take most of the 1%) near the target. A streaming build
+cannot know what metadata is still to come, so once the index is serialised and found over
+``index_share``, ``prune`` drops dense checkpoints (smallest merged interval first, never
+making an interval exceed the fixed spacing) until it fits, and the builder serialises again.
+Everything depends on the stream alone, so the build stays deterministic.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 WINDOW = 32768
@@ -79,3 +84,52 @@ class DensityBudget:
     def kept(self, uoff: int, du: int, dc: int) -> None:
         """Account for a checkpoint kept by any rule."""
         self.windows += int(self.window_cost(uoff, du, dc))
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """What ``prune`` needs of a kept checkpoint: where it is, whether only the density rule
+    wanted it, and what dropping it saves (its compressed window plus its record)."""
+
+    coff: int
+    uoff: int
+    dense: bool
+    saving: int
+
+
+def prune(kept: Sequence[Kept], overshoot: int, max_coff_gap: int, max_ugap: int) -> set[int]:
+    """Positions of dense checkpoints to drop so the index shrinks by ``overshoot`` bytes.
+
+    Candidates go in order of the interval their removal would create (smallest first, ties by
+    position), re-checked against their current neighbours: a drop never makes an interval
+    exceed ``max_coff_gap`` compressed or ``max_ugap`` uncompressed bytes.
+    """
+    n = len(kept)
+    prev = list(range(-1, n - 1))
+    nxt = list(range(1, n + 1))
+
+    def gap(i: int) -> tuple[int, int]:
+        after = kept[nxt[i]] if nxt[i] < n else None
+        end_c = after.coff if after else kept[i].coff
+        end_u = after.uoff if after else kept[i].uoff
+        before = kept[prev[i]]
+        return end_c - before.coff, end_u - before.uoff
+
+    heap = [(gap(i)[0], i) for i in range(1, n) if kept[i].dense]
+    heapq.heapify(heap)
+    dropped: set[int] = set()
+    saved = 0
+    while heap and saved < overshoot:
+        size, i = heapq.heappop(heap)
+        dc, du = gap(i)
+        if dc != size:  # a neighbour went: re-queue with the current interval
+            heapq.heappush(heap, (dc, i))
+            continue
+        if dc > max_coff_gap or du > max_ugap:
+            continue
+        dropped.add(i)
+        saved += kept[i].saving
+        nxt[prev[i]] = nxt[i]
+        if nxt[i] < n:
+            prev[nxt[i]] = prev[i]
+    return dropped
