@@ -214,12 +214,14 @@ class _Run:
     def _window(self, uoff: int) -> bytes:
         rel = uoff - self.start.uoff
         if rel >= WINDOW:
-            return bytes(self.out[rel - WINDOW : rel])
+            with memoryview(self.out) as view:
+                return bytes(view[rel - WINDOW : rel])
         return (self.window + bytes(self.out[:rel]))[-WINDOW:]
 
     def slice(self, a: int, b: int) -> bytes:
         base = self.start.uoff
-        return bytes(self.out[a - base : b - base])
+        with memoryview(self.out) as view:  # one copy, not a bytearray slice and a copy
+            return bytes(view[a - base : b - base])
 
 
 class ResumePoints:
