@@ -169,6 +169,7 @@ class RemoteLayerProvider:
         await asyncio.to_thread(self.fs.start, self.mountpoint)
         self._spawn(self._check_content())
         self._spawn(self._evict_periodically())
+        self._spawn(self._flush_hit_metrics())
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._resolving.values(), *self._artifacts.values()]:
@@ -457,6 +458,13 @@ class RemoteLayerProvider:
             await self.content.check()
         except ClipError as exc:
             log.warning("content cache unavailable (reads go to the registry): %s", exc)
+
+    async def _flush_hit_metrics(self) -> None:
+        """Batched memory/disk hit counts reach /metrics within a couple of seconds."""
+        while self.fs is not None:
+            await asyncio.sleep(2.0)
+            if self.fs is not None:
+                self.fs.readpath.hits.flush()
 
     async def _evict_periodically(self) -> None:
         limit = self.config.disk_cache.limit_bytes

@@ -103,3 +103,30 @@ def test_artifact_tag_and_parse() -> None:
     assert entry.index.size == 1 and entry.profile is not None
     with pytest.raises(InvalidArgument):
         parse_artifact(parse_reference("h:1/r:t"), json.dumps({"artifactType": "x"}).encode())
+
+
+def _disk_hits() -> tuple[float, float]:
+    from prometheus_client import generate_latest
+
+    from snapshotter.telemetry import TELEMETRY, scrape
+
+    values = scrape(generate_latest(TELEMETRY.registry).decode())
+    hits = sum(v for k, v in values.items()
+               if k.startswith("clip_tier_hits_total") and 'tier="disk"' in k)
+    nbytes = sum(v for k, v in values.items()
+                 if k.startswith("clip_tier_read_bytes_total") and 'tier="disk"' in k)
+    return hits, nbytes
+
+
+def test_hit_metrics_are_batched_then_flushed() -> None:
+    from snapshotter.readpath import HitMetrics
+
+    metrics = HitMetrics()
+    hits0, bytes0 = _disk_hits()
+    for _ in range(10):
+        metrics.add("disk", 100, 0.00001)
+    assert _disk_hits() == (hits0, bytes0)  # not yet: batched
+    metrics.flush()
+    assert _disk_hits() == (hits0 + 10, bytes0 + 1000)
+    metrics.flush()  # nothing pending: nothing added
+    assert _disk_hits() == (hits0 + 10, bytes0 + 1000)
