@@ -1,7 +1,9 @@
 """Lint the deployment files: containerd configs, systemd unit, Kubernetes manifests, Dockerfile.
 
 These files are only read by other programs (containerd, systemd, the API server, a Docker
-builder), so a typo in them shows up on an operator's node, not in our suite. Each check below
+builder), so a typo in them shows up on an operator's node, not in our suite. (The Dockerfile
+is also built and run with podman by integration/test_container_image.py; the checks here are
+the fast ones.) Each check below
 uses the real consumer where this machine has it (containerd 1.6's own config loader,
 systemd-analyze) and otherwise parses the file and holds it to the field names and keys that
 consumer documents. The files must also agree with each other: the socket, root and config
@@ -552,8 +554,11 @@ def _instructions(text: str) -> list[tuple[str, str]]:
     return result
 
 
-def _stages(text: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """(base image, stage name, instructions) for each FROM, with global ARG defaults applied."""
+def _stages(text: str, **build_args: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(base image, stage name, instructions) for each FROM.
+
+    Global ARGs take their default unless given in ``build_args``, as `--build-arg` does.
+    """
     args: dict[str, str] = {}
     stages: list[tuple[str, str, list[tuple[str, str]]]] = []
     for word, rest in _instructions(text):
@@ -567,7 +572,7 @@ def _stages(text: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
         else:
             assert word == "ARG", f"{word} before the first FROM"
             name, _, default = rest.partition("=")
-            args[name] = default
+            args[name] = build_args.get(name, default)
     return stages
 
 
@@ -584,6 +589,28 @@ def test_dockerfile_stages() -> None:
     builder_runs = _runs(stages[0][2])
     for package in ("libfuse3-dev", "pkg-config", "gcc"):
         assert package in builder_runs.split(), package
+
+
+def test_dockerfile_base_is_one_build_arg_for_both_stages() -> None:
+    """`--build-arg BASE=...` moves both stages: the venv's python must exist in both."""
+    base = "localhost/clip-base:bookworm"
+    stages = _stages(DOCKERFILE.read_text(), BASE=base)
+    assert [image for image, _, _ in stages] == [base, base]
+
+
+def test_dockerfile_installs_debian_python_when_the_base_has_none() -> None:
+    """A plain Debian base has no python3: the builder adds Debian's with headers and venv,
+    the runtime the interpreter alone, each only when `command -v python3` finds none."""
+    (_, _, builder), (_, _, runtime) = _stages(DOCKERFILE.read_text())
+    builder_runs, runtime_runs = _runs(builder), _runs(runtime)
+    assert 'command -v python3 >/dev/null || python="python3 python3-dev python3-venv"' in (
+        builder_runs
+    )
+    assert 'command -v python3 >/dev/null || python="python3"' in runtime_runs
+    for runs in (builder_runs, runtime_runs):
+        assert re.search(r"apt-get install -y --no-install-recommends [^;&]*\$python", runs)
+    # The runtime layer keeps neither apt's lists nor its package caches.
+    assert "apt-get clean" in runtime_runs and "rm -rf /var/lib/apt/lists/*" in runtime_runs
 
 
 def test_dockerfile_runtime_stage_has_no_compiler() -> None:
