@@ -11,12 +11,17 @@ Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of 
 to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
 
 - Every block present on disk: one `pread` inside the trio loop, no thread hop.
-- Missing blocks: consecutive missing blocks form a *run*. One *flight* per run: fetch
-  `compressed_range()` from the layer source (an async callable on the asyncio side, reached
-  through the Bridge), `inflate_range()` in a worker thread, verify every file chunk lying wholly
-  inside the run against `chunk_digests`, store each complete block on disk and in memory.
-  Concurrent reads needing a block in flight wait for that flight instead of fetching again.
-- A run is widened downwards to the checkpoint its fetch starts from (those bytes are inflated
+- Missing blocks: consecutive missing blocks form a *run*. One *flight* per run: fetch the
+  compressed bytes from the nearest place inflation can restart (`compressed_range_from()`) from
+  the layer source (an async callable on the asyncio side, reached through the Bridge),
+  `inflate_from()` in a worker thread, verify every file chunk lying wholly inside the run against
+  `chunk_digests`, store each complete block on disk and in memory. Concurrent reads needing a
+  block in flight wait for that flight instead of fetching again.
+- Restart places are the index's checkpoints plus the *resume points* every inflation records
+  (deflate block boundaries about every 256 KiB, with their windows; bounded per layer), so a
+  later miss in the same checkpoint interval fetches only the bytes after the last place an
+  earlier fetch passed instead of the whole interval again.
+- A run is widened downwards to the place its fetch starts from (those bytes are inflated
   anyway). When it continues blocks already present (a sequential reader), it is also widened
   upwards to the next checkpoint, and the bytes between the last block boundary and that
   checkpoint are kept as a *fragment*: the reader's next miss then starts fetching exactly at the
@@ -52,7 +57,15 @@ from snapshotter.bridge import Bridge
 from snapshotter.cache import LayerCache, MemoryTier
 from snapshotter.contentcache import ContentCache, NoContentCache
 from snapshotter.errors import Unavailable
-from snapshotter.index import EntryType, LayerIndex, inflate_range
+from snapshotter.index import (
+    Checkpoint,
+    EntryType,
+    LayerIndex,
+    ResumePoint,
+    ResumePoints,
+    compressed_range_from,
+    inflate_from,
+)
 from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
@@ -158,6 +171,9 @@ class Layer:
         self.cache = cache
         self.digest = index.blob_digest
         self.size = int(index.uncompressed_size)
+        # Places inflation can restart besides the index's checkpoints, recorded by every fetch
+        # (bounded): a later miss in the same checkpoint interval starts at the nearest one.
+        self.resume = ResumePoints(index)
         cache.set_size(self.size)
         self._file_starts: list[int] | None = None
         self._file_ordinals: list[int] = []
@@ -435,7 +451,7 @@ class ReadPath:
         if layer.index.compression == "none":
             return _Plan(first, last, None, fragment)
         if not fragment:
-            floor = layer.index.checkpoint_before(first * bs).uoff
+            floor = layer.resume.best_start(first * bs).uoff
             while first > 0 and (first - 1) * bs >= floor and last - first + 1 < limit:
                 if not self._free(layer, first - 1):
                     break
@@ -505,7 +521,8 @@ class ReadPath:
         head = plan.fragment if len(plan.fragment) < end - start else b""
         istart = start + len(head)
         iend = plan.tail if plan.tail is not None else end
-        coff, cend = layer.index.compressed_range(istart, iend - istart)
+        begin = layer.resume.best_start(istart)
+        coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
         last_error: Exception | None = None
         for attempt in range(self.policy.attempts):
             try:
@@ -513,7 +530,7 @@ class ReadPath:
                 self.stats.compressed_bytes += len(compressed)
                 TELEMETRY.tier_hit("registry", len(compressed))
                 data = await trio.to_thread.run_sync(
-                    self._inflate_store, layer, coff, compressed, istart, iend, head, end,
+                    self._inflate_store, layer, begin, compressed, istart, iend, head, end,
                     limiter=self._limiter, abandon_on_cancel=True,
                 )
                 break
@@ -622,13 +639,15 @@ class ReadPath:
         return data
 
     def _inflate_store(
-        self, layer: Layer, coff: int, compressed: bytes, istart: int, iend: int,
-        head: bytes, end: int,
+        self, layer: Layer, begin: Checkpoint | ResumePoint, compressed: bytes, istart: int,
+        iend: int, head: bytes, end: int,
     ) -> bytes:
         """Worker thread: inflate [istart, iend), prepend the head fragment, verify, write the
         complete blocks of [start, end) to disk. Returns head + inflated bytes."""
         t0 = time.monotonic()
-        inflated = inflate_range(layer.index, coff, compressed, istart, iend - istart)
+        result = inflate_from(layer.index, begin, compressed, istart, iend - istart)
+        layer.resume.add(result.points)
+        inflated = result.data
         TELEMETRY.inflate(time.monotonic() - t0, len(inflated), layer.index.compression)
         self.stats.inflated_bytes += len(inflated)
         data = head + inflated
