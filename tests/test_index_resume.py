@@ -216,6 +216,8 @@ def test_bad_input(tree_layer: tuple[Layer, Path]) -> None:
         ResumePoints(idx).add([other])
     c0, c1 = compressed_range_from(idx, point, point.uoff, 100_000)
     with pytest.raises(LayerFormatError, match="ends before"):
+        inflate_from(idx, point, b"", point.uoff, 10)
+    with pytest.raises(LayerFormatError, match="ends before"):
         inflate_from(idx, point, layer.blob[c0:c0 + (c1 - c0) // 2], point.uoff, 100_000)
     garbage = bytearray(layer.blob[c0:c1])
     garbage[10:2000] = bytes(range(256)) * 7 + bytes(198)

@@ -159,6 +159,8 @@ class _Run:
         inf = self.inf
         try:
             data = compressed
+            if not data:
+                return  # the caller reports the missing bytes
             if self.start.bits:
                 inf.prime(self.start.bits, data[0] >> (8 - self.start.bits))
                 data = data[1:]
