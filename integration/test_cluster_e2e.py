@@ -380,16 +380,15 @@ def test_a_layer_built_while_redis_was_down_is_shared_after_a_restart(
     tmp_path: Path,
 ) -> None:
     image = cluster_image.image
-    server = RedisServer(tmp_path / "redis")  # not started yet: the cache is down
-    try:
+    # Frozen (SIGSTOP) rather than not started, so that its port stays ours meanwhile.
+    with RedisServer(tmp_path / "redis") as server:
+        server.pause()
         node = cluster_nodes([registry.host], "down", _cache_section(server))
         node.pull(image.ref)
         assert _read(node, image.ref, "down", 1) == cluster_image.middle(1)
-        server.start()
+        server.resume()
         assert not _all_shared(server, image)()
         node.clip.stop()
         node.clip.start()
         node.wait_until_reachable()
         _wait("the restarted node to share its complete layers", _all_shared(server, image))
-    finally:
-        server.close()
