@@ -81,10 +81,21 @@ def test_image_prints_clips_version(built: BuiltImage) -> None:
 
 def test_image_runtime_has_clip_and_pyfuse3_but_no_compiler(built: BuiltImage) -> None:
     """PATH finds the venv's console script first; pyfuse3 loads against libfuse3-3 alone."""
-    script = "command -v clip; command -v gcc cc || true; python3 -c 'import pyfuse3'"
+    script = (
+        "command -v clip; command -v gcc cc || true; python3 -c 'import pyfuse3'; "
+        "du -sk /opt/clip /var/cache/apt /var/lib/apt/lists"
+    )
     done = built.store.run("run", "--rm", "--network=none", *built.store.limits(),
                            "--entrypoint=sh", built.image, "-c", script)  # fmt: skip
-    assert done.stdout.split() == ["/opt/clip/bin/clip"]
+    first, *sizes = done.stdout.splitlines()
+    assert first == "/opt/clip/bin/clip"
+    kib = {path: int(size) for size, path in (line.split() for line in sizes)}
+    print(f"\nimage: venv {kib['/opt/clip'] / 1024:.1f} MiB, apt caches "
+          f"{kib['/var/cache/apt']} KiB, apt lists {kib['/var/lib/apt/lists']} KiB")  # fmt: skip
+    # pip and setuptools left the venv in the builder.
+    listing = built.store.run("run", "--rm", "--network=none", *built.store.limits(),
+                              "--entrypoint=ls", built.image, "/opt/clip/bin").stdout  # fmt: skip
+    assert "clip" in listing.split() and "pip" not in listing.split()
 
 
 @dataclass(frozen=True)

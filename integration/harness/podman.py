@@ -162,7 +162,8 @@ def debian_base_tarball(suite: str = "bookworm", cache_dir: Path = BASE_CACHE_DI
             check=True, capture_output=True, timeout=300,
         )  # fmt: skip
         for old in cache_dir.glob(f"debian-{suite}-minbase-*.tar"):
-            old.unlink()
+            if old.name != name:  # a parallel run may just have written today's
+                old.unlink(missing_ok=True)
         partial.rename(tarball)
     finally:
         unmount_under(work)
