@@ -52,6 +52,8 @@ class BuiltImage:
 @pytest.fixture(scope="module")
 def built() -> Iterator[BuiltImage]:
     """Base tarball (cached) -> podman import -> podman build; all removed afterwards."""
+    for tool in ("podman", "debootstrap"):
+        assert shutil.which(tool), f"{tool} is not installed (Debian package {tool})"
     store = PodmanStore(Path(tempfile.mkdtemp(prefix="clip-podman-", dir="/tmp")))
     try:
         started = time.monotonic()
