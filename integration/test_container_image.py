@@ -159,7 +159,8 @@ def _wait_for_status(store: PodmanStore, container: str, socket: Path) -> dict[s
         if state != "running":
             break
         time.sleep(0.5)
-    logs = store.run("logs", container).stderr + store.run("logs", container).stdout
+    done = store.run("logs", container)
+    logs = done.stdout + done.stderr
     raise AssertionError(f"clip in the container never answered on {socket}: {logs[-3000:]}")
 
 
@@ -177,7 +178,14 @@ def test_image_serves_with_host_fuse_root_and_socket(
     ]
     started = time.monotonic()
     container = store.start(built.image, options)  # the image's own CMD: clip serve ...
-    report = _wait_for_status(store, container, host_dirs.run / SOCKET_NAME)
+    try:
+        _check_serving(store, container, host_dirs, started)
+    finally:
+        store.remove_container(container)
+
+
+def _check_serving(store: PodmanStore, container: str, dirs: HostDirs, started: float) -> None:
+    report = _wait_for_status(store, container, dirs.run / SOCKET_NAME)
     print(f"\nimage: clip serve answered `clip status` {time.monotonic() - started:.1f} s "
           "after podman run")  # fmt: skip
 
@@ -185,13 +193,13 @@ def test_image_serves_with_host_fuse_root_and_socket(
     assert report["root"] == ROOT_IN_CONTAINER
     assert report["fuse"] == {"mounted": True, "mountpoint": f"{ROOT_IN_CONTAINER}/mnt"}
     # The container's FUSE mount reached the host through the rshared root.
-    fuse = [(p, t) for p, t in _mounts_under(host_dirs.root) if p == f"{host_dirs.root}/mnt"]
-    assert len(fuse) == 1 and fuse[0][1].startswith("fuse"), _mounts_under(host_dirs.root)
+    fuse = [(p, t) for p, t in _mounts_under(dirs.root) if p == f"{dirs.root}/mnt"]
+    assert len(fuse) == 1 and fuse[0][1].startswith("fuse"), _mounts_under(dirs.root)
     # The Dockerfile's HEALTHCHECK (clip status in the container) passes.
     store.run("healthcheck", "run", container)
 
     store.run("stop", "--time=30", container, timeout=60)
     exit_code = store.run("inspect", "--format={{.State.ExitCode}}", container).stdout.strip()
     assert exit_code == "0", store.run("logs", container).stderr[-3000:]
-    assert _mounts_under(host_dirs.root) == []
-    assert _status(host_dirs.run / SOCKET_NAME).returncode == 1
+    assert _mounts_under(dirs.root) == []
+    assert _status(dirs.run / SOCKET_NAME).returncode == 1

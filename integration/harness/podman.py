@@ -104,6 +104,15 @@ class PodmanStore:
         self.containers.append(container)
         return container
 
+    def remove_container(self, container: str) -> None:
+        """``podman rm --force`` by ID (SIGTERM, SIGKILL after 10 s); it is forgotten either way."""
+        if container in self.containers:
+            self.containers.remove(container)
+        subprocess.run(
+            self.command("rm", "--force", "--time=10", container),
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+
     def image_size(self, image: str) -> int:
         return int(self.run("image", "inspect", "--format={{.Size}}", image).stdout)
 
@@ -115,10 +124,7 @@ class PodmanStore:
         are unmounted by path before the directory goes.
         """
         for container in reversed(self.containers):
-            subprocess.run(
-                self.command("rm", "--force", "--time=10", container),
-                capture_output=True, timeout=120,
-            )  # fmt: skip
+            self.remove_container(container)
         for image in reversed(self.images):
             subprocess.run(self.command("rmi", "--force", image), capture_output=True, timeout=120)
         self.containers.clear()
