@@ -146,7 +146,7 @@ def targets(
             out.append({**row, "status": absent})
             return
         met = value <= limit
-        by = f"{value / limit:.2f}x the limit" if limit else f"{value:.3g} {unit} over"
+        by = f"by {100 * (value / limit - 1):.1f} %" if limit else f"{value:.3g} {unit} over"
         out.append(
             {
                 "target": name,
@@ -154,7 +154,7 @@ def targets(
                 "value": value,
                 "limit": limit,
                 "unit": unit,
-                "status": "met" if met else f"missed ({by})",
+                "status": "met" if met else f"missed {by}",
                 "note": note,
             }
         )
@@ -267,7 +267,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for t in payload["targets"]:
-        value = "-" if t["value"] is None else f"{t['value']:.3g} {t.get('unit', '')}"
+        value = "-" if t["value"] is None else f"{t['value']:.3f} {t.get('unit', '')}"
         note = f" ({t['note']})" if t.get("note") else ""
         lines.append(f"| {t['target']}{note} | {t['link']} | {value} | **{t['status']}** |")
     for link in payload["links"]:
