@@ -381,10 +381,13 @@ class Bench:
             node.remove()
 
     def _cold(self, node: Node, pushed: PushedImage, repeat: int, with_cc: bool) -> None:
-        """Setup 2; with a ContentCache the node also publishes to it (waited for, untimed)."""
+        """Setup 2. Afterwards (untimed) the node stays up until it has saved each layer's start
+        profile (the blocks read in the first `profile_seconds` after attach), which is published
+        with the index, and, with a ContentCache, until its publishing to the cache is done."""
         try:
             node.start()
             self.measure(node, pushed, "clip-cold", repeat, node.clip_pull, "clip")
+            wait_for_profiles(node, pushed)
             if with_cc:
                 wait_redis_settled(self.cc_url)
         finally:
@@ -424,6 +427,18 @@ class Bench:
 
 
 NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
+
+
+def wait_for_profiles(node: Node, pushed: PushedImage, limit: float = 30.0) -> None:
+    """Wait until ``<root>/indexes/<hex>.profile`` exists for every layer (or ``limit``)."""
+    wanted = [node.root / "indexes" / (d.removeprefix("sha256:") + ".profile")
+              for d in pushed.image.layer_digests]  # fmt: skip
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not all(p.exists() for p in wanted):
+        time.sleep(0.25)
+    missing = sum(not p.exists() for p in wanted)
+    if missing:
+        say(f"    ({missing} of {len(wanted)} layers have no start profile after {limit:.0f}s)")
 
 
 def wait_redis_settled(url: str, quiet: float = 2.0, limit: float = 90.0) -> None:
