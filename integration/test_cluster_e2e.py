@@ -386,9 +386,11 @@ def test_a_layer_built_while_redis_was_down_is_shared_after_a_restart(
         node = cluster_nodes([registry.host], "down", _cache_section(server))
         node.pull(image.ref)
         assert _read(node, image.ref, "down", 1) == cluster_image.middle(1)
+        # built here, or (after the index-push test) found in the registry and background-fetched
+        _wait("complete layers", lambda: all(r["complete"] for r in node.cache_ls()))
+        node.clip.stop()  # Redis comes back while no daemon runs
         server.resume()
         assert not _all_shared(server, image)()
-        node.clip.stop()
         node.clip.start()
         node.wait_until_reachable()
         _wait("the restarted node to share its complete layers", _all_shared(server, image))

@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from snapshotter.bridge import Bridge
 from snapshotter.config import BackgroundFetchConfig
@@ -79,10 +79,18 @@ def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
 class BackgroundFetcher:
     """One task per attached layer (asyncio side); see the module doc."""
 
-    def __init__(self, readpath: ReadPath, bridge: Bridge, options: BackgroundFetchConfig) -> None:
+    def __init__(
+        self,
+        readpath: ReadPath,
+        bridge: Bridge,
+        options: BackgroundFetchConfig,
+        on_complete: Callable[[Layer], None] | None = None,
+    ) -> None:
         self.readpath = readpath
         self.bridge = bridge
         self.options = options
+        #: Called (asyncio side) when a background fetch leaves a layer complete on disk.
+        self.on_complete = on_complete
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._next_slot = 0.0
 
@@ -124,6 +132,8 @@ class BackgroundFetcher:
                 if layer.cache.complete():
                     layer.cache.flush()
                     log.info("layer fully fetched", extra={"fields": {"layer": layer.digest}})
+                    if rest and self.on_complete is not None:
+                        self.on_complete(layer)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -165,7 +165,9 @@ class RemoteLayerProvider:
         memory = MemoryTier(self.config.memory_cache.limit_bytes)
         self.fs = LayerFS(self.cache, bridge, policy, memory)
         self.fs.readpath.content = self.content
-        self.fetcher = BackgroundFetcher(self.fs.readpath, bridge, self.config.background_fetch)
+        self.fetcher = BackgroundFetcher(
+            self.fs.readpath, bridge, self.config.background_fetch, self._fetched
+        )
         await asyncio.to_thread(self.fs.start, self.mountpoint)
         self._spawn(self._check_content())
         self._spawn(self._evict_periodically())
@@ -303,6 +305,11 @@ class RemoteLayerProvider:
             self._spawn(self._save_profile(layer, seconds))
         if self.fetcher is not None:
             self.fetcher.start(layer, profile or [])
+
+    def _fetched(self, layer: Layer) -> None:
+        """Background fetch completed a layer: fill whatever blocks the ContentCache lacks
+        (puts of fetched blocks are dropped while it is down or its queue is full)."""
+        self._spawn(self._share_index(layer.digest, upload_blocks=True))
 
     async def _save_profile(self, layer: Layer, seconds: float) -> None:
         await asyncio.sleep(seconds)
