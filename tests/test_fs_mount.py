@@ -154,6 +154,30 @@ def _layers_a_b() -> tuple[list[M], list[M]]:
     return a, b
 
 
+def test_missing_names_in_a_layer_are_cached_by_the_kernel(
+    lfs: LayerFS, tmp_path: Path
+) -> None:
+    """A miss inside a layer reaches the daemon once; at the mount root it is never cached."""
+    _, layer_dir = attach(lfs, tmp_path, "neg", [M("d", tarfile.DIRTYPE), M("d/f", data=b"x")])
+    asked: list[bytes] = []
+    real_lookup = lfs.ops.lookup
+
+    async def counting_lookup(parent: int, name: bytes, ctx: object) -> object:
+        asked.append(name)
+        return await real_lookup(parent, name, ctx)  # type: ignore[arg-type]
+
+    lfs.ops.lookup = counting_lookup  # type: ignore[method-assign,assignment]
+    for _ in range(3):
+        assert not (layer_dir / "d" / "missing").exists()
+    assert asked.count(b"missing") == 1
+    assert (layer_dir / "d" / "f").read_bytes() == b"x"
+
+    mnt = layer_dir.parent
+    assert not (mnt / "later").exists()
+    _, later_dir = attach(lfs, tmp_path, "later", [M("g", data=b"y")])
+    assert (later_dir / "g").read_bytes() == b"y"
+
+
 def test_overlay_over_two_layers_equals_applying_them(lfs: LayerFS, tmp_path: Path) -> None:
     a, b = _layers_a_b()
     blob_a, dir_a = attach(lfs, tmp_path, "a", a)

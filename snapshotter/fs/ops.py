@@ -24,7 +24,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from snapshotter.errors import ClipError
-from snapshotter.fs.tree import LayerTree, split_inode
+from snapshotter.fs.tree import IMMUTABLE_TIMEOUT, LayerTree, split_inode
 from snapshotter.index import EntryType
 from snapshotter.readpath import Layer, ReadPath
 
@@ -140,7 +140,7 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
             return tree.attrs(tree.index.entry(dir_ordinal).parent)
         found = tree.lookup(dir_ordinal, sname)
         if found is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            return _negative_entry()
         return tree.attrs(found)
 
     @_guard
@@ -294,3 +294,17 @@ class _Listing:
 
     layer: Attached | None
     entries: Sequence[tuple[str, int]]
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """"No such name", in a form the kernel caches (inode 0 with an entry timeout).
+
+    A plain ENOENT is not cached, and overlayfs looks every name up in each lower layer above
+    the one that holds it, so a cold start would pay those misses again and again. Inside a
+    layer nothing ever changes, so the miss is remembered as long as a positive entry; at the
+    mount root (where layers come and go) lookups still answer ENOENT.
+    """
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 0
+    attrs.entry_timeout = IMMUTABLE_TIMEOUT
+    return attrs
