@@ -349,6 +349,8 @@ def test_seeded_indexes_make_the_run_lazy(
         node.pull(ref)
         _read_some(node, ref, "lazy-read", lazy_image.big_sha_middle)
         fetched = sum(proxy.blob_bytes(d) for d in image.layer_digests)
+    print(f"lazy run: registry served {fetched} of {image.compressed_total} compressed bytes "
+          f"({100 * fetched / image.compressed_total:.1f}%)")  # fmt: skip
     assert fetched < 0.10 * image.compressed_total, (fetched, image.compressed_total)
 
 
