@@ -12,7 +12,7 @@ APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config gcc python3-venv p
 	docker-registry redis-server skopeo stargz-snapshotter tar gzip zstd iproute2 \
 	golang-github-containerd-containerd-dev podman debootstrap ca-certificates
 
-.PHONY: system-deps venv proto proto-check lint unit integration test demo demo-clean bench clean
+.PHONY: system-deps venv proto lint unit integration test demo demo-clean bench bench-quick clean
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -58,6 +58,11 @@ demo-clean:
 bench: venv
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(PY) -m bench
+
+# A smaller benchmark run for development; results go to bench/work/, not bench/results/.
+bench-quick: venv
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
