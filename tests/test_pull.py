@@ -59,3 +59,18 @@ def test_diff_ids_must_match_the_layers() -> None:
         diff_ids_of(_image(good, 3))
     with pytest.raises(InvalidArgument, match=r"no rootfs\.diff_ids"):
         diff_ids_of(_image({"config": {}}, 1))
+
+
+def test_terminal_progress_names_layers_bytes_and_time(capsys: pytest.CaptureFixture[str]) -> None:
+    from snapshotter.cli.pull import _Reporter
+    from snapshotter.pull import LayerProgress, PullResult
+
+    result = PullResult(name="127.0.0.1:5000/app:1", manifest_digest=_digest(1))
+    result.layers = [LayerProgress(i, _digest(i), 2_000_000, _digest(10 + i)) for i in range(3)]
+    result.layers[0].state = "lazy"
+    result.layers[1].state = "resolving"
+    _Reporter(interactive=True)(result)
+    line = capsys.readouterr().err
+    assert "1/3 layers, 2.0 MB of 6.0 MB ready" in line and "s, now sha256:" in line
+    _Reporter(interactive=False)(result)
+    assert capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 
 from snapshotter import config as config_mod
@@ -66,14 +67,19 @@ class _Reporter:
 
     def __init__(self, interactive: bool) -> None:
         self.interactive = interactive
+        self.started = time.monotonic()
 
     def __call__(self, result: PullResult) -> None:
         if not self.interactive:
             return
-        done = sum(1 for layer in result.layers if layer.state in ("lazy", "present"))
+        ready = [layer for layer in result.layers if layer.state in ("lazy", "present")]
         current = next((x for x in result.layers if x.state == "resolving"), None)
-        what = f" layer {current.digest[:19]} ({_mb(current.size)})" if current else ""
-        sys.stderr.write(f"\r\x1b[K{result.name}: {done}/{len(result.layers)} layers{what}")
+        what = f", now {current.digest[:19]}" if current else ""
+        sys.stderr.write(
+            f"\r\x1b[K{result.name}: {len(ready)}/{len(result.layers)} layers, "
+            f"{_mb(sum(x.size for x in ready))} of {_mb(result.compressed_size)} ready, "
+            f"{time.monotonic() - self.started:.1f}s{what}"
+        )
         sys.stderr.flush()
 
     def finish(self, result: PullResult) -> None:
