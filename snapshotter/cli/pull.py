@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--platform", default="linux/amd64", help="os/arch[/variant]")
     parser.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
     parser.add_argument(
-        "--config", type=Path, help="clip TOML config ([registry.\"HOST\"] tables apply)"
+        "--config", type=Path, help='clip TOML config ([registry."HOST"] tables apply)'
     )
     parser.add_argument(
         "--docker-config", type=Path, help="docker config.json with registry credentials"
