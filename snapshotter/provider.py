@@ -38,7 +38,7 @@ from snapshotter.index import IndexFormatError, LayerIndex
 from snapshotter.prefetch import BackgroundFetcher, decode_profile, encode_profile, profile_digest
 from snapshotter.publish import Artifact, build_from_registry, find_artifact
 from snapshotter.readpath import Layer, ReadPolicy
-from snapshotter.registry import RegistryClient, RegistryHostConfig
+from snapshotter.registry import RegistryClient, hosts_from_config
 from snapshotter.registry.reference import SHA256_DIGEST
 from snapshotter.service.status import LayerStatus, ProviderStatus, tier_health
 from snapshotter.snapshots.remote import CRI_PREFIX, RemoteLayer
@@ -142,12 +142,7 @@ class RemoteLayerProvider:
         self.indexes = IndexStore(root / "indexes")
         self.cache = DiskCache(root, directory=config.cache_dir())
         self.content = open_content_cache(config.content_cache)
-        self.registry = RegistryClient(
-            {
-                host: RegistryHostConfig(plain_http=reg.plain_http, mirrors=list(reg.mirrors))
-                for host, reg in config.registry.items()
-            }
-        )
+        self.registry = RegistryClient(hosts_from_config(config.registry))
         self.fs: LayerFS | None = None
         self.fetcher: BackgroundFetcher | None = None
         self._resolving: dict[str, asyncio.Task[LayerIndex]] = {}

@@ -184,3 +184,18 @@ def test_host_config_from_mapping() -> None:
         RegistryHostConfig.from_mapping("r:5000", {"bogus": 1})
     with pytest.raises(InvalidArgument, match="mirrors must be a list"):
         RegistryHostConfig.from_mapping("r:5000", {"mirrors": "m:1"})
+
+
+def test_hosts_from_config_with_a_plain_http_override() -> None:
+    from snapshotter.config import RegistryConfig
+    from snapshotter.registry import hosts_from_config
+
+    tables = {
+        "mirrored:5000": RegistryConfig(plain_http=False, mirrors=("http://m:5000",)),
+        "other:443": RegistryConfig(plain_http=True),
+    }
+    hosts = hosts_from_config(tables, plain_http_host="mirrored:5000")
+    assert hosts["mirrored:5000"].plain_http and hosts["mirrored:5000"].mirrors == ["http://m:5000"]
+    assert hosts["other:443"].plain_http and hosts["other:443"].mirrors == []
+    assert hosts_from_config(tables, plain_http_host="new:80")["new:80"].plain_http
+    assert not hosts_from_config(tables)["mirrored:5000"].plain_http

@@ -14,7 +14,7 @@ from typing import Any
 
 from snapshotter import config as config_mod
 from snapshotter.publish import PushResult, push_indexes
-from snapshotter.registry import RegistryClient, RegistryHostConfig
+from snapshotter.registry import RegistryClient, hosts_from_config
 from snapshotter.registry.reference import parse_reference
 
 
@@ -49,13 +49,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> PushResult:
-    cfg = config_mod.load(args.config)
-    host = parse_reference(args.image).registry
-    hosts = {
-        h: RegistryHostConfig(plain_http=reg.plain_http, mirrors=list(reg.mirrors))
-        for h, reg in cfg.registry.items()
-    }
-    if args.plain_http:
-        hosts[host] = RegistryHostConfig(plain_http=True)
+    plain_http_host = parse_reference(args.image).registry if args.plain_http else None
+    hosts = hosts_from_config(config_mod.load(args.config).registry, plain_http_host)
     async with RegistryClient(hosts) as client:
         return await push_indexes(client, args.image, args.root)

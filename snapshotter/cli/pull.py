@@ -11,7 +11,12 @@ from pathlib import Path
 from snapshotter import config as config_mod
 from snapshotter.containerd import ContainerdClient
 from snapshotter.pull import Puller, PullOptions, PullResult
-from snapshotter.registry import RegistryClient, RegistryHostConfig, parse_reference
+from snapshotter.registry import (
+    RegistryClient,
+    RegistryHostConfig,
+    hosts_from_config,
+    parse_reference,
+)
 
 EPILOG = """\
 example:
@@ -51,15 +56,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _hosts(args: argparse.Namespace) -> dict[str, RegistryHostConfig]:
     """Registry host settings: the config file's tables, then --plain-http for REF's host."""
-    cfg = config_mod.load(args.config)
-    hosts = {
-        host: RegistryHostConfig(plain_http=reg.plain_http, mirrors=list(reg.mirrors))
-        for host, reg in cfg.registry.items()
-    }
-    if args.plain_http:
-        host = parse_reference(args.ref).registry
-        hosts.setdefault(host, RegistryHostConfig()).plain_http = True
-    return hosts
+    plain_http_host = parse_reference(args.ref).registry if args.plain_http else None
+    return hosts_from_config(config_mod.load(args.config).registry, plain_http_host)
 
 
 class _Reporter:

@@ -4,7 +4,13 @@ from snapshotter.registry.auth import Credentials, DockerConfig
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.errors import AccessDenied, DigestMismatch
 from snapshotter.registry.reference import Reference, parse_reference
-from snapshotter.registry.types import Descriptor, Platform, RegistryHostConfig, ResolvedImage
+from snapshotter.registry.types import (
+    Descriptor,
+    Platform,
+    RegistryHostConfig,
+    ResolvedImage,
+    hosts_from_config,
+)
 
 __all__ = [
     "AccessDenied",
@@ -17,5 +23,6 @@ __all__ = [
     "RegistryClient",
     "RegistryHostConfig",
     "ResolvedImage",
+    "hosts_from_config",
     "parse_reference",
 ]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from snapshotter.errors import InvalidArgument
 from snapshotter.registry.auth import Credentials
@@ -49,6 +49,33 @@ class RegistryHostConfig:
             auth=auth,
             skip_verify=bool(data.get("skip_verify", False)),
         )
+
+
+class HostTable(Protocol):
+    """A config file's ``[registry."HOST"]`` table, as far as the client needs it."""
+
+    @property
+    def plain_http(self) -> bool: ...
+
+    @property
+    def mirrors(self) -> Sequence[str]: ...
+
+
+def hosts_from_config(
+    tables: Mapping[str, HostTable], plain_http_host: str | None = None
+) -> dict[str, RegistryHostConfig]:
+    """The client's host settings from the config's registry tables.
+
+    ``plain_http_host`` (a command's ``--plain-http`` for its image's registry) makes that host
+    talk HTTP, keeping any mirrors its table names.
+    """
+    hosts = {
+        host: RegistryHostConfig(plain_http=table.plain_http, mirrors=list(table.mirrors))
+        for host, table in tables.items()
+    }
+    if plain_http_host is not None:
+        hosts.setdefault(plain_http_host, RegistryHostConfig()).plain_http = True
+    return hosts
 
 
 @dataclass(frozen=True)
