@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.images import PushedImage, compressed_bytes_of
-from integration.harness.clipd import ClipDaemon
+from integration.harness.clipd import ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd, unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import free_port
@@ -165,19 +165,7 @@ class Node:
         self.ctr("images", "pull", "--plain-http", ref)
 
     def clip_pull(self, ref: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "snapshotter",
-            "pull",
-            "--plain-http",
-            "--namespace",
-            NAMESPACE,
-            "--address",
-            str(self.containerd.socket),
-            ref,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        result = clip_pull(self.containerd.socket, NAMESPACE, ref, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(f"clip pull {ref}: {result.stderr.strip()}\n{self.clip.log()}")
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from integration.harness.clipd import ClipDaemon
+from integration.harness.clipd import ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd, unmount_under
 from integration.harness.images import (
     BuiltImage,
@@ -125,19 +123,7 @@ class DemoNode:
         return self.containerd.ctr(*args, namespace=NAMESPACE, timeout=900).stdout
 
     def clip_pull(self, ref: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "snapshotter",
-            "pull",
-            "--plain-http",
-            "--namespace",
-            NAMESPACE,
-            "--address",
-            str(self.containerd.socket),
-            ref,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = clip_pull(self.containerd.socket, NAMESPACE, ref, timeout=1800)
         if result.returncode != 0:
             raise SystemExit(f"clip pull failed: {result.stderr.strip()}\n{self.clip.log()}")
         say("    " + result.stdout.strip())

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.harness.clipd import ClipDaemon
+from integration.harness.clipd import ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd
 from integration.harness.images import (
     BuiltImage,
@@ -147,19 +147,7 @@ class Node:
     containerd: Containerd
 
     def pull(self, ref: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "snapshotter",
-            "pull",
-            "--address",
-            str(self.containerd.socket),
-            "--namespace",
-            NAMESPACE,
-            "--plain-http",
-            ref,
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        result = clip_pull(self.containerd.socket, NAMESPACE, ref)
         if check and result.returncode != 0:
             pytest.fail(f"clip pull failed: {result.stderr}\n--- clip log:\n{self.clip.log()}")
         return result

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.harness.clipd import ClipDaemon
+from integration.harness.clipd import ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd
 from integration.harness.images import BuiltImage, build_image, make_layer_tar, push_image
 from integration.harness.redis import RedisServer
@@ -46,9 +46,7 @@ class Node:
     containerd: Containerd
 
     def pull(self, ref: str) -> None:
-        cmd = [sys.executable, "-m", "snapshotter", "pull", "--plain-http"]
-        cmd += ["--namespace", NAMESPACE, "--address", str(self.containerd.socket), ref]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        result = clip_pull(self.containerd.socket, NAMESPACE, ref, timeout=300)
         assert result.returncode == 0, f"{result.stderr}\n--- clip log:\n{self.clip.log()}"
 
     def status(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,15 @@ from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc 
 CLIP = [sys.executable, "-m", "snapshotter"]
 
 
+def clip_pull(
+    containerd_socket: Path, namespace: str, ref: str, *, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`clip pull --plain-http REF` into a test's containerd (the registries here are HTTP)."""
+    cmd = [*CLIP, "pull", "--plain-http", "--namespace", namespace,
+           "--address", str(containerd_socket), ref]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 class ClipDaemon:
     """``clip serve`` on ``<workdir>/root`` and ``<workdir>/run/clip.sock``.
 
