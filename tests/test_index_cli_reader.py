@@ -197,7 +197,7 @@ def test_failing_consumer_stops_the_build(tmp_path: Path) -> None:
     """An on_data callback that fails (say, a full disk cache) aborts the build cleanly."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "big.bin").write_bytes(random.Random(5).randbytes(3 << 20))  # several pieces
+    (src / "big.bin").write_bytes(random.Random(5).randbytes(10 << 20))  # several pieces
     raw = gnu_tar(src, tmp_path / "layer.tar", "gnu")
     blob = compress(raw, "gzip")
     out = tmp_path / "out"

@@ -21,9 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import zstandard
-
-from snapshotter.index import format as fmt
 from snapshotter.index.decoders import (
     Bound,
     Decoder,
@@ -33,18 +30,24 @@ from snapshotter.index.decoders import (
     ZstdDecoder,
 )
 from snapshotter.index.density import DensityBudget, DensityRule, Kept, prune
+from snapshotter.index.digests import DeferredDigests
 from snapshotter.index.model import BuildResult, IndexBuildOptions, LayerFormatError
 from snapshotter.index.tarscan import TarScanner
 from snapshotter.index.tree import Tree
-from snapshotter.index.writer import Meta, RawCheckpoint, serialise
+from snapshotter.index.worker import SideWorker
+from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor, encode_entries
 
-READ_SIZE = 1 << 20
-BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch
-QUEUE_BATCHES = 16
+READ_SIZE = 1 << 20  # small enough that a streaming build passes data on promptly
+BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch (gzip: one piece)
+QUEUE_BATCHES = 4
 QUEUE_CHUNKS = 8  # compressed READ_SIZE chunks read ahead of the decoder
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
+#: Pruning aims this share (1/N) of the budget below it: the compressed body shifts by a few
+#: KB when checkpoint records leave it (+15 KB on a 2 MB body once), and each miss costs
+#: another compression of the whole body.
+PRUNE_SLACK = 200
 OnData = Callable[[int, memoryview], None]
 WINDOW = 32768
 
@@ -193,8 +196,10 @@ class _CheckpointPolicy:
     stream only for boundaries that are kept (a few per 2 MiB), never for every block.
     """
 
-    def __init__(self, options: IndexBuildOptions, forced: bool, windowed: bool) -> None:
+    def __init__(self, options: IndexBuildOptions, forced: bool, windowed: bool,
+                 worker: SideWorker) -> None:
         self.opts = options
+        self.worker = worker
         self.forced = forced
         self.windowed = windowed
         self.checkpoints: list[RawCheckpoint] = []
@@ -207,13 +212,12 @@ class _CheckpointPolicy:
         self.tail = b""  # the last 32 KiB of stream before the current piece
         rule = DensityRule(options.min_checkpoint_spacing, options.window_share,
                            options.index_share)
-        self.density = DensityBudget(rule, options.chunk_size)
-        self.dense_savings: dict[int, int] = {}  # position -> compressed window size
-        self._cctx = zstandard.ZstdCompressor(level=fmt.ZSTD_LEVEL, write_checksum=True)
+        self.density = DensityBudget(rule)
+        self.dense: set[int] = set()  # positions of checkpoints only the density rule wants
+        self.cctx = compressor()
 
-    def on_file_start(self, uoff: int, size: int) -> None:
-        self.density.on_file(size)
-        if size >= self.opts.large_file_size and not self.forced:
+    def on_large_file(self, uoff: int, size: int) -> None:
+        if not self.forced:
             self.large.append(uoff)
 
     def piece(self, start: int, data: bytes, bounds: list[Bound]) -> None:
@@ -254,24 +258,32 @@ class _CheckpointPolicy:
         uoff, coff, bits, data, rel, tail = pending
         if self.checkpoints and self.checkpoints[-1].uoff >= uoff:
             if not dense:  # now wanted by a fixed rule: never pruned
-                self.dense_savings.pop(len(self.checkpoints) - 1, None)
+                self.dense.discard(len(self.checkpoints) - 1)
             if self.forced and self.checkpoints[-1].uoff == uoff:
                 # an empty zstd frame: the later start is closer
-                self.checkpoints[-1] = RawCheckpoint(coff, bits, uoff, b"")
+                self.checkpoints[-1] = RawCheckpoint(coff, bits, uoff, 0, b"")
             return
         window = b""
         if self.windowed:
-            last = self.checkpoints[-1] if self.checkpoints else RawCheckpoint(0, 0, 0, b"")
-            self.density.kept(uoff, uoff - last.uoff, coff - last.coff)
+            last_uoff, last_coff = ((self.checkpoints[-1].uoff, self.checkpoints[-1].coff)
+                                    if self.checkpoints else (0, 0))
+            self.density.kept(uoff, uoff - last_uoff, coff - last_coff)
             window = data[rel - WINDOW : rel] if rel >= WINDOW else (tail + data[:rel])[-WINDOW:]
         if dense:
-            self.dense_savings[len(self.checkpoints)] = len(self._cctx.compress(window))
-        self.checkpoints.append(RawCheckpoint(coff, bits, uoff, window))
+            self.dense.add(len(self.checkpoints))
+        checkpoint = RawCheckpoint(coff, bits, uoff, len(window), b"")
+        if window:
+            self.worker.call(self._pack, checkpoint, window)
+        self.checkpoints.append(checkpoint)
+
+    def _pack(self, checkpoint: RawCheckpoint, window: bytes) -> None:
+        """Compress a window (on the side worker: the calling thread is the busier one)."""
+        checkpoint.packed = self.cctx.compress(window)
 
     def prune(self, overshoot: int, end: Kept) -> bool:
         """Drop dense checkpoints worth ``overshoot`` index bytes; False if none can go.
         ``end`` is the stream end (the last interval's limit)."""
-        kept = [Kept(cp.coff, cp.uoff, i in self.dense_savings, self.dense_savings.get(i, 0))
+        kept = [Kept(cp.coff, cp.uoff, i in self.dense, len(cp.packed) if i in self.dense else 0)
                 for i, cp in enumerate(self.checkpoints)]
         kept.append(end)
         drop = prune(kept, overshoot, self.opts.checkpoint_spacing, self.opts.max_span)
@@ -279,8 +291,7 @@ class _CheckpointPolicy:
             return False
         pos = [i for i in range(len(self.checkpoints)) if i not in drop]
         self.checkpoints = [self.checkpoints[i] for i in pos]
-        self.dense_savings = {j: self.dense_savings[i] for j, i in enumerate(pos)
-                              if i in self.dense_savings}
+        self.dense = {j for j, i in enumerate(pos) if i in self.dense}
         return True
 
 
@@ -305,9 +316,11 @@ def build_index(
     reading = _Reading(blob, head, threading.Event())
     decoding = _Decoding(reading, compression)
     decoder = decoding.decoder
-    policy = _CheckpointPolicy(options, decoder.forced, decoder.windowed)
+    worker = SideWorker(reading.stop)
+    policy = _CheckpointPolicy(options, decoder.forced, decoder.windowed, worker)
     tree = Tree()
-    scanner = TarScanner(options, tree.add, policy.on_file_start)
+    scanner = TarScanner(options, tree.add, policy.on_large_file,
+                         DeferredDigests(options.chunk_size, worker))
     uoff = 0
     reading.start()
     decoding.start()
@@ -323,10 +336,14 @@ def build_index(
                     if on_data is not None:
                         on_data(uoff, memoryview(data))
                     scanner.feed(data)
+                    policy.density.on_files(scanner.files, scanner.file_chunks)
                 # after the scanner: it has announced every large file starting in this piece
                 policy.piece(uoff, data, bounds)
                 uoff += len(data)
+            worker.flush()
         scanner.finish()
+        nodes = tree.ordered()
+        worker.close()
     except BaseException:
         # The threads stop at their next queue put or get; the reading thread may be blocked
         # reading a stalled blob, so do not wait for it forever (it is a daemon thread and
@@ -337,16 +354,19 @@ def build_index(
         raise
     decoding.join()
     reading.join()
-    nodes = tree.ordered()
     meta = Meta(compression, options.chunk_size, uoff, reading.size, reading.sha.digest())
-    data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
+    entries = encode_entries(nodes)
+    tree.release(nodes)
+    del nodes
+    marks = (policy.mark_uoffs, policy.mark_cends)
+    data = assemble(entries, policy.checkpoints, marks, meta, policy.cctx)
     budget = int(options.index_share * uoff)
     end = Kept(reading.size, uoff, False, 0)
-    while len(data) > budget and policy.prune(len(data) - budget, end):
-        data = serialise(nodes, policy.checkpoints, (policy.mark_uoffs, policy.mark_cends), meta)
+    while len(data) > budget and policy.prune(len(data) - budget + budget // PRUNE_SLACK, end):
+        data = assemble(entries, policy.checkpoints, marks, meta, policy.cctx)
     _write(out, data)
     return BuildResult(
-        entries=len(nodes),
+        entries=entries.count,
         uncompressed_size=uoff,
         compressed_size=reading.size,
         index_size=len(data),

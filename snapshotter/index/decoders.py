@@ -8,13 +8,14 @@ windows from the stream it has already seen); for zstd every frame start (all ke
 run in the builder's decoding thread; the zlib and zstd calls release the GIL, so decoding
 overlaps with tar parsing and hashing in the calling thread.
 
-gzip output accumulates in one 1 MiB buffer across deflate blocks and is copied out once per
+gzip output accumulates in one 4 MiB buffer across deflate blocks and is copied out once per
 buffer: per block the decoding thread only records a bound, so its Python work per MiB stays
 small whatever the block size.
 """
 
 from __future__ import annotations
 
+import array
 from collections.abc import Callable
 
 import zstandard
@@ -25,6 +26,13 @@ from snapshotter.index.model import LayerFormatError
 Bound = tuple[int, int, int]  # (offset in the piece, coff, bits)
 Piece = tuple[bytes, list[Bound]]
 Emit = Callable[[bytes, list[Bound]], None]
+#: gzip output is handed on in pieces of this size. Every piece costs the decoding thread a
+#: trip through the interpreter (and the GIL) and the calling thread a scan call; 4 MiB
+#: measured ~4% faster builds than 1 MiB. Piece boundaries shape the index (checkpoint
+#: density is re-estimated per piece), so this is part of what makes builds deterministic.
+PIECE_SIZE = 4 << 20
+#: block boundaries one C call may record (a piece rarely holds more than ~200 blocks)
+BOUNDS_PER_CALL = 1024
 
 
 class GzipDecoder:
@@ -32,7 +40,8 @@ class GzipDecoder:
 
     ``inflate(Z_BLOCK)`` returns at each block end; ``data_type`` then has bit 7 set (and bit 6
     if that was the member's last block) and its low 3 bits say how many bits of the last byte
-    consumed belong to the next block.
+    consumed belong to the next block. The loop over blocks runs in C (``Inflater.run_blocks``),
+    which hands back every boundary of a buffer at once.
     """
 
     forced = False  # boundaries are candidates, not mandatory checkpoints
@@ -41,12 +50,13 @@ class GzipDecoder:
 
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
-        self.inf = zi.Inflater(zi.GZIP)
+        self.inf = zi.Inflater(zi.GZIP, PIECE_SIZE)
         self.consumed = 0  # compressed bytes handed to the inflater
         self.filled = 0  # bytes of the output buffer not yet emitted
         self.bounds: list[Bound] = []
         self.member_done = False
         self.trailing = False  # inside zero padding after the last member
+        self._bounds = array.array("q", bytes(8 * zi.BOUND_FIELDS * BOUNDS_PER_CALL))
 
     def feed(self, data: bytes) -> None:
         if self.member_done and data[:1] == b"\0":
@@ -65,23 +75,27 @@ class GzipDecoder:
     def _drain(self) -> None:
         inf = self.inf
         size = inf.out_size
+        bounds = self._bounds
         while True:
+            start = self.filled
+            in_start = self.consumed - inf.avail_in  # blob offset of the pending input
             try:
-                rc, produced = inf.run_at(zi.Z_BLOCK, self.filled)
+                rc, produced, count = inf.run_blocks(start, bounds)
             except zi.InflateError as exc:
                 at = self.consumed - inf.avail_in
                 raise LayerFormatError(f"corrupt gzip data near offset {at}: {exc}") from None
+            if count:
+                found = bounds[: zi.BOUND_FIELDS * count]
+                for k in range(0, len(found), zi.BOUND_FIELDS):
+                    out_rel, in_rel, bits = found[k : k + zi.BOUND_FIELDS]
+                    # a block starting mid-byte begins in the byte before the next one read
+                    self.bounds.append((start + out_rel, in_start + in_rel - (1 if bits else 0),
+                                        bits))
             self.filled += produced
             if rc == zi.Z_STREAM_END:
                 if not self._next_member():
                     return
                 continue
-            if rc != zi.Z_BUF_ERROR:
-                data_type = inf.data_type
-                if data_type & 0xC0 == 0x80:
-                    bits = data_type & 7
-                    coff = self.consumed - inf.avail_in - (1 if bits else 0)
-                    self.bounds.append((self.filled, coff, bits))
             if self.filled == size:
                 self._flush()
             if rc == zi.Z_BUF_ERROR or (not inf.avail_in and not produced):

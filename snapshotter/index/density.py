@@ -53,17 +53,18 @@ class DensityBudget:
     """Running estimate of the index size; decides whether a block boundary is worth a
     checkpoint beyond the fixed spacing rules."""
 
-    def __init__(self, rule: DensityRule, chunk_size: int) -> None:
+    def __init__(self, rule: DensityRule) -> None:
         self.rule = rule
-        self.chunk_size = chunk_size
-        self.meta = 0  # estimated compressed bytes of records, digests and marks so far
+        self.file_meta = 0  # estimated compressed bytes of file records and digests so far
+        self.mark_meta = 0  # estimated compressed bytes of block marks so far
         self.windows = 0  # estimated compressed bytes of the kept checkpoints' windows
 
-    def on_file(self, size: int) -> None:
-        self.meta += PER_FILE + PER_DIGEST * max(1, -(-size // self.chunk_size))
+    def on_files(self, files: int, chunks: int) -> None:
+        """The regular files and digest chunks seen so far (counted by the tar scanner)."""
+        self.file_meta = PER_FILE * files + PER_DIGEST * chunks
 
     def on_mark(self) -> None:
-        self.meta += PER_MARK
+        self.mark_meta += PER_MARK
 
     @staticmethod
     def window_cost(uoff: int, du: int, dc: int) -> float:
@@ -78,7 +79,7 @@ class DensityBudget:
         cost = self.window_cost(uoff, du, dc)
         return (
             cost <= rule.window_share * du
-            and self.meta + self.windows + cost <= rule.index_share * uoff
+            and self.file_meta + self.mark_meta + self.windows + cost <= rule.index_share * uoff
         )
 
     def kept(self, uoff: int, du: int, dc: int) -> None:

@@ -49,4 +49,4 @@ assert CHECKPOINT.size == 40
 
 #: zstd level for the body and windows: decompression speed is level-independent, and 6 is a
 #: good size/time trade for a few MB of records.
-ZSTD_LEVEL: Final = 6
+ZSTD_LEVEL: Final = 3

@@ -12,7 +12,9 @@ read, and ``zng_stream`` is never larger, so one struct definition with the larg
 both.
 
 Every call releases the GIL (ctypes does so for CDLL functions), so worker threads inflate in
-parallel.
+parallel. The index build's loop over deflate blocks runs in C (``_native.c``, handed the
+stream's and ``inflate``'s addresses), so a whole input buffer costs one GIL round trip, not one
+per block.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import ctypes.util
 import glob
 import os
 from typing import Any, Final
+
+from snapshotter.index import _native
 
 Z_OK: Final = 0
 Z_STREAM_END: Final = 1
@@ -134,6 +138,9 @@ def _load() -> _Api:
 
 API: Final = _load()
 ENGINE: Final = API.name
+_INFLATE_ADDRESS: Final = int(ctypes.cast(API.inflate, ctypes.c_void_p).value or 0)
+#: int64 fields per block boundary that ``run_blocks`` records
+BOUND_FIELDS: Final = 3
 
 
 class InflateError(Exception):
@@ -150,6 +157,7 @@ class Inflater:
     def __init__(self, window_bits: int, out_size: int = 1 << 20) -> None:
         self._s = _Stream()
         self._ref = ctypes.byref(self._s)
+        self._address = ctypes.addressof(self._s)
         rc = API.init2(self._s, window_bits)
         if rc != Z_OK:
             raise InflateError(f"inflateInit2 failed ({rc})")
@@ -230,19 +238,23 @@ class Inflater:
             raise InflateError(msg)
         return rc, self._out_view[:produced]
 
-    def run_at(self, flush: int, start: int) -> tuple[int, int]:
-        """Inflate once into the output buffer from ``start`` on (output accumulates across
-        calls, so callers copy it out once per buffer, not once per deflate block); returns
-        (zlib code, bytes produced). ``start`` must be below ``out_size``."""
+    def run_blocks(self, start: int, bounds: Any) -> tuple[int, int, int]:
+        """Inflate with ``Z_BLOCK`` into the output buffer from ``start`` on, block after block,
+        until the output is full, the input is used up, the stream ends or ``bounds`` (a
+        writable int64 buffer, ``BOUND_FIELDS`` per boundary) is full; returns (zlib code,
+        bytes produced, boundaries recorded). Each boundary is (output offset from ``start``,
+        input offset from the pending input's start, bits of the last byte that belong to the
+        next block). ``start`` must be below ``out_size``; output accumulates across calls, so
+        callers copy it out once per buffer."""
         s = self._s
         room = self.out_size - start
         s.next_out = self._out_addr + start
         s.avail_out = room
-        rc = int(API.inflate(self._ref, flush))
+        rc, count = _native.inflate_blocks(self._address, _INFLATE_ADDRESS, bounds)
         if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
             msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
             raise InflateError(msg)
-        return rc, room - s.avail_out
+        return rc, room - s.avail_out, count
 
     def output(self, end: int) -> bytes:
         """A copy of the output buffer's first ``end`` bytes."""

@@ -2,24 +2,24 @@
 
 It never buffers file data (only 512-byte headers and PAX/GNU long-name payloads, which are
 capped), so the builder's memory is bounded by the number of entries, not by the layer size.
-File data is hashed as it passes (sha256 per verification chunk). Formats: v7, ustar, GNU (long
-names/links, base-256 numbers) and PAX (local and global headers, nanosecond mtime,
-``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``). Sparse and multi-volume members are refused:
-serving them byte-for-byte from the stream would give a silently wrong file.
+File data goes to a digester as it passes (sha256 per verification chunk, see digests.py).
+Formats: v7, ustar, GNU (long names/links, base-256 numbers) and PAX (local and global headers,
+nanosecond mtime, ``SCHILY.xattr.*`` and ``LIBARCHIVE.xattr.*``). Sparse and multi-volume
+members are refused: serving them byte-for-byte from the stream would give a silently wrong
+file.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import struct
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
+from snapshotter.index import _native
+from snapshotter.index.digests import Digester, Digests
 from snapshotter.index.model import EntryType, IndexBuildOptions, LayerFormatError
 
 BLOCK = 512
@@ -137,58 +137,13 @@ def _pax_time_ns(value: str, where: int) -> int:
     return -ns if neg else ns
 
 
-_FAST_TYPES = {k: v for k, v in _TYPES.items() if k != b"D"}
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
-# enum members as module globals: ``EntryType.FILE`` is a class attribute lookup (~80 ns more)
-# and the fast path tests types several times per member
-_FILE, _SYMLINK, _HARDLINK, _CHAR, _BLOCK = (
-    EntryType.FILE, EntryType.SYMLINK, EntryType.HARDLINK, EntryType.CHAR, EntryType.BLOCK)
-
-
-def _plain_member(view: memoryview, i: int, where: int) -> Member | None:
-    """The member of a plain ustar/GNU header at ``view[i:i+512]``, or None when anything about
-    it needs the general path (which then also produces the right error).
-
-    Same results as ``TarScanner._header`` for the headers it accepts; the checksum is summed
-    with ``zlib.adler32`` (its low half is 1 + the byte sum, exact for 256 bytes or fewer)
-    instead of a Python loop over 512 bytes.
-    """
-    (name_b, mode_b, uid_b, gid_b, size_b, mtime_b, chk_b, kind, link_b, magic, major_b,
-     minor_b, prefix) = _HEADER.unpack_from(view, i)
-    etype = _FAST_TYPES.get(kind)
-    if etype is None or not name_b[0]:
-        return None
-    try:
-        stored = int(chk_b.rstrip(b"\0 "), 8)
-        mode = int(mode_b.rstrip(b"\0 "), 8)
-        uid = int(uid_b.rstrip(b"\0 "), 8)
-        gid = int(gid_b.rstrip(b"\0 "), 8)
-        size = int(size_b.rstrip(b"\0 "), 8)
-        mtime = int(mtime_b.rstrip(b"\0 "), 8)
-        major = minor = 0
-        if etype is _CHAR or etype is _BLOCK:
-            major = int(major_b.rstrip(b"\0 "), 8)
-            minor = int(minor_b.rstrip(b"\0 "), 8)
-    except ValueError:
-        return None
-    summed = ((zlib.adler32(view[i : i + 256]) & 0xFFFF)
-              + (zlib.adler32(view[i + 256 : i + BLOCK]) & 0xFFFF) + 254 - sum(chk_b))
-    if stored != summed or size < 0:
-        return None
-    name_b = name_b.split(b"\0", 1)[0]
-    if magic == b"ustar\0" and prefix[0]:
-        name_b = prefix.split(b"\0", 1)[0] + b"/" + name_b
-    raw_path = name_b.decode("utf-8", "surrogateescape")
-    linkname = ""
-    if etype is _FILE:
-        if raw_path.endswith("/"):
-            return None  # a pre-POSIX directory
-    else:
-        size = 0
-        if etype is _SYMLINK or etype is _HARDLINK:
-            linkname = link_b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    return Member(normalise(raw_path), raw_path, etype, mode & 0o7777, uid, gid, size,
-                  mtime * 1_000_000_000, linkname, major, minor, _NO_XATTRS, where + BLOCK)
+#: typeflag byte -> EntryType for the headers the native scan takes (not GNU dumpdirs: their
+#: data must be skipped, which only the general path does)
+_PLAIN_TYPES = tuple(
+    _TYPES.get(bytes([b])) if bytes([b]) != b"D" else None for b in range(256)
+)
+_FILE = EntryType.FILE  # a module global: cheaper than the enum attribute in the hot loop
 
 
 def parse_pax(data: bytes, where: int) -> dict[str, bytes]:
@@ -217,19 +172,27 @@ def parse_pax(data: bytes, where: int) -> dict[str, bytes]:
 class TarScanner:
     """Feed the uncompressed tar stream with ``feed``; completed members go to ``on_member``.
 
-    ``on_file_start(uoff, size)`` fires as soon as a regular file's header is parsed, before its
-    data, so the builder can place a checkpoint near the start of large files.
+    ``on_large_file(uoff, size)`` fires as soon as the header of a regular file of at least
+    ``large_file_size`` bytes is parsed, before its data, so the builder can place a checkpoint
+    near its start. ``files`` and ``file_chunks`` count the regular files and their digests so
+    far (the builder's index-size estimate). Regular files' data goes to ``digester`` (by
+    default hashed at once, in the calling thread); a member may reach ``on_member`` before its
+    digests are in place.
     """
 
     def __init__(
         self,
         options: IndexBuildOptions,
         on_member: Callable[[Member], None],
-        on_file_start: Callable[[int, int], None] | None = None,
+        on_large_file: Callable[[int, int], None] | None = None,
+        digester: Digester | None = None,
     ) -> None:
         self._opts = options
         self._on_member = on_member
-        self.on_file_start = on_file_start
+        self._on_large_file = on_large_file
+        self.files = 0
+        self.file_chunks = 0
+        self._digester = digester if digester is not None else Digests(options.chunk_size)
         self.pos = 0  # uncompressed offset of the next byte fed
         self._hdr = bytearray()
         self._state = "header"
@@ -243,8 +206,7 @@ class TarScanner:
         self._pax_local: dict[str, bytes] = {}
         self._long_name: bytes | None = None
         self._long_link: bytes | None = None
-        self._hash: Any = None
-        self._chunk_left = 0
+        self._hashing = False  # the current member's data goes to the digester
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -293,56 +255,41 @@ class TarScanner:
         """Consume whole members of ``view`` from ``i`` on, as long as headers are complete in
         it; returns where it stopped (``self.pos`` follows).
 
-        The common member (a plain ustar/GNU header, no PAX or long-name record before it,
-        its data inside this piece) is handled here in one pass: the header is read in place,
-        the file hashed with one call per verification chunk, padding skipped, with no state
-        machine steps. Everything else (PAX, long names, zero blocks, odd numbers, bad
-        checksums, data crossing the piece end) goes through ``_header`` and the state
-        machine, the general path.
+        Runs of plain ustar/GNU members (no PAX or long-name record before them, data and
+        padding inside this piece) are read by the native ``scan_members`` and dispatched
+        here with no state machine steps: the file's data handed to the digester in one call,
+        padding skipped. The first header it leaves (PAX, long names, zero blocks, odd
+        numbers, bad checksums, data crossing the piece end) goes through ``_header`` and the
+        state machine, the general path.
         """
         base = self.pos - i
-        chunk = self._opts.chunk_size
         on_member = self._on_member
-        on_file_start = self.on_file_start
-        sha256 = hashlib.sha256
+        on_large_file = self._on_large_file
+        large = self._opts.large_file_size
+        chunk = self._opts.chunk_size
+        digest_whole = self._digester.whole
         while n - i >= BLOCK and self._state == "header":
-            where = base + i
-            member = None
             if not (self._pax_local or self._pax_global or self._long_name is not None
                     or self._long_link is not None):
-                member = _plain_member(view, i, where)
+                run, i = _native.scan_members(view, i, base, Member, _PLAIN_TYPES, normalise,
+                                              _NO_XATTRS)
+                for member in run:
+                    if member.type is _FILE:
+                        size = member.size
+                        self.files += 1
+                        self.file_chunks += (size + chunk - 1) // chunk or 1
+                        if size >= large and on_large_file is not None:
+                            on_large_file(member.uoff, size)
+                        if size:
+                            start = member.uoff - base
+                            digest_whole(member, view[start : start + size])
+                    on_member(member)
+                if n - i < BLOCK:
+                    break
+            where = base + i
             i += BLOCK
-            if member is None:
-                self.pos = base + i
-                self._header(bytes(view[i - BLOCK : i]), where)
-                continue
-            if member.type is not _FILE:
-                on_member(member)
-                continue
-            size = member.size
-            if on_file_start is not None:
-                on_file_start(i + base, size)
-            end = i + size
-            if end > n:  # the data continues in the next piece: the general path
-                self.pos = base + i
-                self._member = member
-                self._hash = sha256()
-                self._chunk_left = chunk
-                self._begin_data(size)
-                return i
-            if size <= chunk:
-                if size:
-                    member.digests.append(sha256(view[i:end]).digest())
-            else:
-                member.digests = [
-                    sha256(view[p : min(p + chunk, end)]).digest() for p in range(i, end, chunk)
-                ]
-            on_member(member)
-            i = end + (-size % BLOCK)
-            if i > n:  # the padding crosses the piece end
-                self._pad = i - n
-                self._state = "pad"
-                i = n
+            self.pos = base + i
+            self._header(bytes(view[i - BLOCK : i]), where)
         self.pos = base + i
         return i
 
@@ -430,10 +377,12 @@ class TarScanner:
                 data_size = 0
         self._member = member
         if etype is EntryType.FILE:
-            if self.on_file_start is not None:
-                self.on_file_start(member.uoff, member.size)
-            self._hash = hashlib.sha256()
-            self._chunk_left = self._opts.chunk_size
+            size, chunk = member.size, self._opts.chunk_size
+            self.files += 1
+            self.file_chunks += (size + chunk - 1) // chunk or 1
+            if size >= self._opts.large_file_size and self._on_large_file is not None:
+                self._on_large_file(member.uoff, size)
+            self._hashing = True
         self._begin_data(data_size)
 
     def _apply_pax(self, member: Member, pax: dict[str, bytes], where: int) -> None:
@@ -502,23 +451,9 @@ class TarScanner:
     def _data(self, chunk: memoryview) -> None:
         if self._collect is not None:
             self._collect += chunk
-            return
-        if self._hash is None:
-            return
-        if len(chunk) < self._chunk_left:  # the common case: no chunk boundary inside
-            self._hash.update(chunk)
-            self._chunk_left -= len(chunk)
-            return
-        while len(chunk):
-            take = min(self._chunk_left, len(chunk))
-            self._hash.update(chunk[:take])
-            chunk = chunk[take:]
-            self._chunk_left -= take
-            if not self._chunk_left:
-                assert self._member is not None
-                self._member.digests.append(self._hash.digest())
-                self._hash = hashlib.sha256()
-                self._chunk_left = self._opts.chunk_size
+        elif self._hashing:
+            assert self._member is not None
+            self._digester.part(self._member, chunk)
 
     def _end_data(self) -> None:
         self._state = "pad" if self._pad else "header"
@@ -529,9 +464,9 @@ class TarScanner:
         member = self._member
         if member is None:
             return
-        if self._hash is not None and self._chunk_left != self._opts.chunk_size:
-            member.digests.append(self._hash.digest())
-        self._hash = None
+        if self._hashing:
+            self._digester.end(member)
+            self._hashing = False
         self._member = None
         self._on_member(member)
 

@@ -179,3 +179,14 @@ class Tree:
                 append(child)
             node.subdirs = subdirs
         return out
+
+    def release(self, nodes: list[Node]) -> None:
+        """Break the tree's reference cycles (parent <-> children, hardlink <-> target) so that
+        reference counting frees it at once: left to the cyclic garbage collector, a large
+        tree costs a full collection (~0.1 s per 40k entries) in whatever runs next."""
+        for node in nodes:
+            node.parent = node.link = node.links = None
+            node.children = _LEAF
+        self.root = Node(b"", None, EntryType.DIR, None)
+        self._last_dir = None
+

@@ -17,12 +17,36 @@ from snapshotter.index.model import EntryType
 from snapshotter.index.tree import Node
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawCheckpoint:
+    """A chosen checkpoint; ``packed`` is its window already compressed (its own zstd frame,
+    empty for no window), filled in by the build's side worker when the checkpoint is chosen,
+    so a window is compressed once however often the index is assembled."""
+
     coff: int
     bits: int
     uoff: int
-    window: bytes
+    window_len: int
+    packed: bytes
+
+
+def compressor() -> zstandard.ZstdCompressor:
+    """The compressor for the body and the windows (one per build: they are not thread-safe)."""
+    return zstandard.ZstdCompressor(level=fmt.ZSTD_LEVEL, write_checksum=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """The part of the body that does not depend on the checkpoints, encoded once per build
+    (pruning checkpoints re-assembles the index without encoding the entries again)."""
+
+    count: int
+    records: bytes
+    xattrs: bytes
+    xattr_count: int
+    digests: bytes
+    digest_count: int
+    strings: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +58,10 @@ class Meta:
     blob_sha256: bytes
 
 
-def serialise(
-    nodes: list[Node],
-    checkpoints: list[RawCheckpoint],
-    marks: tuple[list[int], list[int]],
-    meta: Meta,
-) -> bytes:
-    """The index bytes; ``nodes`` come from ``Tree.ordered()`` (breadth-first, so a
-    directory's children are the contiguous run ``first_child .. + len(children)``)."""
+def encode_entries(nodes: list[Node]) -> Entries:
+    """Entry records, xattrs, digests and strings of ``nodes``, which come from
+    ``Tree.ordered()`` (breadth-first, so a directory's children are the contiguous run
+    ``first_child .. + len(children)``)."""
     strings: list[bytes] = []  # joined once at the end; str_len is the running offset
     str_len = 0
     records: list[bytes] = []
@@ -95,25 +115,29 @@ def serialise(
                             link_len, link_target, nlink, m.devmajor, m.devminor, x_first,
                             len(xattrs) - x_first, node.first_child, len(node.children),
                             c_first))
-    entries = b"".join(records)
-    string_bytes = b"".join(strings)
-    xattr_count = len(xattrs)
-    digest_count = len(digests)
+    return Entries(len(nodes), b"".join(records), b"".join(xattrs), len(xattrs),
+                   b"".join(digests), len(digests), b"".join(strings))
+
+
+def assemble(
+    entries: Entries,
+    checkpoints: list[RawCheckpoint],
+    marks: tuple[list[int], list[int]],
+    meta: Meta,
+    cctx: zstandard.ZstdCompressor,
+) -> bytes:
+    """The index bytes: header, compressed body, windows."""
     cps = bytearray()
     windows = bytearray()
-    cctx = zstandard.ZstdCompressor(level=fmt.ZSTD_LEVEL, write_checksum=True)
     for cp in checkpoints:
-        packed = cctx.compress(cp.window) if cp.window else b""
-        cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, len(cp.window), len(windows),
-                                   len(packed))
-        windows += packed
+        cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, cp.window_len, len(windows),
+                                   len(cp.packed))
+        windows += cp.packed
     uoffs, cends = marks
     mark_uoffs = struct.pack(f"<{len(uoffs)}Q", *uoffs)
     mark_cends = struct.pack(f"<{len(cends)}Q", *cends)
-    raw_body = b"".join(
-        (entries, b"".join(xattrs), cps, mark_uoffs, mark_cends, b"".join(digests),
-         string_bytes)
-    )
+    raw_body = b"".join((entries.records, entries.xattrs, cps, mark_uoffs, mark_cends,
+                         entries.digests, entries.strings))
     body = cctx.compress(raw_body)
     header = fmt.HEADER.pack(
         fmt.MAGIC,
@@ -121,11 +145,11 @@ def serialise(
         fmt.HEADER_SIZE,
         fmt.COMPRESSIONS.index(meta.compression),
         meta.chunk_size,
-        len(nodes),
-        xattr_count,
+        entries.count,
+        entries.xattr_count,
         len(checkpoints),
-        digest_count,
-        len(string_bytes),
+        entries.digest_count,
+        len(entries.strings),
         meta.uncompressed_size,
         meta.compressed_size,
         meta.blob_sha256,
