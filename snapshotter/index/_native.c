@@ -46,39 +46,49 @@ typedef int (*inflate_fn)(void *strm, int flush);
 #define BOUND_FIELDS 3
 
 PyDoc_STRVAR(inflate_blocks_doc,
-"inflate_blocks(stream, inflate, bounds) -> (rc, count)\n\n"
-"Call inflate(stream, Z_BLOCK) until it returns anything but Z_OK, the output space is\n"
-"full, the input is used up without output, or ``bounds`` is full. ``stream`` is the\n"
-"address of a prepared z_stream / zng_stream and ``inflate`` the address of the matching\n"
-"inflate function. For each block boundary passed, three int64 values go to ``bounds``:\n"
-"the output offset and the input offset (both relative to next_out / next_in at the call)\n"
-"and the number of bits of the last input byte that belong to the next block. Returns\n"
-"inflate's last return code and the number of boundaries recorded.");
+"inflate_blocks(stream, inflate, bounds, piece, start) -> (rc, count)\n\n"
+"Call inflate(stream, Z_BLOCK), writing into piece[start:], until it returns anything but\n"
+"Z_OK, the piece is full, the input is used up without output, or ``bounds`` is full.\n"
+"``stream`` is the address of a prepared z_stream / zng_stream and ``inflate`` the address\n"
+"of the matching inflate function; ``piece`` is a bytes object from new_piece() that nothing\n"
+"else has seen yet (the output goes straight into it, so it is never copied). For each block\n"
+"boundary passed, three int64 values go to ``bounds``: the output offset and the input\n"
+"offset (both relative to the call's start) and the number of bits of the last input byte\n"
+"that belong to the next block. Returns inflate's last return code and the number of\n"
+"boundaries recorded.");
 
 static PyObject *
 inflate_blocks(PyObject *module, PyObject *args)
 {
     unsigned long long stream_addr, inflate_addr;
     Py_buffer bounds;
+    PyObject *piece;
+    Py_ssize_t start;
     (void)module;
-    if (!PyArg_ParseTuple(args, "KKw*:inflate_blocks", &stream_addr, &inflate_addr, &bounds))
+    if (!PyArg_ParseTuple(args, "KKw*O!n:inflate_blocks", &stream_addr, &inflate_addr, &bounds,
+                          &PyBytes_Type, &piece, &start))
         return NULL;
     Py_ssize_t cap = bounds.len / (Py_ssize_t)(BOUND_FIELDS * sizeof(int64_t));
-    if (cap < 1 || stream_addr == 0 || inflate_addr == 0) {
+    Py_ssize_t size = PyBytes_GET_SIZE(piece);
+    if (cap < 1 || stream_addr == 0 || inflate_addr == 0 || start < 0 || start >= size
+        || size - start > UINT32_MAX) {
         PyBuffer_Release(&bounds);
         PyErr_SetString(PyExc_ValueError,
-                        "inflate_blocks: needs a stream, an inflate function and room for a bound");
+                        "inflate_blocks: needs a stream, an inflate function, room for a bound "
+                        "and room in the piece");
         return NULL;
     }
     stream_head *s = (stream_head *)(uintptr_t)stream_addr;
     inflate_fn inflate = (inflate_fn)(uintptr_t)inflate_addr;
     int64_t *out = (int64_t *)bounds.buf;
+    unsigned char *out_start = (unsigned char *)PyBytes_AS_STRING(piece) + start;
     Py_ssize_t count = 0;
     int rc;
 
     Py_BEGIN_ALLOW_THREADS
     const unsigned char *in_start = s->next_in;
-    const unsigned char *out_start = s->next_out;
+    s->next_out = out_start;
+    s->avail_out = (uint32_t)(size - start);
     for (;;) {
         uint32_t room = s->avail_out;
         rc = inflate(s, CLIP_Z_BLOCK);
@@ -98,6 +108,25 @@ inflate_blocks(PyObject *module, PyObject *args)
 
     PyBuffer_Release(&bounds);
     return Py_BuildValue("in", rc, count);
+}
+
+PyDoc_STRVAR(new_piece_doc,
+"new_piece(size) -> bytes\n\n"
+"A bytes object of ``size`` bytes whose contents are not initialised, for inflate_blocks to\n"
+"fill: a build's uncompressed stream is written once, into the objects that are handed on.");
+
+static PyObject *
+new_piece(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "new_piece: size must be positive");
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize(NULL, size);
 }
 
 /* ---- scan_members ------------------------------------------------------------------- */
@@ -325,6 +354,7 @@ done:
 
 static PyMethodDef native_methods[] = {
     {"inflate_blocks", inflate_blocks, METH_VARARGS, inflate_blocks_doc},
+    {"new_piece", new_piece, METH_O, new_piece_doc},
     {"scan_members", (PyCFunction)(void (*)(void))scan_members, METH_FASTCALL,
      scan_members_doc},
     {NULL, NULL, 0, NULL},

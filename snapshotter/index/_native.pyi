@@ -1,9 +1,12 @@
 from collections.abc import Callable
-
-from typing_extensions import Buffer
 from typing import Any
 
-def inflate_blocks(stream: int, inflate: int, bounds: Buffer, /) -> tuple[int, int]: ...
+from typing_extensions import Buffer
+
+def inflate_blocks(
+    stream: int, inflate: int, bounds: Buffer, piece: bytes, start: int, /
+) -> tuple[int, int]: ...
+def new_piece(size: int, /) -> bytes: ...
 def scan_members(
     buffer: Buffer,
     start: int,

@@ -37,10 +37,14 @@ from snapshotter.index.tree import Tree
 from snapshotter.index.worker import SideWorker
 from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor, encode_entries
 
-READ_SIZE = 1 << 20  # small enough that a streaming build passes data on promptly
+#: compressed bytes per read: each chunk costs the decoding thread a return to Python (and the
+#: GIL), so chunks are large; reads use ``read1`` where the blob has it, so a streaming build
+#: still passes on whatever has arrived instead of waiting for a full chunk
+READ_SIZE = 4 << 20
+HEAD_SIZE = 1 << 16  # the first read, enough to tell the compression
 BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch (gzip: one piece)
 QUEUE_BATCHES = 4
-QUEUE_CHUNKS = 8  # compressed READ_SIZE chunks read ahead of the decoder
+QUEUE_CHUNKS = 4  # compressed chunks read ahead of the decoder
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -119,12 +123,13 @@ class _Reading(_Stage):
 
     def run(self) -> None:
         try:
+            read = getattr(self.blob, "read1", self.blob.read)
             chunk = self.head
             while chunk:
                 self.sha.update(chunk)
                 self.size += len(chunk)
                 self._put(chunk)
-                chunk = self.blob.read(READ_SIZE)
+                chunk = read(READ_SIZE)
             self._put(None)
         except _Stopped:
             return
@@ -309,7 +314,7 @@ def build_index(
     nothing behind.
     """
     started = time.monotonic()
-    head = blob.read(READ_SIZE)
+    head = blob.read(HEAD_SIZE)
     if not head:
         raise LayerFormatError("layer blob is empty")
     compression = detect(head)

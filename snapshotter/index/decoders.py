@@ -8,9 +8,9 @@ windows from the stream it has already seen); for zstd every frame start (all ke
 run in the builder's decoding thread; the zlib and zstd calls release the GIL, so decoding
 overlaps with tar parsing and hashing in the calling thread.
 
-gzip output accumulates in one 4 MiB buffer across deflate blocks and is copied out once per
-buffer: per block the decoding thread only records a bound, so its Python work per MiB stays
-small whatever the block size.
+gzip output is inflated straight into 4 MiB pieces (bytes objects that are then handed on,
+never copied), and the loop over deflate blocks runs in C: per block the decoding thread only
+records a bound, so its Python work per MiB stays small whatever the block size.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import zstandard
 
+from snapshotter.index import _native
 from snapshotter.index import inflate as zi
 from snapshotter.index.model import LayerFormatError
 
@@ -46,13 +47,14 @@ class GzipDecoder:
 
     forced = False  # boundaries are candidates, not mandatory checkpoints
     windowed = True
-    read_size = 1 << 20
+    read_size = 4 << 20
 
     def __init__(self, emit: Emit) -> None:
         self.emit = emit
-        self.inf = zi.Inflater(zi.GZIP, PIECE_SIZE)
+        self.inf = zi.Inflater(zi.GZIP)
         self.consumed = 0  # compressed bytes handed to the inflater
-        self.filled = 0  # bytes of the output buffer not yet emitted
+        self.piece = _native.new_piece(PIECE_SIZE)  # filled in place, then handed on
+        self.filled = 0  # bytes of the piece inflated so far
         self.bounds: list[Bound] = []
         self.member_done = False
         self.trailing = False  # inside zero padding after the last member
@@ -74,13 +76,12 @@ class GzipDecoder:
 
     def _drain(self) -> None:
         inf = self.inf
-        size = inf.out_size
         bounds = self._bounds
         while True:
             start = self.filled
             in_start = self.consumed - inf.avail_in  # blob offset of the pending input
             try:
-                rc, produced, count = inf.run_blocks(start, bounds)
+                rc, produced, count = inf.run_blocks(self.piece, start, bounds)
             except zi.InflateError as exc:
                 at = self.consumed - inf.avail_in
                 raise LayerFormatError(f"corrupt gzip data near offset {at}: {exc}") from None
@@ -96,14 +97,16 @@ class GzipDecoder:
                 if not self._next_member():
                     return
                 continue
-            if self.filled == size:
+            if self.filled == PIECE_SIZE:
                 self._flush()
             if rc == zi.Z_BUF_ERROR or (not inf.avail_in and not produced):
                 return
 
     def _flush(self) -> None:
         if self.filled or self.bounds:
-            self.emit(self.inf.output(self.filled), self.bounds)
+            piece = self.piece if self.filled == PIECE_SIZE else self.piece[: self.filled]
+            self.emit(piece, self.bounds)
+            self.piece = _native.new_piece(PIECE_SIZE)
             self.filled = 0
             self.bounds = []
 

@@ -238,19 +238,16 @@ class Inflater:
             raise InflateError(msg)
         return rc, self._out_view[:produced]
 
-    def run_blocks(self, start: int, bounds: Any) -> tuple[int, int, int]:
-        """Inflate with ``Z_BLOCK`` into the output buffer from ``start`` on, block after block,
-        until the output is full, the input is used up, the stream ends or ``bounds`` (a
-        writable int64 buffer, ``BOUND_FIELDS`` per boundary) is full; returns (zlib code,
-        bytes produced, boundaries recorded). Each boundary is (output offset from ``start``,
-        input offset from the pending input's start, bits of the last byte that belong to the
-        next block). ``start`` must be below ``out_size``; output accumulates across calls, so
-        callers copy it out once per buffer."""
+    def run_blocks(self, piece: bytes, start: int, bounds: Any) -> tuple[int, int, int]:
+        """Inflate with ``Z_BLOCK`` into ``piece[start:]`` (a fresh ``_native.new_piece``: the
+        output is written into it in place, so it is never copied), block after block, until
+        the piece is full, the input is used up, the stream ends or ``bounds`` (a writable int64
+        buffer, ``BOUND_FIELDS`` per boundary) is full; returns (zlib code, bytes produced,
+        boundaries recorded). Each boundary is (output offset from ``start``, input offset from
+        the pending input's start, bits of the last byte that belong to the next block)."""
+        room = len(piece) - start
+        rc, count = _native.inflate_blocks(self._address, _INFLATE_ADDRESS, bounds, piece, start)
         s = self._s
-        room = self.out_size - start
-        s.next_out = self._out_addr + start
-        s.avail_out = room
-        rc, count = _native.inflate_blocks(self._address, _INFLATE_ADDRESS, bounds)
         if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
             msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
             raise InflateError(msg)
