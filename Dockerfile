@@ -28,7 +28,7 @@ RUN set -eu; \
 # A virtualenv at the same path as in the runtime stage, so its scripts' shebangs stay valid.
 RUN python3 -m venv /opt/clip
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY snapshotter ./snapshotter
 # clip needs neither pip nor setuptools at run time (nothing it imports uses pkg_resources):
 # they leave the venv here, a quarter of its size.

@@ -636,7 +636,8 @@ def test_dockerfile_entrypoint_user_and_sources() -> None:
 
 
 def test_dockerfile_copies_what_pip_install_needs() -> None:
-    """The builder's `pip install .` needs pyproject.toml, its readme file and the package.
+    """The builder's `pip install .` needs pyproject.toml, setup.py (the C extension), its
+    readme file and the package.
 
     The readme is held to pyproject's `readme` entry rather than to the file system: README.md
     belongs to the top-level docs and is checked by the packaging tests, not here.
@@ -649,8 +650,9 @@ def test_dockerfile_copies_what_pip_install_needs() -> None:
         for source in rest.split()[:-1]
     ]
     readme = _load_toml(REPO / "pyproject.toml")["project"]["readme"]
-    assert sorted(sources) == sorted(["pyproject.toml", readme, "snapshotter"])
+    assert sorted(sources) == sorted(["pyproject.toml", "setup.py", readme, "snapshotter"])
     assert (REPO / "pyproject.toml").is_file() and (REPO / "snapshotter").is_dir()
+    assert (REPO / "setup.py").is_file()
 
 
 def test_dockerignore_keeps_the_build_inputs() -> None:
@@ -660,4 +662,4 @@ def test_dockerignore_keeps_the_build_inputs() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".git", ".venv"} <= ignored
-    assert not {"pyproject.toml", "README.md", "snapshotter", "*"} & ignored
+    assert not {"pyproject.toml", "setup.py", "README.md", "snapshotter", "*"} & ignored
