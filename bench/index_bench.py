@@ -256,6 +256,10 @@ def main() -> None:
               f"{usize / b_wall / 1e6:.0f} MB/s wall = {100 * i_wall / b_wall:.0f}% of bare "
               f"{engine.ENGINE} inflate measured alongside ({usize / i_wall / 1e6:.0f} MB/s; "
               "target >= 60%)")
+        b_median = statistics.median(r[0][0] for r in rounds)
+        i_median = statistics.median(r[1][0] for r in rounds)
+        print(f"       (best of {len(rounds)} each; medians: build {b_median:.2f} s, bare inflate "
+              f"{i_median:.2f} s = {100 * i_median / b_median:.0f}%)")
         # On two free cores the pipeline's wall time tends to the longest thread or half the
         # total CPU, whichever is larger: that is what the build would take on an idle box.
         bound = max(max(threads.values()), b_cpu / 2)
