@@ -230,3 +230,28 @@ def test_the_native_scan_takes_plain_headers_and_leaves_the_rest() -> None:
         assert stop == (len(raw) if run else 0)
     left = sorted(name for name, took in taken.items() if not took)
     assert left == ["base256.txt", "empty-field.txt", "future", "junk-after-nul.txt", "olddir/"]
+
+
+@pytest.mark.parametrize("cut", [decoders.PIECE_SIZE, decoders.PIECE_SIZE - 1,
+                                 decoders.PIECE_SIZE + 1, 2 * decoders.PIECE_SIZE])
+def test_a_gzip_member_ending_at_a_piece_boundary(tmp_path: Path, cut: int) -> None:
+    """A member whose output ends exactly where a piece fills up: the piece is handed on
+    before the next member starts, and every byte reads back."""
+    from snapshotter.index import IndexReader, LayerIndex
+
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = random.Random(cut).randbytes(3 * decoders.PIECE_SIZE)
+    (src / "big.bin").write_bytes(payload)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        tf.add(src / "big.bin", arcname="big.bin")
+    raw = buf.getvalue()
+    blob = gzip.compress(raw[:cut], 1, mtime=0) + gzip.compress(raw[cut:], 1, mtime=0)
+    (tmp_path / "layer.gz").write_bytes(blob)
+    build_index(io.BytesIO(blob), tmp_path / "i.idx")
+    index = LayerIndex.open(tmp_path / "i.idx")
+    with IndexReader(index, tmp_path / "layer.gz") as reader:
+        entry = index.lookup("big.bin")
+        assert entry is not None
+        assert reader.read(entry, 0, len(payload)) == payload

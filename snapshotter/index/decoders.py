@@ -93,12 +93,12 @@ class GzipDecoder:
                     self.bounds.append((start + out_rel, in_start + in_rel - (1 if bits else 0),
                                         bits))
             self.filled += produced
+            if self.filled == PIECE_SIZE:  # before a member change: the next call needs room
+                self._flush()
             if rc == zi.Z_STREAM_END:
                 if not self._next_member():
                     return
                 continue
-            if self.filled == PIECE_SIZE:
-                self._flush()
             if rc == zi.Z_BUF_ERROR or (not inf.avail_in and not produced):
                 return
 
