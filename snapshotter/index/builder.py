@@ -38,8 +38,7 @@ from snapshotter.index.worker import SideWorker
 from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor, encode_entries
 
 #: compressed bytes per read: each chunk costs the decoding thread a return to Python (and the
-#: GIL), so chunks are large; reads use ``read1`` where the blob has it, so a streaming build
-#: still passes on whatever has arrived instead of waiting for a full chunk
+#: GIL), so chunks are large (a streaming build hands data on 4 MiB at a time)
 READ_SIZE = 4 << 20
 HEAD_SIZE = 1 << 16  # the first read, enough to tell the compression
 BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch (gzip: one piece)
@@ -123,13 +122,12 @@ class _Reading(_Stage):
 
     def run(self) -> None:
         try:
-            read = getattr(self.blob, "read1", self.blob.read)
             chunk = self.head
             while chunk:
                 self.sha.update(chunk)
                 self.size += len(chunk)
                 self._put(chunk)
-                chunk = read(READ_SIZE)
+                chunk = self.blob.read(READ_SIZE)
             self._put(None)
         except _Stopped:
             return
