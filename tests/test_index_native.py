@@ -16,13 +16,14 @@ import io
 import random
 import tarfile
 import threading
+import types
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapshotter.index import IndexBuildOptions, LayerFormatError, build_index, decoders
+from snapshotter.index import IndexBuildOptions, LayerFormatError, build_index, decoders, digests
 from snapshotter.index.digests import DeferredDigests, Digests
 from snapshotter.index.tarscan import Member, TarScanner
 from snapshotter.index.worker import SideWorker
@@ -149,7 +150,15 @@ def _python_tar(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_deferred_digests_equal_inline_digests() -> None:
+@pytest.mark.parametrize("libcrypto", [True, False])
+def test_deferred_digests_equal_inline_digests(libcrypto: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole files hashed in batches (through libcrypto, or hashlib without it) and split
+    files hashed call by call give the digests the inline digester gives."""
+    if libcrypto:
+        assert digests.sha256_address() is not None  # this machine has OpenSSL
+    else:
+        monkeypatch.setattr(digests, "sha256_address", lambda: None)
     raw = _python_tar(2)
     inline: list[Member] = []
     scanner = TarScanner(OPTS, inline.append, digester=Digests(OPTS.chunk_size))
@@ -158,10 +167,11 @@ def test_deferred_digests_equal_inline_digests() -> None:
     stop = threading.Event()
     worker = SideWorker(stop)
     deferred: list[Member] = []
-    scanner = TarScanner(OPTS, deferred.append, digester=DeferredDigests(OPTS.chunk_size, worker))
+    hashing = DeferredDigests(OPTS.chunk_size, worker)
+    scanner = TarScanner(OPTS, deferred.append, digester=hashing)
     for i in range(0, len(raw), 7000):
         scanner.feed(raw[i : i + 7000])
-        worker.flush()
+        hashing.flush()
     worker.close()
     assert deferred == inline
     assert sum(len(m.digests) for m in inline) > 400
@@ -205,6 +215,19 @@ def test_one_bound_per_native_call_gives_the_same_index(tmp_path: Path,
     monkeypatch.setattr(decoders, "BOUNDS_PER_CALL", 1)
     build_index(io.BytesIO(blob), tmp_path / "one.idx")
     assert (tmp_path / "one.idx").read_bytes() == (tmp_path / "many.idx").read_bytes()
+
+
+def test_digest_files_refuses_bad_input() -> None:
+    from snapshotter.index import _native
+
+    address = digests.sha256_address()
+    assert address is not None
+    with pytest.raises(TypeError, match="member, data"):
+        _native.digest_files([("no-pair",)], 4096, address)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="chunk size"):
+        _native.digest_files([], 0, address)
+    with pytest.raises(TypeError, match="not a list"):
+        _native.digest_files([(types.SimpleNamespace(digests=()), b"x")], 4096, address)
 
 
 def test_the_native_scan_rejects_a_bad_types_table() -> None:

@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from typing_extensions import Buffer
@@ -17,3 +17,6 @@ def scan_members(
     no_xattrs: Any,
     /,
 ) -> tuple[list[Any], int]: ...
+def digest_files(
+    files: Sequence[tuple[Any, Buffer]], chunk_size: int, sha256: int, /
+) -> None: ...

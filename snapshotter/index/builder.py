@@ -322,8 +322,8 @@ def build_index(
     worker = SideWorker(reading.stop)
     policy = _CheckpointPolicy(options, decoder.forced, decoder.windowed, worker)
     tree = Tree()
-    scanner = TarScanner(options, tree.add, policy.on_large_file,
-                         DeferredDigests(options.chunk_size, worker))
+    hashing = DeferredDigests(options.chunk_size, worker)
+    scanner = TarScanner(options, tree.add, policy.on_large_file, hashing)
     uoff = 0
     reading.start()
     decoding.start()
@@ -343,9 +343,10 @@ def build_index(
                 # after the scanner: it has announced every large file starting in this piece
                 policy.piece(uoff, data, bounds)
                 uoff += len(data)
-            worker.flush()
+            hashing.flush()  # hands the side thread this batch's hashing and windows
         scanner.finish()
         nodes = tree.ordered()
+        hashing.flush()
         worker.close()
     except BaseException:
         # The threads stop at their next queue put or get; the reading thread may be blocked

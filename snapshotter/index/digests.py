@@ -2,19 +2,27 @@
 
 The tar scanner reports each file's data as it passes, either whole (the file lies inside one
 piece of the stream) or in parts followed by an end. ``Digests`` hashes at once, in the
-caller's thread. ``DeferredDigests`` records the same calls and hands them, a batch at a time,
-to a thread of its own: hashing a layer's file data is about a third of a build's CPU, and it
-releases the GIL, so on a second core it runs beside the tar parsing instead of after it.
+caller's thread. ``DeferredDigests`` hands the same work to the build's ``SideWorker``: hashing
+a layer's file data is about a third of a build's CPU and releases the GIL, so on a second
+core it runs beside the tar parsing instead of after it. A piece's whole files go over as one
+batch that ``_native.digest_files`` hashes through libcrypto's SHA256 with the GIL released
+(tens of thousands of small files would otherwise cost an interpreter round trip each, and
+hashlib holds the GIL for data under 2 KiB); without libcrypto, hashlib does it.
+
 Digests are appended to ``Member.digests`` in place (the tree may share that list between a
-replaced hardlink target and its heir), so they only need to be complete once the deferred
-hashing is closed, before the index is written.
+replaced hardlink target and its heir), so they only need to be complete once the worker is
+closed, before the index is written.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 from typing import TYPE_CHECKING, Any, Protocol
 
+from snapshotter.index import _native
 from snapshotter.index.worker import SideWorker
 
 if TYPE_CHECKING:  # the scanner imports this module
@@ -73,25 +81,58 @@ class Digests:
         self._hash = None
 
 
+@functools.cache
+def sha256_address() -> int | None:
+    """The address of libcrypto's one-shot ``SHA256()`` (the OpenSSL that hashlib uses), or
+    None when no libcrypto can be loaded."""
+    for name in ("libcrypto.so.3", ctypes.util.find_library("crypto")):
+        if not name:
+            continue
+        try:
+            return ctypes.cast(ctypes.CDLL(name).SHA256, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 class DeferredDigests:
-    """A digester that runs ``Digests`` on a ``SideWorker``: the scanner's calls are recorded
-    in stream order and hashed there."""
+    """A digester whose work runs on a ``SideWorker``: calls for files split across pieces are
+    recorded in stream order, whole files are collected and handed over per piece by
+    ``flush``."""
 
     def __init__(self, chunk_size: int, worker: SideWorker) -> None:
         digests = Digests(chunk_size)
-        self._whole = digests.whole
+        self._chunk = chunk_size
+        self._worker = worker
+        self._whole_file = digests.whole
         self._part = digests.part
         self._end_file = digests.end
-        self._record = worker.pending.append  # one call per file on the hot path
+        self._sha256 = sha256_address()
+        self._files: list[tuple[Member, memoryview]] = []
+        self._record = worker.pending.append
 
     def whole(self, member: Member, data: memoryview) -> None:
-        self._record((self._whole, member, data))
+        self._files.append((member, data))
 
     def part(self, member: Member, data: memoryview) -> None:
         self._record((self._part, member, data))
 
     def end(self, member: Member) -> None:
         self._record((self._end, member, None))
+
+    def flush(self) -> None:
+        """Hand this piece's whole files, and every call recorded, to the side thread."""
+        if self._files:
+            self._record((self._hash_files, self._files, None))
+            self._files = []
+        self._worker.flush()
+
+    def _hash_files(self, files: list[tuple[Member, memoryview]], _unused: None) -> None:
+        if self._sha256 is not None:
+            _native.digest_files(files, self._chunk, self._sha256)
+            return
+        for member, data in files:
+            self._whole_file(member, data)
 
     def _end(self, member: Member, _unused: None) -> None:
         self._end_file(member)
