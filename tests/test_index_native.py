@@ -278,3 +278,24 @@ def test_a_gzip_member_ending_at_a_piece_boundary(tmp_path: Path, cut: int) -> N
         entry = index.lookup("big.bin")
         assert entry is not None
         assert reader.read(entry, 0, len(payload)) == payload
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("uid", 2**40, "uid 1099511627776 does not fit the index"),
+    ("mtime", 10**12, "mtime_ns 1000000000000000000000 does not fit the index"),
+])
+def test_a_value_the_index_cannot_hold_is_a_clear_error(tmp_path: Path, field: str,
+                                                        value: int, message: str) -> None:
+    """PAX can carry numbers beyond the record's fields (a uid over 32 bits, an mtime past
+    2262): the build names the entry and the field instead of failing somewhere inside."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(tarfile.TarInfo("fine"))
+        odd = tarfile.TarInfo("odd")
+        setattr(odd, field, value)
+        tf.addfile(odd)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(LayerFormatError, match=f"layer entry 'odd': {message}"):
+        build_index(io.BytesIO(buf.getvalue()), out / "i.idx")
+    assert list(out.iterdir()) == []

@@ -450,6 +450,458 @@ done:
     return result;
 }
 
+/* ---- encode_tree ------------------------------------------------------------------- */
+
+#define ENTRY_SIZE 96
+#define XATTR_SIZE 16
+#define TYPE_FILE 0
+#define TYPE_DIR 1
+#define TYPE_SYMLINK 2
+#define TYPE_HARDLINK 3
+
+/* A growable byte buffer. */
+typedef struct {
+    char *data;
+    size_t length, capacity;
+} buffer;
+
+static int
+buffer_reserve(buffer *b, size_t more)
+{
+    if (b->length + more <= b->capacity)
+        return 0;
+    size_t capacity = b->capacity ? b->capacity : 1 << 16;
+    while (capacity < b->length + more)
+        capacity *= 2;
+    char *data = PyMem_Realloc(b->data, capacity);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->capacity = capacity;
+    return 0;
+}
+
+static int
+buffer_add(buffer *b, const void *data, size_t length)
+{
+    if (buffer_reserve(b, length) < 0)
+        return -1;
+    memcpy(b->data + b->length, data, length);
+    b->length += length;
+    return 0;
+}
+
+static void
+put32(unsigned char *at, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        at[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void
+put64(unsigned char *at, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        at[i] = (unsigned char)(v >> (8 * i));
+}
+
+/* Interned attribute names, made once. */
+static PyObject *s_children, *s_member, *s_type, *s_link, *s_links, *s_name, *s_ordinal;
+static PyObject *s_mode, *s_uid, *s_gid, *s_size, *s_mtime_ns, *s_uoff, *s_linkname;
+static PyObject *s_devmajor, *s_devminor, *s_xattrs, *s_digests, *s_raw_path, *s_parent;
+
+static int
+intern_names(void)
+{
+    if (s_children != NULL)
+        return 0;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    INTERN(s_children, "children"); INTERN(s_member, "member"); INTERN(s_type, "type");
+    INTERN(s_link, "link"); INTERN(s_links, "links"); INTERN(s_name, "name");
+    INTERN(s_ordinal, "ordinal"); INTERN(s_mode, "mode"); INTERN(s_uid, "uid");
+    INTERN(s_gid, "gid"); INTERN(s_size, "size"); INTERN(s_mtime_ns, "mtime_ns");
+    INTERN(s_uoff, "uoff"); INTERN(s_linkname, "linkname"); INTERN(s_devmajor, "devmajor");
+    INTERN(s_devminor, "devminor"); INTERN(s_xattrs, "xattrs"); INTERN(s_digests, "digests");
+    INTERN(s_raw_path, "raw_path"); INTERN(s_parent, "parent");
+#undef INTERN
+    return 0;
+}
+
+/* An integer attribute of ``obj`` in [low, high]; on a value out of range, ``error`` (the
+ * index's LayerFormatError) naming the entry and the field. Returns -1 with an exception set
+ * on failure. */
+static int
+int_field(PyObject *obj, PyObject *name, long long low, unsigned long long high,
+          PyObject *member, PyObject *error, unsigned long long *out)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        Py_DECREF(value);
+        return -1;
+    }
+    unsigned long long u = (unsigned long long)v;
+    int in_range = overflow == 0 && v >= low && (v < 0 || u <= high);
+    if (!in_range && overflow > 0 && high == UINT64_MAX) { /* above int64, still a u64? */
+        u = PyLong_AsUnsignedLongLong(value);
+        in_range = !(u == (unsigned long long)-1 && PyErr_Occurred());
+        PyErr_Clear();
+    }
+    if (!in_range) {
+        PyObject *path = member ? PyObject_GetAttr(member, s_raw_path) : NULL;
+        PyErr_Clear();
+        PyErr_Format(error, "layer entry %R: %U %S does not fit the index (%lld..%llu)",
+                     path ? path : Py_None, name, value, low, high);
+        Py_XDECREF(path);
+        Py_DECREF(value);
+        return -1;
+    }
+    Py_DECREF(value);
+    *out = u;
+    return 0;
+}
+
+/* The string attribute ``name`` of ``obj`` as UTF-8 with surrogateescape, appended to
+ * ``strings``; its length goes to ``*length``. */
+static int
+add_text(buffer *strings, PyObject *text, size_t *length)
+{
+    PyObject *encoded = PyUnicode_AsEncodedString(text, "utf-8", "surrogateescape");
+    if (encoded == NULL)
+        return -1;
+    *length = (size_t)PyBytes_GET_SIZE(encoded);
+    int failed = buffer_add(strings, PyBytes_AS_STRING(encoded), *length);
+    Py_DECREF(encoded);
+    return failed;
+}
+
+typedef struct {
+    buffer records, xattrs, digests, strings;
+    Py_ssize_t xattr_count, digest_count;
+} encoded;
+
+/* Sorted xattrs of ``member``: records to ``out->xattrs``, names and values to strings. */
+static int
+add_xattrs(encoded *out, PyObject *xattrs)
+{
+    PyObject *keys = PyMapping_Keys(xattrs);
+    if (keys == NULL || PyList_Sort(keys) < 0) {
+        Py_XDECREF(keys);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *value = PyObject_GetItem(xattrs, key);
+        size_t key_off = out->strings.length, key_len = 0;
+        if (value == NULL || add_text(&out->strings, key, &key_len) < 0
+            || !PyBytes_Check(value)) {
+            if (value != NULL && !PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "encode_tree: xattr values are bytes");
+            Py_XDECREF(value);
+            Py_DECREF(keys);
+            return -1;
+        }
+        size_t value_len = (size_t)PyBytes_GET_SIZE(value);
+        int failed = buffer_add(&out->strings, PyBytes_AS_STRING(value), value_len);
+        Py_DECREF(value);
+        unsigned char record[XATTR_SIZE];
+        put32(record, (uint32_t)key_off);
+        put32(record + 4, (uint32_t)key_len);
+        put32(record + 8, (uint32_t)(key_off + key_len));
+        put32(record + 12, (uint32_t)value_len);
+        if (failed || buffer_add(&out->xattrs, record, XATTR_SIZE) < 0) {
+            Py_DECREF(keys);
+            return -1;
+        }
+        out->xattr_count++;
+    }
+    Py_DECREF(keys);
+    return 0;
+}
+
+/* The record of one node. */
+static int
+encode_node(encoded *out, PyObject *node, PyObject *path, Py_ssize_t parent,
+            Py_ssize_t first_child, Py_ssize_t child_count, Py_ssize_t subdirs,
+            PyObject *error)
+{
+    unsigned char r[ENTRY_SIZE] = {0};
+    size_t path_off = out->strings.length, path_len = (size_t)PyBytes_GET_SIZE(path);
+    if (buffer_add(&out->strings, PyBytes_AS_STRING(path), path_len) < 0)
+        return -1;
+    PyObject *type = PyObject_GetAttr(node, s_type), *name = PyObject_GetAttr(node, s_name);
+    PyObject *link = PyObject_GetAttr(node, s_link), *member = PyObject_GetAttr(node, s_member);
+    PyObject *links = NULL;
+    int result = -1;
+    if (type == NULL || name == NULL || link == NULL || member == NULL)
+        goto done;
+    long etype = PyLong_AsLong(type);
+    long long link_target = -1;
+    if (link != Py_None) {
+        PyObject *ordinal = PyObject_GetAttr(link, s_ordinal);
+        if (ordinal == NULL)
+            goto done;
+        link_target = PyLong_AsLongLong(ordinal);
+        Py_DECREF(ordinal);
+    }
+    unsigned long long nlink;
+    if (etype == TYPE_DIR) {
+        nlink = 2 + (unsigned long long)subdirs;
+    } else {
+        links = PyObject_GetAttr(link != Py_None ? link : node, s_links);
+        if (links == NULL)
+            goto done;
+        nlink = 1 + (unsigned long long)(links != Py_None ? PyObject_Length(links) : 0);
+    }
+    if (PyErr_Occurred())
+        goto done;
+    put32(r, (uint32_t)path_off);
+    put32(r + 4, (uint32_t)path_len);
+    put32(r + 8, (uint32_t)PyBytes_GET_SIZE(name));
+    put32(r + 12, (uint32_t)parent);
+    r[16] = (unsigned char)etype;
+    put32(r + 60, (uint32_t)(int32_t)link_target);
+    put32(r + 64, (uint32_t)nlink);
+    put32(r + 76, (uint32_t)out->xattr_count);
+    put32(r + 84, (uint32_t)first_child);
+    put32(r + 88, (uint32_t)child_count);
+    put32(r + 92, (uint32_t)out->digest_count);
+    if (member == Py_None) { /* the root or a synthesised directory */
+        r[18] = 0755 & 0xFF;
+        r[19] = 0755 >> 8;
+        put32(r + 52, (uint32_t)out->strings.length);
+        result = buffer_add(&out->records, r, ENTRY_SIZE);
+        goto done;
+    }
+    unsigned long long mode, uid, gid, mtime, major, minor, size = 0, uoff = 0;
+    if (int_field(member, s_mode, 0, 0xFFFF, member, error, &mode) < 0
+        || int_field(member, s_uid, 0, UINT32_MAX, member, error, &uid) < 0
+        || int_field(member, s_gid, 0, UINT32_MAX, member, error, &gid) < 0
+        || int_field(member, s_mtime_ns, INT64_MIN, INT64_MAX, member, error, &mtime) < 0
+        || int_field(member, s_devmajor, 0, UINT32_MAX, member, error, &major) < 0
+        || int_field(member, s_devminor, 0, UINT32_MAX, member, error, &minor) < 0)
+        goto done;
+    PyObject *xattrs = PyObject_GetAttr(member, s_xattrs);
+    Py_ssize_t x_first = out->xattr_count;
+    int failed = xattrs == NULL || (PyObject_IsTrue(xattrs) && add_xattrs(out, xattrs) < 0);
+    Py_XDECREF(xattrs);
+    if (failed)
+        goto done;
+    size_t link_off = out->strings.length, link_len = 0;
+    if (etype == TYPE_SYMLINK || etype == TYPE_HARDLINK) {
+        PyObject *target = PyObject_GetAttr(member, s_linkname);
+        failed = target == NULL || add_text(&out->strings, target, &link_len) < 0;
+        Py_XDECREF(target);
+        if (failed)
+            goto done;
+    }
+    if (etype == TYPE_FILE) {
+        if (int_field(member, s_size, 0, UINT64_MAX, member, error, &size) < 0
+            || int_field(member, s_uoff, 0, UINT64_MAX, member, error, &uoff) < 0)
+            goto done;
+        PyObject *digests = PyObject_GetAttr(member, s_digests);
+        failed = digests == NULL || !PyList_Check(digests);
+        for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(digests); i++) {
+            PyObject *digest = PyList_GET_ITEM(digests, i);
+            failed = !PyBytes_Check(digest)
+                     || buffer_add(&out->digests, PyBytes_AS_STRING(digest),
+                                   (size_t)PyBytes_GET_SIZE(digest)) < 0;
+            out->digest_count++;
+        }
+        if (failed && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "encode_tree: digests are a list of bytes");
+        Py_XDECREF(digests);
+        if (failed)
+            goto done;
+    }
+    mode &= 07777;
+    r[18] = (unsigned char)(mode & 0xFF);
+    r[19] = (unsigned char)(mode >> 8);
+    put32(r + 20, (uint32_t)uid);
+    put32(r + 24, (uint32_t)gid);
+    put64(r + 28, size);
+    put64(r + 36, mtime);
+    put64(r + 44, uoff);
+    put32(r + 52, (uint32_t)link_off);
+    put32(r + 56, (uint32_t)link_len);
+    put32(r + 68, (uint32_t)major);
+    put32(r + 72, (uint32_t)minor);
+    put32(r + 80, (uint32_t)(out->xattr_count - x_first));
+    result = buffer_add(&out->records, r, ENTRY_SIZE);
+done:
+    Py_XDECREF(type);
+    Py_XDECREF(name);
+    Py_XDECREF(link);
+    Py_XDECREF(member);
+    Py_XDECREF(links);
+    return result;
+}
+
+PyDoc_STRVAR(encode_tree_doc,
+"encode_tree(root, leaf, error) -> (count, records, xattrs, xattr_count, digests,\n"
+"    digest_count, strings)\n\n"
+"Number the tree's nodes breadth-first from ``root`` (siblings by name bytes, so every\n"
+"directory's children are one contiguous run), encode every node's entry record, xattr\n"
+"records, digests and strings as writer.py describes, then break the tree's reference cycles\n"
+"(parent, link, links set to None, children to ``leaf``) so reference counting frees it.\n"
+"A value that does not fit its record field raises ``error`` naming the entry.");
+
+static PyObject *
+encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode_tree(root, leaf, error)");
+        return NULL;
+    }
+    if (intern_names() < 0)
+        return NULL;
+    PyObject *root = args[0], *leaf = args[1], *error = args[2];
+    Py_ssize_t capacity = 1024, count = 1;
+    PyObject **nodes = PyMem_Malloc(sizeof(PyObject *) * (size_t)capacity);
+    PyObject **paths = PyMem_Malloc(sizeof(PyObject *) * (size_t)capacity);
+    Py_ssize_t *meta = PyMem_Malloc(sizeof(Py_ssize_t) * 4 * (size_t)capacity);
+    encoded out = {{0}, {0}, {0}, {0}, 0, 0};
+    PyObject *result = NULL, *zero = NULL;
+    if (nodes == NULL || paths == NULL || meta == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    nodes[0] = Py_NewRef(root);
+    paths[0] = PyBytes_FromStringAndSize("", 0);
+    zero = PyLong_FromLong(0);
+    if (paths[0] == NULL || zero == NULL || PyObject_SetAttr(root, s_ordinal, zero) < 0)
+        goto done;
+    meta[0] = 0; /* parent, first child, child count, subdirectories */
+    meta[1] = meta[2] = meta[3] = 0;
+    /* breadth-first numbering: ``nodes`` grows while it is walked */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *children = PyObject_GetAttr(nodes[i], s_children);
+        if (children == NULL || !PyDict_Check(children)) {
+            if (children != NULL)
+                PyErr_SetString(PyExc_TypeError, "encode_tree: children is a dict");
+            Py_XDECREF(children);
+            goto done;
+        }
+        PyObject *keys = PyDict_Keys(children);
+        if (keys == NULL || PyList_Sort(keys) < 0) {
+            Py_XDECREF(keys);
+            Py_DECREF(children);
+            goto done;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(keys), subdirs = 0;
+        meta[4 * i + 1] = n ? count : 0;
+        meta[4 * i + 2] = n;
+        if (count + n > capacity) {
+            while (capacity < count + n)
+                capacity *= 2;
+            PyObject **more_nodes = PyMem_Realloc(nodes, sizeof(PyObject *) * (size_t)capacity);
+            if (more_nodes != NULL)
+                nodes = more_nodes;
+            PyObject **more_paths = PyMem_Realloc(paths, sizeof(PyObject *) * (size_t)capacity);
+            if (more_paths != NULL)
+                paths = more_paths;
+            Py_ssize_t *more_meta = PyMem_Realloc(meta, sizeof(Py_ssize_t) * 4 * (size_t)capacity);
+            if (more_meta != NULL)
+                meta = more_meta;
+            if (more_nodes == NULL || more_paths == NULL || more_meta == NULL) {
+                PyErr_NoMemory();
+                Py_DECREF(keys);
+                Py_DECREF(children);
+                goto done;
+            }
+        }
+        int failed = 0;
+        for (Py_ssize_t k = 0; k < n && !failed; k++) {
+            PyObject *key = PyList_GET_ITEM(keys, k);
+            PyObject *child = PyDict_GetItemWithError(children, key);
+            PyObject *path = NULL, *ordinal = NULL, *type = NULL;
+            if (child == NULL || !PyBytes_Check(key)) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "encode_tree: names are bytes");
+                failed = 1;
+                break;
+            }
+            if (i == 0) {
+                path = Py_NewRef(key);
+            } else {
+                Py_ssize_t plen = PyBytes_GET_SIZE(paths[i]), klen = PyBytes_GET_SIZE(key);
+                path = PyBytes_FromStringAndSize(NULL, plen + 1 + klen);
+                if (path != NULL) {
+                    char *to = PyBytes_AS_STRING(path);
+                    memcpy(to, PyBytes_AS_STRING(paths[i]), (size_t)plen);
+                    to[plen] = '/';
+                    memcpy(to + plen + 1, PyBytes_AS_STRING(key), (size_t)klen);
+                }
+            }
+            ordinal = PyLong_FromSsize_t(count);
+            type = PyObject_GetAttr(child, s_type);
+            failed = path == NULL || ordinal == NULL || type == NULL
+                     || PyObject_SetAttr(child, s_ordinal, ordinal) < 0;
+            if (!failed) {
+                long etype = PyLong_AsLong(type);
+                failed = etype == -1 && PyErr_Occurred();
+                subdirs += etype == TYPE_DIR;
+                nodes[count] = Py_NewRef(child);
+                paths[count] = path;
+                path = NULL;
+                meta[4 * count] = i;
+                meta[4 * count + 1] = meta[4 * count + 2] = meta[4 * count + 3] = 0;
+                count++;
+            }
+            Py_XDECREF(path);
+            Py_XDECREF(ordinal);
+            Py_XDECREF(type);
+        }
+        meta[4 * i + 3] = subdirs;
+        Py_DECREF(keys);
+        Py_DECREF(children);
+        if (failed)
+            goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (encode_node(&out, nodes[i], paths[i], meta[4 * i], meta[4 * i + 1],
+                        meta[4 * i + 2], meta[4 * i + 3], error) < 0)
+            goto done;
+    result = Py_BuildValue("(ny#y#ny#ny#)", count,
+                           out.records.data ? out.records.data : "",
+                           (Py_ssize_t)out.records.length,
+                           out.xattrs.data ? out.xattrs.data : "", (Py_ssize_t)out.xattrs.length,
+                           out.xattr_count,
+                           out.digests.data ? out.digests.data : "",
+                           (Py_ssize_t)out.digests.length, out.digest_count,
+                           out.strings.data ? out.strings.data : "",
+                           (Py_ssize_t)out.strings.length);
+done:
+    if (nodes != NULL) {
+        for (Py_ssize_t i = 0; i < count && paths != NULL; i++) {
+            if (result != NULL) { /* break the cycles: refcounting frees the tree */
+                if (PyObject_SetAttr(nodes[i], s_parent, Py_None) < 0
+                    || PyObject_SetAttr(nodes[i], s_link, Py_None) < 0
+                    || PyObject_SetAttr(nodes[i], s_links, Py_None) < 0
+                    || PyObject_SetAttr(nodes[i], s_children, leaf) < 0)
+                    Py_CLEAR(result);
+            }
+            Py_XDECREF(nodes[i]);
+            Py_XDECREF(paths[i]);
+        }
+    }
+    PyMem_Free(nodes);
+    PyMem_Free(paths);
+    PyMem_Free(meta);
+    PyMem_Free(out.records.data);
+    PyMem_Free(out.xattrs.data);
+    PyMem_Free(out.digests.data);
+    PyMem_Free(out.strings.data);
+    Py_XDECREF(zero);
+    return result;
+}
+
 /* ---- module -------------------------------------------------------------------------- */
 
 static PyMethodDef native_methods[] = {
@@ -457,6 +909,8 @@ static PyMethodDef native_methods[] = {
     {"new_piece", new_piece, METH_O, new_piece_doc},
     {"digest_files", (PyCFunction)(void (*)(void))digest_files, METH_FASTCALL,
      digest_files_doc},
+    {"encode_tree", (PyCFunction)(void (*)(void))encode_tree, METH_FASTCALL,
+     encode_tree_doc},
     {"scan_members", (PyCFunction)(void (*)(void))scan_members, METH_FASTCALL,
      scan_members_doc},
     {NULL, NULL, 0, NULL},

@@ -20,3 +20,6 @@ def scan_members(
 def digest_files(
     files: Sequence[tuple[Any, Buffer]], chunk_size: int, sha256: int, /
 ) -> None: ...
+def encode_tree(
+    root: Any, leaf: dict[bytes, Any], error: type[Exception], /
+) -> tuple[int, bytes, bytes, int, bytes, int, bytes]: ...

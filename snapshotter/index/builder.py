@@ -35,7 +35,7 @@ from snapshotter.index.model import BuildResult, IndexBuildOptions, LayerFormatE
 from snapshotter.index.tarscan import TarScanner
 from snapshotter.index.tree import Tree
 from snapshotter.index.worker import SideWorker
-from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor, encode_entries
+from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor
 
 #: compressed bytes per read: each chunk costs the decoding thread a return to Python (and the
 #: GIL), so chunks are large (a streaming build hands data on 4 MiB at a time)
@@ -345,7 +345,6 @@ def build_index(
                 uoff += len(data)
             hashing.flush()  # hands the side thread this batch's hashing and windows
         scanner.finish()
-        nodes = tree.ordered()
         hashing.flush()
         worker.close()
     except BaseException:
@@ -359,9 +358,7 @@ def build_index(
     decoding.join()
     reading.join()
     meta = Meta(compression, options.chunk_size, uoff, reading.size, reading.sha.digest())
-    entries = encode_entries(nodes)
-    tree.release(nodes)
-    del nodes
+    entries = tree.encode()
     marks = (policy.mark_uoffs, policy.mark_cends)
     data = assemble(entries, policy.checkpoints, marks, meta, policy.cctx)
     budget = int(options.index_share * uoff)

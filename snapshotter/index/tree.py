@@ -10,8 +10,10 @@ is a binary search, with no separate children table.
 
 from __future__ import annotations
 
+from snapshotter.index import _native
 from snapshotter.index.model import EntryType, LayerFormatError
 from snapshotter.index.tarscan import Member, normalise
+from snapshotter.index.writer import Entries
 
 _DIR, _HARDLINK = EntryType.DIR, EntryType.HARDLINK  # globals: cheaper than enum attributes
 
@@ -26,15 +28,12 @@ class Node:
 
     __slots__ = (
         "children",
-        "first_child",
         "link",
         "links",
         "member",
         "name",
         "ordinal",
         "parent",
-        "path",
-        "subdirs",
         "type",
     )
 
@@ -47,10 +46,7 @@ class Node:
         self.children: dict[bytes, Node] = {} if etype is _DIR else _LEAF
         self.link: Node | None = None  # HARDLINK: the node it shares an inode with
         self.links: list[Node] | None = None  # hardlinks pointing here
-        self.ordinal = -1
-        self.path = b""  # set by Tree.ordered()
-        self.first_child = 0  # set by Tree.ordered() (directories with children)
-        self.subdirs = 0  # set by Tree.ordered()
+        self.ordinal = -1  # set by Tree.encode()
 
 
 _LEAF: dict[bytes, Node] = {}  # the children of every non-directory: always empty
@@ -156,37 +152,16 @@ class Tree:
         for child in list(node.children.values()):
             self._remove(child)
 
-    def ordered(self) -> list[Node]:
-        """All nodes, breadth-first, siblings by name bytes; sets ``ordinal``, ``path``,
-        ``first_child`` and ``subdirs`` on each."""
-        out = [self.root]
-        append = out.append
-        self.root.ordinal = 0
-        directory = EntryType.DIR
-        for node in out:  # grows while it is walked: breadth-first
-            children = node.children
-            if not children:
-                continue
-            prefix = node.path + b"/" if node.path else b""
-            node.first_child = len(out)
-            subdirs = 0
-            for key in sorted(children):
-                child = children[key]
-                child.ordinal = len(out)
-                child.path = prefix + key
-                if child.type is directory:
-                    subdirs += 1
-                append(child)
-            node.subdirs = subdirs
-        return out
-
-    def release(self, nodes: list[Node]) -> None:
-        """Break the tree's reference cycles (parent <-> children, hardlink <-> target) so that
-        reference counting frees it at once: left to the cyclic garbage collector, a large
-        tree costs a full collection (~0.1 s per 40k entries) in whatever runs next."""
-        for node in nodes:
-            node.parent = node.link = node.links = None
-            node.children = _LEAF
+    def encode(self) -> Entries:
+        """The index's entry records, xattrs, digests and strings (``_native.encode_tree``):
+        nodes numbered breadth-first from the root, siblings by name bytes, so that every
+        directory's children are one contiguous, sorted run of ordinals. Runs once every
+        member has been added and digested, on one core after the stream has ended, so it is
+        native code (it was 0.1 s of Python on a 40k-entry layer). It leaves the tree's
+        reference cycles (parent <-> children, hardlink <-> target) broken, so reference
+        counting frees the tree at once instead of a full garbage collection later; the tree
+        is empty afterwards."""
+        encoded = _native.encode_tree(self.root, _LEAF, LayerFormatError)
         self.root = Node(b"", None, EntryType.DIR, None)
         self._last_dir = None
-
+        return Entries(*encoded)

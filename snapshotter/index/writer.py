@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import zstandard
 
 from snapshotter.index import format as fmt
-from snapshotter.index.model import EntryType
-from snapshotter.index.tree import Node
 
 
 @dataclass(slots=True)
@@ -37,8 +35,8 @@ def compressor() -> zstandard.ZstdCompressor:
 
 @dataclass(frozen=True, slots=True)
 class Entries:
-    """The part of the body that does not depend on the checkpoints, encoded once per build
-    (pruning checkpoints re-assembles the index without encoding the entries again)."""
+    """The part of the body that does not depend on the checkpoints (``Tree.encode``), encoded
+    once per build: pruning checkpoints re-assembles the index without encoding it again."""
 
     count: int
     records: bytes
@@ -56,67 +54,6 @@ class Meta:
     uncompressed_size: int
     compressed_size: int
     blob_sha256: bytes
-
-
-def encode_entries(nodes: list[Node]) -> Entries:
-    """Entry records, xattrs, digests and strings of ``nodes``, which come from
-    ``Tree.ordered()`` (breadth-first, so a directory's children are the contiguous run
-    ``first_child .. + len(children)``)."""
-    strings: list[bytes] = []  # joined once at the end; str_len is the running offset
-    str_len = 0
-    records: list[bytes] = []
-    xattrs: list[bytes] = []
-    digests: list[bytes] = []
-    pack = fmt.ENTRY.pack
-    pack_xattr = fmt.XATTR.pack
-    directory, symlink, hardlink, regular = (
-        EntryType.DIR, EntryType.SYMLINK, EntryType.HARDLINK, EntryType.FILE)
-    for node in nodes:
-        m = node.member
-        path = node.path
-        path_off = str_len
-        strings.append(path)
-        str_len += len(path)
-        etype = node.type
-        parent = node.parent.ordinal if node.parent is not None else 0
-        if etype is directory:
-            nlink = 2 + node.subdirs
-        else:
-            inode = node.link if node.link is not None else node
-            nlink = 1 + (len(inode.links) if inode.links else 0)
-        link_target = node.link.ordinal if node.link is not None else -1
-        x_first = len(xattrs)
-        if m is None:  # the root or a synthesised directory
-            records.append(pack(path_off, len(path), len(node.name), parent, int(etype), 0o755,
-                                0, 0, 0, 0, 0, str_len, 0, link_target, nlink, 0, 0, x_first,
-                                0, node.first_child, len(node.children), len(digests)))
-            continue
-        for key in sorted(m.xattrs) if m.xattrs else ():
-            k = key.encode("utf-8", "surrogateescape")
-            v = m.xattrs[key]
-            xattrs.append(pack_xattr(str_len, len(k), str_len + len(k), len(v)))
-            strings += (k, v)
-            str_len += len(k) + len(v)
-        link_off = str_len
-        link_len = 0
-        if etype is symlink or etype is hardlink:
-            link = m.linkname.encode("utf-8", "surrogateescape")
-            strings.append(link)
-            link_len = len(link)
-            str_len += link_len
-        c_first = len(digests)
-        if etype is regular:
-            digests += m.digests
-            size, uoff = m.size, m.uoff
-        else:
-            size = uoff = 0
-        records.append(pack(path_off, len(path), len(node.name), parent, int(etype),
-                            m.mode & 0o7777, m.uid, m.gid, size, m.mtime_ns, uoff, link_off,
-                            link_len, link_target, nlink, m.devmajor, m.devminor, x_first,
-                            len(xattrs) - x_first, node.first_child, len(node.children),
-                            c_first))
-    return Entries(len(nodes), b"".join(records), b"".join(xattrs), len(xattrs),
-                   b"".join(digests), len(digests), b"".join(strings))
 
 
 def assemble(
