@@ -21,6 +21,11 @@
  * an interpreter round trip and, under 2 KiB, holds the GIL. This hashes a piece's files in one
  * call with the GIL released, through libcrypto's SHA256 (whose address hashing.py finds, as
  * inflate.py does for zlib-ng), so this module links against no library.
+ *
+ * encode_tree: once the stream has ended, numbering the tree breadth-first and encoding one
+ * record per entry runs on one core while the other idles; in Python it was 0.1 s of a
+ * 40k-entry build. This does it in one pass over the nodes and checks every value against its
+ * record field.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -747,8 +752,9 @@ PyDoc_STRVAR(encode_tree_doc,
 "    digest_count, strings)\n\n"
 "Number the tree's nodes breadth-first from ``root`` (siblings by name bytes, so every\n"
 "directory's children are one contiguous run), encode every node's entry record, xattr\n"
-"records, digests and strings as writer.py describes, then break the tree's reference cycles\n"
-"(parent, link, links set to None, children to ``leaf``) so reference counting frees it.\n"
+"records, digests and strings as format.py lays them out, then break the tree's reference\n"
+"cycles"
+" (parent, link, links set to None, children to ``leaf``) so reference counting frees it.\n"
 "A value that does not fit its record field raises ``error`` naming the entry.");
 
 static PyObject *
