@@ -1,11 +1,13 @@
 """``build_index``: one streaming pass over a layer blob produces its clip index.
 
-Three threads form a pipeline. The reading thread reads the blob and hashes it; the decoding
-thread decodes it (zlib-ng inflate / zstd) and queues batches of pieces; the calling thread
-feeds the uncompressed bytes to ``on_data`` and the tar scanner (which hashes file data) and
-chooses checkpoints. Hashing and decoding release the GIL, so on two cores they overlap with
-the tar parsing. The queues are bounded, so memory stays bounded: only the 32 KiB windows of
-chosen checkpoints, per-entry metadata and digests are kept, never the layer.
+Four threads form a pipeline. The reading thread reads the blob and hashes it; the decoding
+thread decodes it (zlib-ng inflate in C, or zstd) and queues 4 MiB pieces; the calling thread
+feeds the uncompressed bytes to ``on_data`` and the tar scanner, builds the tree and chooses
+checkpoints; the side thread (``SideWorker``) hashes file data and compresses the chosen
+checkpoints' windows. Everything but the tar parsing releases the GIL, so on two cores the
+threads overlap; the end of the build (numbering and encoding the entries, then the index
+body) runs once, mostly in C. The queues are bounded, so memory stays bounded: only the 32 KiB
+windows of chosen checkpoints, per-entry metadata and digests are kept, never the layer.
 """
 
 from __future__ import annotations
