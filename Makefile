@@ -39,6 +39,9 @@ proto: venv
 lint: venv
 	$(VENV)/bin/ruff check snapshotter tests integration bench proto
 	$(VENV)/bin/mypy snapshotter
+	gcc -fsyntax-only -Wall -Wextra -Werror \
+		-I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		snapshotter/index/_native.c
 
 unit: venv
 	$(PY) -m pytest tests
