@@ -299,3 +299,31 @@ def test_a_value_the_index_cannot_hold_is_a_clear_error(tmp_path: Path, field: s
     with pytest.raises(LayerFormatError, match=f"layer entry 'odd': {message}"):
         build_index(io.BytesIO(buf.getvalue()), out / "i.idx")
     assert list(out.iterdir()) == []
+
+
+def test_pieces_per_call_do_not_change_the_index(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Highly compressible data fills every piece a call gets (40 MiB of zeros from a few KB
+    of input): filling one piece per call or several gives the same index, and the bytes read
+    back."""
+    from snapshotter.index import IndexReader, LayerIndex
+
+    buf = io.BytesIO()
+    zeros = bytes(40 << 20)
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, payload in (("zeros", zeros), ("tail.txt", b"after the zeros\n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    blob = gzip.compress(buf.getvalue(), 9, mtime=0)
+    (tmp_path / "layer.gz").write_bytes(blob)
+    build_index(io.BytesIO(blob), tmp_path / "many.idx")
+    monkeypatch.setattr(decoders, "PIECES_PER_CALL", 1)
+    build_index(io.BytesIO(blob), tmp_path / "one.idx")
+    assert (tmp_path / "one.idx").read_bytes() == (tmp_path / "many.idx").read_bytes()
+    index = LayerIndex.open(tmp_path / "many.idx")
+    with IndexReader(index, tmp_path / "layer.gz") as reader:
+        tail = index.lookup("tail.txt")
+        assert tail is not None and reader.read(tail, 0, 100) == b"after the zeros\n"
+        big = index.lookup("zeros")
+        assert big is not None and reader.read(big, (40 << 20) - 4096, 4096) == bytes(4096)

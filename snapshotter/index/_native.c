@@ -53,71 +53,92 @@ typedef int (*inflate_fn)(void *strm, int flush);
 
 #define CLIP_Z_OK 0
 #define CLIP_Z_BLOCK 5
-#define BOUND_FIELDS 3
+#define BOUND_FIELDS 4
+#define MAX_PIECES 16
 
 PyDoc_STRVAR(inflate_blocks_doc,
-"inflate_blocks(stream, inflate, bounds, piece, start) -> (rc, count)\n\n"
-"Call inflate(stream, Z_BLOCK), writing into piece[start:], until it returns anything but\n"
-"Z_OK, the piece is full, the input is used up without output, or ``bounds`` is full.\n"
-"``stream`` is the address of a prepared z_stream / zng_stream and ``inflate`` the address\n"
-"of the matching inflate function; ``piece`` is a bytes object from new_piece() that nothing\n"
-"else has seen yet (the output goes straight into it, so it is never copied). For each block\n"
-"boundary passed, three int64 values go to ``bounds``: the output offset and the input\n"
-"offset (both relative to the call's start) and the number of bits of the last input byte\n"
-"that belong to the next block. Returns inflate's last return code and the number of\n"
-"boundaries recorded.");
+"inflate_blocks(stream, inflate, bounds, pieces, start) -> (rc, piece, filled, count)\n\n"
+"Call inflate(stream, Z_BLOCK), writing into pieces[0][start:] and then into the following\n"
+"pieces as each fills up, until it returns anything but Z_OK, the last piece is full, the\n"
+"input is used up without output, or ``bounds`` is full. ``stream`` is the address of a\n"
+"prepared z_stream / zng_stream and ``inflate`` the address of the matching inflate\n"
+"function; ``pieces`` is a list of equally sized bytes objects from new_piece() that nothing\n"
+"else has seen yet (the output goes straight into them, so it is never copied). For each\n"
+"block boundary passed, four int64 values go to ``bounds``: the piece index, the offset in\n"
+"that piece, the input offset relative to the call's start and the number of bits of the\n"
+"last input byte that belong to the next block. Returns inflate's last return code, the\n"
+"index of the piece being filled, the bytes filled in it and the number of boundaries.");
 
 static PyObject *
 inflate_blocks(PyObject *module, PyObject *args)
 {
     unsigned long long stream_addr, inflate_addr;
     Py_buffer bounds;
-    PyObject *piece;
+    PyObject *pieces;
     Py_ssize_t start;
     (void)module;
     if (!PyArg_ParseTuple(args, "KKw*O!n:inflate_blocks", &stream_addr, &inflate_addr, &bounds,
-                          &PyBytes_Type, &piece, &start))
+                          &PyList_Type, &pieces, &start))
         return NULL;
     Py_ssize_t cap = bounds.len / (Py_ssize_t)(BOUND_FIELDS * sizeof(int64_t));
-    Py_ssize_t size = PyBytes_GET_SIZE(piece);
-    if (cap < 1 || stream_addr == 0 || inflate_addr == 0 || start < 0 || start >= size
-        || size - start > UINT32_MAX) {
+    Py_ssize_t npieces = PyList_GET_SIZE(pieces), size = 0;
+    unsigned char *bases[MAX_PIECES];
+    int usable = cap >= 1 && stream_addr != 0 && inflate_addr != 0 && npieces >= 1
+                 && npieces <= MAX_PIECES;
+    for (Py_ssize_t k = 0; usable && k < npieces; k++) {
+        PyObject *piece = PyList_GET_ITEM(pieces, k);
+        usable = PyBytes_CheckExact(piece)
+                 && (k == 0 ? (size = PyBytes_GET_SIZE(piece)) > 0
+                            : PyBytes_GET_SIZE(piece) == size);
+        if (usable)
+            bases[k] = (unsigned char *)PyBytes_AS_STRING(piece);
+    }
+    if (!usable || start < 0 || start >= size || size > UINT32_MAX) {
         PyBuffer_Release(&bounds);
         PyErr_SetString(PyExc_ValueError,
                         "inflate_blocks: needs a stream, an inflate function, room for a bound "
-                        "and room in the piece");
+                        "and 1-16 equal pieces with room in the first");
         return NULL;
     }
     stream_head *s = (stream_head *)(uintptr_t)stream_addr;
     inflate_fn inflate = (inflate_fn)(uintptr_t)inflate_addr;
     int64_t *out = (int64_t *)bounds.buf;
-    unsigned char *out_start = (unsigned char *)PyBytes_AS_STRING(piece) + start;
-    Py_ssize_t count = 0;
+    Py_ssize_t count = 0, current = 0, filled;
     int rc;
 
     Py_BEGIN_ALLOW_THREADS
     const unsigned char *in_start = s->next_in;
-    s->next_out = out_start;
+    s->next_out = bases[0] + start;
     s->avail_out = (uint32_t)(size - start);
     for (;;) {
         uint32_t room = s->avail_out;
         rc = inflate(s, CLIP_Z_BLOCK);
         if (rc != CLIP_Z_OK)
             break;
+        int progress = room != s->avail_out;
         if ((s->data_type & 0xC0) == 0x80) { /* just after a block end (or the header) */
             int64_t *slot = out + BOUND_FIELDS * count;
-            slot[0] = (int64_t)(s->next_out - out_start);
-            slot[1] = (int64_t)(s->next_in - in_start);
-            slot[2] = (int64_t)(s->data_type & 7);
+            slot[0] = (int64_t)current;
+            slot[1] = (int64_t)(s->next_out - bases[current]);
+            slot[2] = (int64_t)(s->next_in - in_start);
+            slot[3] = (int64_t)(s->data_type & 7);
             count++;
         }
-        if (s->avail_out == 0 || count == cap || (s->avail_in == 0 && room == s->avail_out))
+        if (s->avail_out == 0) {
+            if (current + 1 == npieces)
+                break;
+            current++;
+            s->next_out = bases[current];
+            s->avail_out = (uint32_t)size;
+        }
+        if (count == cap || (s->avail_in == 0 && !progress))
             break;
     }
+    filled = (Py_ssize_t)(s->next_out - bases[current]);
     Py_END_ALLOW_THREADS
 
     PyBuffer_Release(&bounds);
-    return Py_BuildValue("in", rc, count);
+    return Py_BuildValue("innn", rc, current, filled, count);
 }
 
 PyDoc_STRVAR(new_piece_doc,

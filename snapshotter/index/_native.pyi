@@ -4,8 +4,8 @@ from typing import Any
 from typing_extensions import Buffer
 
 def inflate_blocks(
-    stream: int, inflate: int, bounds: Buffer, piece: bytes, start: int, /
-) -> tuple[int, int]: ...
+    stream: int, inflate: int, bounds: Buffer, pieces: list[bytes], start: int, /
+) -> tuple[int, int, int, int]: ...
 def new_piece(size: int, /) -> bytes: ...
 def scan_members(
     buffer: Buffer,

@@ -32,6 +32,9 @@ Emit = Callable[[bytes, list[Bound]], None]
 #: measured ~4% faster builds than 1 MiB. Piece boundaries shape the index (checkpoint
 #: density is re-estimated per piece), so this is part of what makes builds deterministic.
 PIECE_SIZE = 4 << 20
+#: pieces one C call may fill: a 4 MiB input chunk rarely inflates to more than 16 MiB, so a
+#: call usually consumes its whole chunk
+PIECES_PER_CALL = 4
 #: block boundaries one C call may record (a piece rarely holds more than ~200 blocks)
 BOUNDS_PER_CALL = 1024
 
@@ -53,8 +56,10 @@ class GzipDecoder:
         self.emit = emit
         self.inf = zi.Inflater(zi.GZIP)
         self.consumed = 0  # compressed bytes handed to the inflater
-        self.piece = _native.new_piece(PIECE_SIZE)  # filled in place, then handed on
-        self.filled = 0  # bytes of the piece inflated so far
+        # pieces[0] is being filled, in place, then handed on; the rest are ready for the
+        # output that follows within the same input chunk
+        self.pieces = [_native.new_piece(PIECE_SIZE) for _ in range(PIECES_PER_CALL)]
+        self.filled = 0  # bytes of pieces[0] inflated so far
         self.bounds: list[Bound] = []
         self.member_done = False
         self.trailing = False  # inside zero padding after the last member
@@ -77,24 +82,31 @@ class GzipDecoder:
     def _drain(self) -> None:
         inf = self.inf
         bounds = self._bounds
+        fields = zi.BOUND_FIELDS
         while True:
             start = self.filled
             in_start = self.consumed - inf.avail_in  # blob offset of the pending input
             try:
-                rc, produced, count = inf.run_blocks(self.piece, start, bounds)
+                rc, reached, filled, count = inf.run_blocks(self.pieces, start, bounds)
             except zi.InflateError as exc:
                 at = self.consumed - inf.avail_in
                 raise LayerFormatError(f"corrupt gzip data near offset {at}: {exc}") from None
-            if count:
-                found = bounds[: zi.BOUND_FIELDS * count]
-                for k in range(0, len(found), zi.BOUND_FIELDS):
-                    out_rel, in_rel, bits = found[k : k + zi.BOUND_FIELDS]
-                    # a block starting mid-byte begins in the byte before the next one read
-                    self.bounds.append((start + out_rel, in_start + in_rel - (1 if bits else 0),
-                                        bits))
-            self.filled += produced
-            if self.filled == PIECE_SIZE:  # before a member change: the next call needs room
-                self._flush()
+            done = 0  # pieces handed on in this round
+            found = bounds[: fields * count]
+            for k in range(0, len(found), fields):
+                piece, offset, in_rel, bits = found[k : k + fields]
+                while done < piece:  # the pieces before this boundary's are full
+                    self._hand_on(PIECE_SIZE)
+                    done += 1
+                # a block starting mid-byte begins in the byte before the next one read
+                self.bounds.append((offset, in_start + in_rel - (1 if bits else 0), bits))
+            while done < reached:
+                self._hand_on(PIECE_SIZE)
+                done += 1
+            produced = done * PIECE_SIZE + filled - start
+            self.filled = filled
+            if filled == PIECE_SIZE:  # before a member change: the next call needs room
+                self._hand_on(PIECE_SIZE)
             if rc == zi.Z_STREAM_END:
                 if not self._next_member():
                     return
@@ -102,13 +114,18 @@ class GzipDecoder:
             if rc == zi.Z_BUF_ERROR or (not inf.avail_in and not produced):
                 return
 
+    def _hand_on(self, length: int) -> None:
+        """Emit the first ``length`` bytes of pieces[0] with its bounds; the next piece is
+        filled from its start."""
+        piece = self.pieces.pop(0)
+        self.emit(piece if length == PIECE_SIZE else piece[:length], self.bounds)
+        self.pieces.append(_native.new_piece(PIECE_SIZE))
+        self.filled = 0
+        self.bounds = []
+
     def _flush(self) -> None:
         if self.filled or self.bounds:
-            piece = self.piece if self.filled == PIECE_SIZE else self.piece[: self.filled]
-            self.emit(piece, self.bounds)
-            self.piece = _native.new_piece(PIECE_SIZE)
-            self.filled = 0
-            self.bounds = []
+            self._hand_on(self.filled)
 
     def _next_member(self) -> bool:
         """After a member's trailer: start the next member, or accept zero padding."""

@@ -140,7 +140,7 @@ API: Final = _load()
 ENGINE: Final = API.name
 _INFLATE_ADDRESS: Final = int(ctypes.cast(API.inflate, ctypes.c_void_p).value or 0)
 #: int64 fields per block boundary that ``run_blocks`` records
-BOUND_FIELDS: Final = 3
+BOUND_FIELDS: Final = 4
 
 
 class InflateError(Exception):
@@ -238,20 +238,24 @@ class Inflater:
             raise InflateError(msg)
         return rc, self._out_view[:produced]
 
-    def run_blocks(self, piece: bytes, start: int, bounds: Any) -> tuple[int, int, int]:
-        """Inflate with ``Z_BLOCK`` into ``piece[start:]`` (a fresh ``_native.new_piece``: the
-        output is written into it in place, so it is never copied), block after block, until
-        the piece is full, the input is used up, the stream ends or ``bounds`` (a writable int64
-        buffer, ``BOUND_FIELDS`` per boundary) is full; returns (zlib code, bytes produced,
-        boundaries recorded). Each boundary is (output offset from ``start``, input offset from
-        the pending input's start, bits of the last byte that belong to the next block)."""
-        room = len(piece) - start
-        rc, count = _native.inflate_blocks(self._address, _INFLATE_ADDRESS, bounds, piece, start)
-        s = self._s
+    def run_blocks(self, pieces: list[bytes], start: int, bounds: Any) -> tuple[int, int, int, int]:
+        """Inflate with ``Z_BLOCK`` into ``pieces[0][start:]`` and on into the following pieces
+        (fresh ``_native.new_piece`` objects: the output is written into them in place, so it
+        is never copied), block after block, until the last piece is full, the input is used
+        up, the stream ends or ``bounds`` (a writable int64 buffer, ``BOUND_FIELDS`` per
+        boundary) is full. Returns (zlib code, index of the piece being filled, bytes filled in
+        it, boundaries recorded); each boundary is (piece index, offset in that piece, input
+        offset from the pending input's start, bits of the last byte that belong to the next
+        block). Several pieces per call mean one return to Python (and one wait for the GIL)
+        per input chunk rather than per piece."""
+        rc, piece, filled, count = _native.inflate_blocks(
+            self._address, _INFLATE_ADDRESS, bounds, pieces, start
+        )
         if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
+            s = self._s
             msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
             raise InflateError(msg)
-        return rc, room - s.avail_out, count
+        return rc, piece, filled, count
 
     def output(self, end: int) -> bytes:
         """A copy of the output buffer's first ``end`` bytes."""
