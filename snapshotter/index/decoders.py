@@ -32,8 +32,8 @@ Emit = Callable[[bytes, list[Bound]], None]
 #: measured ~4% faster builds than 1 MiB. Piece boundaries shape the index (checkpoint
 #: density is re-estimated per piece), so this is part of what makes builds deterministic.
 PIECE_SIZE = 4 << 20
-#: pieces one C call may fill: a 4 MiB input chunk rarely inflates to more than 16 MiB, so a
-#: call usually consumes its whole chunk
+#: pieces one C call may fill: a 4 MiB input chunk of a typical layer (gzip -6, ratio 2-3)
+#: inflates into at most three, so a call usually consumes its whole chunk (and one spare)
 PIECES_PER_CALL = 4
 #: block boundaries one C call may record (a piece rarely holds more than ~200 blocks)
 BOUNDS_PER_CALL = 1024

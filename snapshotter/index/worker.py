@@ -25,7 +25,7 @@ class SideWorker:
     thread blocked.
     """
 
-    def __init__(self, stop: threading.Event, depth: int = 4) -> None:
+    def __init__(self, stop: threading.Event, depth: int = 2) -> None:
         self._stop = stop
         #: the calls recorded since the last flush; hot callers append to it directly
         self.pending: list[_Call] = []
