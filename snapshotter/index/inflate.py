@@ -151,7 +151,9 @@ class Inflater:
     """One inflate stream with caller-owned input/output buffers.
 
     Input is copied into a private ctypes buffer (``feed``) so the caller's ``bytes`` need not
-    stay alive; output lands in a reusable buffer that ``run`` returns a view of.
+    stay alive; output lands in a reusable buffer that ``run`` returns a view of, made on the
+    first ``run`` (an index build's decoder only uses ``run_blocks``, which writes into the
+    caller's pieces).
     """
 
     def __init__(self, window_bits: int, out_size: int = 1 << 20) -> None:
@@ -165,9 +167,8 @@ class Inflater:
         self._in = ctypes.create_string_buffer(0)
         self._in_addr = 0
         self._in_ref = b""
-        self._out = (ctypes.c_ubyte * out_size)()
-        self._out_addr = ctypes.addressof(self._out)
-        self._out_view = memoryview(self._out).cast("B")
+        self._out_addr = 0
+        self._out_view = memoryview(b"")
         self.out_size = out_size
 
     def close(self) -> None:
@@ -227,16 +228,16 @@ class Inflater:
 
         The view is valid until the next call. ``limit`` caps the output of this call.
         """
+        if not self._out_addr:
+            out = (ctypes.c_ubyte * self.out_size)()
+            self._out_addr = ctypes.addressof(out)
+            self._out_view = memoryview(out).cast("B")  # keeps ``out`` alive
         room = self.out_size if limit is None else min(self.out_size, limit)
         s = self._s
         s.next_out = self._out_addr
         s.avail_out = room
-        rc = int(API.inflate(self._ref, flush))
-        produced = room - s.avail_out
-        if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
-            msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
-            raise InflateError(msg)
-        return rc, self._out_view[:produced]
+        rc = self._inflated(int(API.inflate(self._ref, flush)))
+        return rc, self._out_view[: room - s.avail_out]
 
     def run_blocks(self, pieces: list[bytes], start: int, bounds: Any) -> tuple[int, int, int, int]:
         """Inflate with ``Z_BLOCK`` into ``pieces[0][start:]`` and on into the following pieces
@@ -251,15 +252,14 @@ class Inflater:
         rc, piece, filled, count = _native.inflate_blocks(
             self._address, _INFLATE_ADDRESS, bounds, pieces, start
         )
+        return self._inflated(rc), piece, filled, count
+
+    def _inflated(self, rc: int) -> int:
+        """``rc`` of an inflate call, or InflateError with zlib's message for an error."""
         if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
             s = self._s
-            msg = s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}"
-            raise InflateError(msg)
-        return rc, piece, filled, count
-
-    def output(self, end: int) -> bytes:
-        """A copy of the output buffer's first ``end`` bytes."""
-        return ctypes.string_at(self._out_addr, end)
+            raise InflateError(s.msg.decode("ascii", "replace") if s.msg else f"zlib error {rc}")
+        return rc
 
     def _check(self, rc: int, what: str) -> None:
         if rc != Z_OK:
