@@ -264,9 +264,7 @@ class TarScanner:
         """
         base = self.pos - i
         on_member = self._on_member
-        on_large_file = self._on_large_file
-        large = self._opts.large_file_size
-        chunk = self._opts.chunk_size
+        file_header = self._file_header
         digest_whole = self._digester.whole
         while n - i >= BLOCK and self._state == "header":
             if not (self._pax_local or self._pax_global or self._long_name is not None
@@ -275,14 +273,10 @@ class TarScanner:
                                               _NO_XATTRS)
                 for member in run:
                     if member.type is _FILE:
-                        size = member.size
-                        self.files += 1
-                        self.file_chunks += (size + chunk - 1) // chunk or 1
-                        if size >= large and on_large_file is not None:
-                            on_large_file(member.uoff, size)
-                        if size:
+                        file_header(member)
+                        if member.size:
                             start = member.uoff - base
-                            digest_whole(member, view[start : start + size])
+                            digest_whole(member, view[start : start + member.size])
                     on_member(member)
                 if n - i < BLOCK:
                     break
@@ -377,13 +371,18 @@ class TarScanner:
                 data_size = 0
         self._member = member
         if etype is EntryType.FILE:
-            size, chunk = member.size, self._opts.chunk_size
-            self.files += 1
-            self.file_chunks += (size + chunk - 1) // chunk or 1
-            if size >= self._opts.large_file_size and self._on_large_file is not None:
-                self._on_large_file(member.uoff, size)
+            self._file_header(member)
             self._hashing = True
         self._begin_data(data_size)
+
+    def _file_header(self, member: Member) -> None:
+        """Count a regular file and its digests, and announce it when it is large: both paths
+        call this as soon as the header is read, before the file's data."""
+        size, chunk = member.size, self._opts.chunk_size
+        self.files += 1
+        self.file_chunks += (size + chunk - 1) // chunk or 1
+        if size >= self._opts.large_file_size and self._on_large_file is not None:
+            self._on_large_file(member.uoff, size)
 
     def _apply_pax(self, member: Member, pax: dict[str, bytes], where: int) -> None:
         if any(k.startswith("GNU.sparse.") for k in pax):
