@@ -955,5 +955,9 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    return PyModule_Create(&native_module);
+    PyObject *module = PyModule_Create(&native_module);
+    /* inflate.py reads the bound layout from here rather than repeating it */
+    if (module != NULL && PyModule_AddIntConstant(module, "BOUND_FIELDS", BOUND_FIELDS) < 0)
+        Py_CLEAR(module);
+    return module;
 }

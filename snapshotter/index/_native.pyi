@@ -3,6 +3,8 @@ from typing import Any
 
 from typing_extensions import Buffer
 
+BOUND_FIELDS: int
+
 def inflate_blocks(
     stream: int, inflate: int, bounds: Buffer, pieces: list[bytes], start: int, /
 ) -> tuple[int, int, int, int]: ...

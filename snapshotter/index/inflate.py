@@ -139,8 +139,8 @@ def _load() -> _Api:
 API: Final = _load()
 ENGINE: Final = API.name
 _INFLATE_ADDRESS: Final = int(ctypes.cast(API.inflate, ctypes.c_void_p).value or 0)
-#: int64 fields per block boundary that ``run_blocks`` records
-BOUND_FIELDS: Final = 4
+#: int64 fields per block boundary that ``run_blocks`` records (as _native.c defines it)
+BOUND_FIELDS: Final = _native.BOUND_FIELDS
 
 
 class InflateError(Exception):
