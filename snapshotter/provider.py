@@ -34,9 +34,9 @@ from snapshotter.config import Config
 from snapshotter.contentcache import NoContentCache, open_content_cache
 from snapshotter.errors import AlreadyExists, ClipError, InvalidArgument, Unavailable
 from snapshotter.fs.layerfs import LayerFS, is_mounted
-from snapshotter.index import IndexFormatError, LayerIndex
+from snapshotter.index import LayerIndex
 from snapshotter.prefetch import BackgroundFetcher, decode_profile, encode_profile, profile_digest
-from snapshotter.publish import Artifact, build_from_registry, find_artifact
+from snapshotter.publish import Artifact, build_from_registry, find_artifact, index_of_blob
 from snapshotter.readpath import Layer, ReadPolicy
 from snapshotter.registry import RegistryClient, hosts_from_config
 from snapshotter.registry.reference import SHA256_DIGEST
@@ -87,15 +87,7 @@ class IndexStore:
         path = self.path(digest)
         if not path.exists():
             return None
-        try:
-            index = LayerIndex.open(path)
-        except (IndexFormatError, OSError) as exc:
-            log.warning("ignoring index %s: %s", path, exc)
-            return None
-        if index.blob_digest != digest:
-            log.warning("ignoring index %s: built from %s", path, index.blob_digest)
-            return None
-        return index
+        return index_of_blob(lambda: LayerIndex.open(path), digest, f"stored index {path}")
 
     def temporary(self, digest: str) -> Path:
         return self.directory / f".tmp-{digest.removeprefix('sha256:')}-{os.getpid()}"
@@ -349,13 +341,8 @@ class RemoteLayerProvider:
         data = await self.content.get_index(digest)
         if data is None:
             return None
-        try:
-            index = LayerIndex.from_bytes(data)
-        except IndexFormatError as exc:
-            log.warning("content cache index of %s is unusable: %s", digest, exc)
-            return None
-        if index.blob_digest != digest:
-            log.warning("content cache index for %s was built from %s", digest, index.blob_digest)
+        index = index_of_blob(lambda: LayerIndex.from_bytes(data), digest, "content cache index")
+        if index is None:
             return None
         stored = await asyncio.to_thread(self.indexes.put, digest, data)
         profile = await self.content.get_index(profile_digest(digest))

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,15 +76,7 @@ class Artifact:
         if entry is None:
             return None
         data = await client.fetch_blob(self.ref, entry.index.digest, size=entry.index.size)
-        try:
-            index = LayerIndex.from_bytes(data)
-        except IndexFormatError as exc:
-            log.warning("artifact index of %s is unusable: %s", digest, exc)
-            return None
-        if index.blob_digest != digest:
-            log.warning("artifact index for %s was built from %s", digest, index.blob_digest)
-            return None
-        return index
+        return index_of_blob(lambda: LayerIndex.from_bytes(data), digest, "artifact index")
 
     async def profile(self, client: RegistryClient, digest: str) -> bytes | None:
         entry = self.layers.get(digest)
@@ -190,6 +182,23 @@ class StreamReader(io.RawIOBase):
             return await anext(self._chunks)
         except StopAsyncIteration:
             return None
+
+
+def index_of_blob(
+    load: Callable[[], LayerIndex], digest: str, origin: str
+) -> LayerIndex | None:
+    """The index ``load()`` gives when it is an index of blob ``digest``; None, logged with its
+    ``origin``, when it is unreadable or was built from another blob. Every place an index
+    comes from (the local store, the ContentCache, a published artifact) checks it so."""
+    try:
+        index = load()
+    except (IndexFormatError, OSError) as exc:
+        log.warning("%s of %s is unusable: %s", origin, digest, exc)
+        return None
+    if index.blob_digest != digest:
+        log.warning("%s for %s was built from %s", origin, digest, index.blob_digest)
+        return None
+    return index
 
 
 async def build_from_registry(
