@@ -17,10 +17,10 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from snapshotter.errors import InvalidArgument, Unavailable
-from snapshotter.registry.reference import DOCKER_HUB, DOCKER_HUB_AUTH_KEY
+from snapshotter.registry.reference import DOCKER_HUB, DOCKER_HUB_AUTH_KEY, Reference
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,18 @@ class Credentials:
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
+
+
+class Keychain(Protocol):
+    """Credentials that belong to an image rather than to a host (e.g. the ones kubelet sends
+    in a CRI PullImage request for a pod's imagePullSecrets).
+
+    The registry client asks its keychain first, with the image being pulled and the host the
+    request goes to (the image's registry or one of its mirrors); None means "ask the host's
+    configured credentials and docker's config.json as usual".
+    """
+
+    def credentials(self, image: Reference, host: str) -> Credentials | None: ...
 
 
 def default_docker_config() -> Path:

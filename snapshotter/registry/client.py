@@ -30,7 +30,13 @@ from yarl import URL
 from snapshotter import __version__
 from snapshotter.errors import ClipError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from snapshotter.registry import mediatypes as mt
-from snapshotter.registry.auth import Challenge, Credentials, DockerConfig, parse_challenge
+from snapshotter.registry.auth import (
+    Challenge,
+    Credentials,
+    DockerConfig,
+    Keychain,
+    parse_challenge,
+)
 from snapshotter.registry.errors import AccessDenied, DigestMismatch
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.registry.types import (
@@ -82,6 +88,7 @@ class RegistryClient:
         session: aiohttp.ClientSession | None = None,
         *,
         backoff: float = 0.2,
+        keychain: Keychain | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.timeout = timeout
@@ -89,11 +96,12 @@ class RegistryClient:
         self.backoff = backoff
         self.stats: Counter[str] = Counter()
         self._docker = DockerConfig.load(docker_config)
+        self.keychain = keychain
         self._session = session
         self._own_session = session is None
         self._creds: dict[str, Credentials | None] = {}
         self._tokens: dict[tuple[str, str], str] = {}
-        self._basic: dict[str, str] = {}
+        self._basic: dict[tuple[str, str], str] = {}
         self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -349,7 +357,12 @@ class RegistryClient:
         scheme = "http" if cfg.plain_http else "https"
         return _Endpoint(f"{scheme}://{mirror}", mirror, True, cfg.skip_verify)
 
-    def _credentials(self, auth_key: str) -> Credentials | None:
+    def _credentials(self, r: Reference, auth_key: str) -> Credentials | None:
+        """The image's own credentials (keychain), else the host's (config, docker config)."""
+        if self.keychain is not None:
+            found = self.keychain.credentials(r, auth_key)
+            if found is not None:
+                return found
         if auth_key not in self._creds:
             configured = self._host_config(auth_key).auth
             self._creds[auth_key] = configured or self._docker.credentials(auth_key)
@@ -551,7 +564,7 @@ class RegistryClient:
             raise _Transient(f"{url.raw_authority}: {_why(exc)}") from None
 
     def _auth_header(self, ep: _Endpoint, scope: str) -> str | None:
-        return self._basic.get(ep.auth_key) or self._tokens.get((ep.auth_key, scope))
+        return self._basic.get((ep.auth_key, scope)) or self._tokens.get((ep.auth_key, scope))
 
     async def _authorize(
         self, r: Reference, ep: _Endpoint, challenge: Challenge, scope: str, used: str | None
@@ -562,11 +575,11 @@ class RegistryClient:
         client) share one token request: whoever gets the lock second finds a token newer than
         the one it was refused with and just retries.
         """
-        creds = self._credentials(ep.auth_key)
+        creds = self._credentials(r, ep.auth_key)
         if challenge.scheme == "basic":
             if creds is None or creds.basic_header() == used:
                 return False
-            self._basic[ep.auth_key] = creds.basic_header()
+            self._basic[(ep.auth_key, scope)] = creds.basic_header()
             return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
