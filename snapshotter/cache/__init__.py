@@ -1,8 +1,11 @@
 """Caches of decompressed layer bytes: a bounded memory tier and the persistent disk tier."""
 
+from snapshotter.cache.budget import DiskBudget
 from snapshotter.cache.disk import (
     BLOCK_SIZE,
+    CacheClosed,
     CacheEntry,
+    CacheFull,
     DiskCache,
     LayerCache,
     SequentialWriter,
@@ -14,7 +17,10 @@ from snapshotter.cache.memory import MemoryTier
 
 __all__ = [
     "BLOCK_SIZE",
+    "CacheClosed",
     "CacheEntry",
+    "CacheFull",
+    "DiskBudget",
     "DiskCache",
     "LayerCache",
     "MemoryTier",

@@ -19,6 +19,7 @@ whose bytes are not on disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -31,8 +32,12 @@ import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapshotter.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from snapshotter.cache.budget import DiskBudget
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,22 @@ def digest_hex(digest: str) -> str:
     if m is None:
         raise InvalidArgument(f"cache: not a sha256 layer digest: {digest!r}")
     return m.group(1)
+
+
+class CacheFull(OSError):
+    """The disk cache may not take these bytes: over `limit_bytes` or the filesystem is full,
+    and evicting unused layers did not make room. The bytes are not written (and the blocks
+    not marked); the layer stays served lazily."""
+
+    def __init__(self, digest: str, why: str) -> None:
+        super().__init__(errno.ENOSPC, f"cache {digest}: {why}")
+
+
+class CacheClosed(OSError):
+    """A write to a layer cache after its file was closed (a bug the owner scopes prevent)."""
+
+    def __init__(self, digest: str) -> None:
+        super().__init__(errno.EBADF, f"cache {digest}: closed")
 
 
 class _Record:
@@ -103,10 +124,17 @@ class LayerCache:
     """Cached decompressed bytes of one layer. Thread-safe: the FUSE loop reads, worker threads
     and the layer provider write."""
 
-    def __init__(self, directory: Path, digest: str, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        digest: str,
+        block_size: int = BLOCK_SIZE,
+        budget: DiskBudget | None = None,
+    ) -> None:
         self.digest = digest
         self.directory = directory
         self.block_size = block_size
+        self.budget = budget
         self._lockfd = _open_shared(directory)
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -197,21 +225,30 @@ class LayerCache:
         """Write every complete block inside [uoff, uoff+len(data)); returns how many.
 
         Bytes of partial blocks at either edge are ignored: a block is only ever marked when all
-        its bytes were written.
+        its bytes were written. The new bytes are charged to the budget first; CacheFull when
+        they do not fit (nothing written).
         """
         view = memoryview(data)
         end = uoff + len(view)
-        stored: list[int] = []
+        spans: list[tuple[int, int, int]] = []
         for block in self.block_range(uoff, len(view)):
             start = block * self.block_size
             bend = self._block_end(block)
             if bend is None or start < uoff or bend > end or bend <= start:
                 continue
             if not self._record.test(block):
-                os.pwrite(self._fd, view[start - uoff : bend - uoff], start)
-                stored.append(block)
-        self._mark(stored)
-        return len(stored)
+                spans.append((block, start, bend))
+        if not spans:
+            return 0
+        self._charge(sum(bend - start for _, start, bend in spans))
+        for _, start, bend in spans:
+            self._pwrite(view[start - uoff : bend - uoff], start)
+        self._mark([block for block, _, _ in spans])
+        return len(spans)
+
+    def _charge(self, nbytes: int) -> None:
+        if self.budget is not None and not self.budget.charge(nbytes):
+            raise CacheFull(self.digest, "disk cache is at its limit and nothing is evictable")
 
     def _mark(self, blocks: list[int]) -> None:
         if not blocks:
@@ -250,15 +287,31 @@ class LayerCache:
         return SequentialWriter(self)
 
     def close(self) -> None:
+        """Flush and close (blocking: fdatasync). Every writer of this layer must be done."""
+        if self._fd < 0:
+            return
         try:
             self.flush()
         finally:
-            os.close(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             os.close(self._lockfd)
 
-    # used by SequentialWriter
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
     def _pwrite(self, data: memoryview, uoff: int) -> None:
-        os.pwrite(self._fd, data, uoff)
+        """Every write of the data file: ENOSPC tells the budget the filesystem is full."""
+        fd = self._fd
+        if fd < 0:
+            raise CacheClosed(self.digest)
+        try:
+            os.pwrite(fd, data, uoff)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and self.budget is not None:
+                self.budget.disk_full()
+            raise
 
 
 class SequentialWriter:
@@ -266,7 +319,9 @@ class SequentialWriter:
     straight into the data file and marks each block as soon as the stream has passed its end.
 
     The record is made durable every 64 MiB and by `finish()`, which also marks the final partial
-    block once the total size is known.
+    block once the total size is known. When the budget refuses more bytes (or the filesystem is
+    full) the writer stops caching: the stream goes on (the index build needs it), the prefix
+    written so far stays cached and the rest of the layer is served lazily.
     """
 
     def __init__(self, cache: LayerCache) -> None:
@@ -274,6 +329,8 @@ class SequentialWriter:
         self.position = 0
         self._marked = 0  # blocks [0, _marked) are marked
         self._since_flush = 0
+        #: Why caching stopped (None while every byte is written).
+        self.stopped: OSError | None = None
 
     def write(self, uoff: int, data: bytes | memoryview) -> None:
         if uoff != self.position:
@@ -282,8 +339,19 @@ class SequentialWriter:
                 f"expected {self.position}"
             )
         view = memoryview(data)
-        self._cache._pwrite(view, uoff)
+        if self.stopped is None:
+            try:
+                self._cache._charge(len(view))
+                self._cache._pwrite(view, uoff)
+            except OSError as exc:
+                if isinstance(exc, CacheClosed) or exc.errno != errno.ENOSPC:
+                    raise
+                self.stopped = exc
+                log.warning("cache %s: caching stopped at %d bytes while building: %s",
+                            self._cache.digest, uoff, exc.strerror or exc)
         self.position += len(view)
+        if self.stopped is not None:
+            return
         self._since_flush += len(view)
         full = self.position // self._cache.block_size
         if full > self._marked:
@@ -308,7 +376,8 @@ class SequentialWriter:
                 f"cache {self._cache.digest}: prefill ended at {self.position}, expected {size}"
             )
         self._cache.set_size(size)
-        self._mark_upto(-(-size // self._cache.block_size))
+        if self.stopped is None:
+            self._mark_upto(-(-size // self._cache.block_size))
         self._cache.flush()
 
 
@@ -448,9 +517,12 @@ class DiskCache:
         root: os.PathLike[str] | str,
         block_size: int = BLOCK_SIZE,
         directory: os.PathLike[str] | str | None = None,
+        budget: DiskBudget | None = None,
     ) -> None:
         self.directory = Path(directory) if directory else Path(root) / "cache"
         self.block_size = block_size
+        #: Charged by every write into any of this cache's layers (None: unbounded).
+        self.budget = budget
         self._layers: dict[str, LayerCache] = {}
         self._lock = threading.Lock()
 
@@ -459,7 +531,7 @@ class DiskCache:
         with self._lock:
             cache = self._layers.get(hexd)
             if cache is None:
-                cache = LayerCache(self.directory / hexd, digest, self.block_size)
+                cache = LayerCache(self.directory / hexd, digest, self.block_size, self.budget)
                 self._layers[hexd] = cache
             return cache
 
