@@ -14,11 +14,12 @@ import gzip
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import redis
 import trio
+import trio.testing
 
 from integration.harness.redis import RedisClusterServers, RedisServer
 from snapshotter.bridge import AsyncioThread, Bridge
@@ -26,8 +27,8 @@ from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.config import BackgroundFetchConfig
 from snapshotter.contentcache import ContentCache, block_key, open_content_cache
 from snapshotter.index import LayerIndex
-from snapshotter.prefetch import BackgroundFetcher
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy
+from snapshotter.remote.background import BackgroundFetch
 from tests.fs_layers import M, index_layer, pattern, write_layer
 
 MiB = 1 << 20
@@ -228,18 +229,8 @@ def test_background_fetch_completes_a_layer_profile_first(
 
     node.readpath.fetch_blocks = spy  # type: ignore[method-assign]
 
-    async def fetch_everything() -> float:
-        fetcher = BackgroundFetcher(node.readpath, node.bridge, options)
-        started = time.monotonic()
-        fetcher.start(layer, profile)
-        task: Any = fetcher._tasks[layer.digest]
-        await task
-        return time.monotonic() - started
-
     async def body(rp: ReadPath) -> None:
-        seconds = await node.bridge.to_asyncio(fetch_everything)
-        # the rest (~11 MiB) at 8 MiB/s takes about a second or more
-        assert seconds >= 0.8, seconds
+        await BackgroundFetch(rp, options).run(layer, profile)
 
     node.run(body)
     assert layer.cache.complete()
@@ -255,21 +246,12 @@ def test_background_fetch_waits_while_foreground_reads_wait(
     layer = node.layer(index)
     options = BackgroundFetchConfig(enabled=True, bytes_per_second=64 * MiB, concurrency=2)
 
-    async def start() -> BackgroundFetcher:
-        fetcher = BackgroundFetcher(node.readpath, node.bridge, options)
-        fetcher.start(layer, [])
-        return fetcher
-
-    async def finish(fetcher: BackgroundFetcher) -> None:
-        await fetcher._tasks[layer.digest]
-
     async def body(rp: ReadPath) -> None:
-        rp.waiting = 1  # as while a FUSE read waits for its fetch
-        fetcher = await node.bridge.to_asyncio(start)
-        await trio.sleep(0.5)
-        assert node.source.calls == 0 and layer.cache.present_blocks() == 0
-        rp.waiting = 0
-        await node.bridge.to_asyncio(finish, fetcher)
+        async with trio.open_nursery() as nursery:
+            with rp.foreground_wait():  # as while a FUSE read waits for its fetch
+                nursery.start_soon(BackgroundFetch(rp, options).run, layer, [])
+                await trio.testing.wait_all_tasks_blocked()
+                assert node.source.calls == 0 and layer.cache.present_blocks() == 0
 
     node.run(body)
     assert layer.cache.complete()

@@ -31,7 +31,7 @@ from integration.harness.images import BuiltImage, build_image, make_layer_tar, 
 from integration.harness.redis import RedisServer
 from integration.harness.registry import RegistryServer
 from snapshotter import __version__
-from snapshotter.provider import layer_id
+from snapshotter.remote.provider import layer_id
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "clip-status"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ import outcome
 import trio
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Bridge:
@@ -66,6 +68,21 @@ class Bridge:
             future.cancel()
             raise
         return future.result()
+
+    def call_in_trio(self, fn: Callable[..., object], *args: Any) -> None:
+        """From any thread: run the synchronous `fn(*args)` soon in the trio thread (e.g. to
+        start a task there). Its exceptions are logged, never allowed to end the trio loop."""
+        token = self._trio_token
+        if token is None:
+            raise RuntimeError("no trio loop is bound to the bridge")
+
+        def call() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("bridge: %s failed in the trio thread", getattr(fn, "__name__", fn))
+
+        token.run_sync_soon(call)
 
     async def to_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From asyncio: run `fn(*args)` as a trio system task and await its result.

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from snapshotter.contentcache.settings import ContentCacheSettings
 from snapshotter.errors import InvalidArgument
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -38,24 +39,8 @@ class RegistryConfig:
     mirrors: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class ContentCacheConfig:
-    """Mirrors snapshotter.contentcache.ContentCacheSettings (docs/contentcache.md)."""
-
-    url: str = ""
-    cluster: bool = False
-    timeout_seconds: float = 0.2
-    connect_timeout_seconds: float = 0.5
-    index_timeout_seconds: float = 2.0
-    failure_threshold: int = 3
-    cooldown_seconds: float = 5.0
-    max_value_bytes: int = 4 * 1024**2
-    ttl_seconds: int = 0
-    put_queue_bytes: int = 64 * 1024**2
-    max_connections: int = 64
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
+#: The `[content_cache]` section is the content cache's own settings type (one definition).
+ContentCacheConfig = ContentCacheSettings
 
 
 @dataclass(frozen=True)
@@ -82,7 +67,16 @@ class MemoryCacheConfig:
 class FuseConfig:
     allow_other: bool = True
     read_timeout_seconds: float = 30.0
-    max_read_ahead_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    """Bounds a remote layer must respect before clip stores or serves it."""
+
+    #: Largest uncompressed tar stream accepted (0: no bound).
+    max_layer_bytes: int = 64 * 1024**3
+    #: Largest uncompressed/compressed ratio accepted once a layer passes RATIO_FLOOR bytes.
+    max_compression_ratio: float = 250.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +93,7 @@ class Config:
     fuse: FuseConfig = field(default_factory=FuseConfig)
     disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
     memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
@@ -181,6 +176,8 @@ class _Loader:
                     raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
         if isinstance(section, ContentCacheConfig):
             self.check_content_cache(name, section)
+        if isinstance(section, LayersConfig) and section.max_compression_ratio < 1:
+            raise self.fail(f"{name}.max_compression_ratio", "expected a number of at least 1")
         if isinstance(section, BackgroundFetchConfig):
             for key in ("bytes_per_second", "concurrency"):
                 if getattr(section, key) < 1:
@@ -189,10 +186,8 @@ class _Loader:
     def check_content_cache(self, name: str, section: ContentCacheConfig) -> None:
         if section.url and not re.match(r"^(redis|rediss|unix)://", section.url):
             raise self.fail(f"{name}.url", f"{section.url!r}: expected redis:// or rediss://")
-        from snapshotter.contentcache import ContentCacheSettings
-
         try:
-            ContentCacheSettings.from_section(section)
+            section.validate()
         except InvalidArgument as exc:
             raise InvalidArgument(f"config {self.source}: {exc}") from None
 
@@ -203,6 +198,7 @@ class _Loader:
             "fuse": FuseConfig,
             "disk_cache": DiskCacheConfig,
             "memory_cache": MemoryCacheConfig,
+            "layers": LayersConfig,
             "background_fetch": BackgroundFetchConfig,
             "telemetry": TelemetryConfig,
         }

@@ -38,3 +38,21 @@ class Unavailable(ClipError):
 
 class Internal(ClipError):
     grpc_code = grpc.StatusCode.INTERNAL
+
+
+class ResourceExhausted(ClipError):
+    """The node cannot hold what was asked (disk cache full even after eviction)."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+#: Longest user-supplied value (a key, a reference) quoted in a message: a message is sent back
+#: as gRPC metadata, and a huge one would turn the real error into RESOURCE_EXHAUSTED.
+MAX_QUOTED = 256
+
+
+def quoted(value: str, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)``, cut to `limit` characters with the original length noted."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -27,8 +27,8 @@ def test_shipped_config_is_exactly_the_defaults() -> None:
 def test_shipped_config_mentions_every_key() -> None:
     text = (REPO / "config" / "clip.toml").read_text()
     for section in (
-        "daemon", "content_cache", "fuse", "disk_cache", "memory_cache", "background_fetch",
-        "telemetry",
+        "daemon", "content_cache", "fuse", "disk_cache", "memory_cache", "layers",
+        "background_fetch", "telemetry",
     ):
         cls = type(getattr(config.Config(), section))
         for name in cls.__dataclass_fields__:

@@ -14,11 +14,17 @@ from fs_layers import M, index_layer, pattern, write_layer
 from snapshotter.cache import DiskCache
 from snapshotter.errors import InvalidArgument
 from snapshotter.index import LayerIndex
-from snapshotter.prefetch import decode_profile, encode_profile, profile_digest, runs
-from snapshotter.publish import ARTIFACT_TYPE, INDEX_MEDIA_TYPE, PROFILE_MEDIA_TYPE, artifact_tag
-from snapshotter.publish import _parse as parse_artifact
 from snapshotter.readpath import FileSource, Layer, VerifyError
 from snapshotter.registry.reference import parse_reference
+from snapshotter.remote.artifact import ARTIFACT_TYPE, INDEX_MEDIA_TYPE, artifact_tag
+from snapshotter.remote.artifact import _parse as parse_artifact
+from snapshotter.remote.profile import (
+    PROFILE_MEDIA_TYPE,
+    decode_profile,
+    encode_profile,
+    profile_digest,
+    runs,
+)
 
 MiB = 1 << 20
 
@@ -104,29 +110,3 @@ def test_artifact_tag_and_parse() -> None:
     with pytest.raises(InvalidArgument):
         parse_artifact(parse_reference("h:1/r:t"), json.dumps({"artifactType": "x"}).encode())
 
-
-def _disk_hits() -> tuple[float, float]:
-    from prometheus_client import generate_latest
-
-    from snapshotter.telemetry import TELEMETRY, scrape
-
-    values = scrape(generate_latest(TELEMETRY.registry).decode())
-    hits = sum(v for k, v in values.items()
-               if k.startswith("clip_tier_hits_total") and 'tier="disk"' in k)
-    nbytes = sum(v for k, v in values.items()
-                 if k.startswith("clip_tier_read_bytes_total") and 'tier="disk"' in k)
-    return hits, nbytes
-
-
-def test_hit_metrics_are_batched_then_flushed() -> None:
-    from snapshotter.readpath import HitMetrics
-
-    metrics = HitMetrics()
-    hits0, bytes0 = _disk_hits()
-    for _ in range(10):
-        metrics.add("disk", 100, 0.00001)
-    assert _disk_hits() == (hits0, bytes0)  # not yet: batched
-    metrics.flush()
-    assert _disk_hits() == (hits0 + 10, bytes0 + 1000)
-    metrics.flush()  # nothing pending: nothing added
-    assert _disk_hits() == (hits0 + 10, bytes0 + 1000)

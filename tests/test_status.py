@@ -26,7 +26,7 @@ from snapshotter.cli.status import human_bytes, human_duration, render
 from snapshotter.config import Config, DaemonConfig, DiskCacheConfig
 from snapshotter.contentcache import ContentCacheHealth, NoContentCache
 from snapshotter.index import build_index
-from snapshotter.provider import RemoteLayerProvider, layer_id
+from snapshotter.remote.provider import RemoteLayerProvider, layer_id
 from snapshotter.service.daemon import Daemon
 from snapshotter.service.status import TierHealth, tier_health
 from snapshotter.snapshots.remote import RemoteLayer

@@ -540,6 +540,23 @@ class DiskCache:
         cache = self.layer(digest)
         return cache.size == size and cache.complete()
 
+    def peek_complete(self, digest: str, size: int) -> bool:
+        """Like `is_complete`, without opening (and so locking) a layer that is not open:
+        its presence record is read from disk. Blocking."""
+        hexd = digest_hex(digest)
+        with self._lock:
+            cache = self._layers.get(hexd)
+        if cache is not None:
+            return cache.size == size and cache.complete()
+        try:
+            data = (self.directory / hexd / "present").read_bytes()
+        except OSError:
+            return False
+        record = _Record.decode(data, self.block_size)
+        if record is None or record.size != size:
+            return False
+        return all(record.test(b) for b in range(-(-size // self.block_size)))
+
     def remove(self, digest: str) -> None:
         """Drop a layer's cached bytes (garbage collection of an unused layer)."""
         hexd = digest_hex(digest)

@@ -1,7 +1,7 @@
 """``clip index push REF``: publish an image's clip indexes as an artifact attached to it.
 
 Registered under ``clip index`` by snapshotter/cli/index.py; the work is in
-snapshotter/publish.py (artifact layout: docs/cluster.md).
+snapshotter/remote/artifact.py (artifact layout: docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter import config as config_mod
-from snapshotter.publish import PushResult, push_indexes
 from snapshotter.registry import RegistryClient, hosts_from_config
 from snapshotter.registry.reference import parse_reference
+from snapshotter.remote.artifact import PushResult, push_indexes
 
 
 def register_push(sub: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from snapshotter import config as config_mod
 from snapshotter import logs
-from snapshotter.provider import RemoteLayerProvider
+from snapshotter.remote import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
 from snapshotter.telemetry import TELEMETRY, TelemetryOptions
 

@@ -35,7 +35,7 @@ from snapshotter.readpath import Layer, ReadPath, ReadPolicy, Source
 
 log = logging.getLogger(__name__)
 
-MOUNT_OPTIONS = frozenset({"fsname=clip", "allow_other", "default_permissions", "ro"})
+MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _MNT_DETACH = 2
 _START_TIMEOUT = 30.0
@@ -51,9 +51,12 @@ class LayerFS:
         bridge: Bridge | None = None,
         policy: ReadPolicy | None = None,
         memory: MemoryTier | None = None,
+        allow_other: bool = True,
     ) -> None:
         self.cache = cache
         self.bridge = bridge
+        #: `[fuse] allow_other`: other users (containers) may read the mount.
+        self.options = set(MOUNT_OPTIONS) | ({"allow_other"} if allow_other else set())
         self.readpath = ReadPath(bridge, memory, policy)
         self.ops = ClipOperations(self.readpath)
         self.mountpoint: Path | None = None
@@ -86,7 +89,7 @@ class LayerFS:
 
     def _serve(self, mp: Path, ready: threading.Event) -> None:
         try:
-            pyfuse3.init(self.ops, str(mp), set(MOUNT_OPTIONS))
+            pyfuse3.init(self.ops, str(mp), set(self.options))
         except Exception as exc:
             self._error = exc
             ready.set()
@@ -166,16 +169,20 @@ class LayerFS:
             self.ops.add(Attached(LayerTree(layer_id, slot, index), layer))
         return self.mountpoint / layer_id
 
-    def detach(self, layer_id: str) -> None:
-        """Stop serving a layer; its open files and cached inodes then fail with ESTALE."""
+    def detach(self, layer_id: str) -> Layer:
+        """Stop serving a layer; its open files and cached inodes then fail with ESTALE.
+
+        Returns the layer's read-side state: its owner must still `ReadPath.close_layer()` it
+        (in the trio thread) before closing its cache file. Blocking (the kernel drops the
+        layer's dentry before it returns): call it from a worker thread, never the FUSE thread.
+        """
         attached = self.ops.remove(layer_id)
         if attached is None:
             raise NotFound(f"fuse: layer {layer_id} is not attached")
         if self.running:
-            pyfuse3.invalidate_entry_async(
-                pyfuse3.ROOT_INODE, os.fsencode(layer_id), ignore_enoent=True
-            )
-        attached.layer.cache.flush()
+            with contextlib.suppress(OSError):  # not in the kernel's cache
+                pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
+        return attached.layer
 
     def layers(self) -> list[str]:
         return sorted(self.ops.by_name)

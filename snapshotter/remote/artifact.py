@@ -18,30 +18,27 @@ no referrers API and ignores `subject`).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import io
 import json
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.errors import ClipError, InvalidArgument, NotFound
-from snapshotter.index import IndexBuildOptions, IndexFormatError, LayerIndex, build_index
-from snapshotter.index.builder import OnData
+from snapshotter.index import IndexFormatError, LayerIndex
 from snapshotter.registry import RegistryClient
 from snapshotter.registry import mediatypes as mt
 from snapshotter.registry.reference import Reference, parse_reference
 from snapshotter.registry.types import Descriptor
+from snapshotter.remote.build import build_from_registry, index_of_blob
+from snapshotter.remote.profile import PROFILE_MEDIA_TYPE
 from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "application/vnd.clip.index.v1"
 INDEX_MEDIA_TYPE = "application/vnd.clip.index.v1"
-PROFILE_MEDIA_TYPE = "application/vnd.clip.start-profile.v1+json"
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_CONFIG = b"{}"
 LAYER_ANNOTATION = "io.clip.layer.digest"
@@ -143,82 +140,6 @@ def _parse(r: Reference, data: bytes) -> Artifact:
     return artifact
 
 
-# --- building from the registry --------------------------------------------------------------
-
-
-class StreamReader(io.RawIOBase):
-    """A blocking file object over an async byte iterator running on another thread's loop.
-
-    The index builder runs in a worker thread and reads the blob as a plain stream; each read
-    pulls the next chunk from the registry's async iterator on the daemon's asyncio loop, which
-    also gives natural back-pressure (nothing is buffered beyond one chunk).
-    """
-
-    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._loop = loop
-        self._pending = memoryview(b"")
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending and not self._eof:
-            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-            chunk = future.result()
-            if chunk is None:
-                self._eof = True
-            else:
-                self._pending = memoryview(chunk)
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
-
-    async def _next(self) -> bytes | None:
-        try:
-            return await anext(self._chunks)
-        except StopAsyncIteration:
-            return None
-
-
-def index_of_blob(
-    load: Callable[[], LayerIndex], digest: str, origin: str
-) -> LayerIndex | None:
-    """The index ``load()`` gives when it is an index of blob ``digest``; None, logged with its
-    ``origin``, when it is unreadable or was built from another blob. Every place an index
-    comes from (the local store, the ContentCache, a published artifact) checks it so."""
-    try:
-        index = load()
-    except (IndexFormatError, OSError) as exc:
-        log.warning("%s of %s is unusable: %s", origin, digest, exc)
-        return None
-    if index.blob_digest != digest:
-        log.warning("%s for %s was built from %s", origin, digest, index.blob_digest)
-        return None
-    return index
-
-
-async def build_from_registry(
-    client: RegistryClient, ref: str, digest: str, out: Path, on_data: OnData | None = None
-) -> int:
-    """Stream the blob once and write its index to `out`; returns the uncompressed size."""
-    loop = asyncio.get_running_loop()
-    chunks = client.open_blob(ref, digest)
-    reader = io.BufferedReader(StreamReader(chunks, loop), buffer_size=1 << 20)
-    try:
-        result = await asyncio.to_thread(build_index, reader, out, IndexBuildOptions(), on_data)
-    except BaseException:
-        TELEMETRY.index_built("error")
-        raise
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-    TELEMETRY.index_built("ok")
-    return result.uncompressed_size
-
-
 # --- clip index push -------------------------------------------------------------------------
 
 
@@ -304,7 +225,6 @@ __all__ = [
     "Artifact",
     "PushResult",
     "artifact_tag",
-    "build_from_registry",
     "find_artifact",
     "push_indexes",
 ]

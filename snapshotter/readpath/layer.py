@@ -1,0 +1,182 @@
+"""One attached layer as the read path sees it: index, source, disk cache, verification, and the
+cancel scopes of everything running for it.
+
+Ownership: every flight and background fetch of a layer runs inside a cancel scope the layer's
+`LayerTasks` holds, and worker threads are awaited, never abandoned. `ReadPath.close_layer()`
+cancels them all and returns only once none is left, so the caller may then close the layer's
+cache file knowing nothing will write to it again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from snapshotter.cache import LayerCache
+from snapshotter.index import EntryType, LayerIndex, ResumePoints
+from snapshotter.readpath.policy import VerifyError
+from snapshotter.readpath.source import Source
+
+
+class LayerTasks:
+    """The cancel scopes of one layer's running tasks (trio thread only)."""
+
+    def __init__(self) -> None:
+        self._scopes: set[trio.CancelScope] = set()
+        self._count = 0
+        self._idle: trio.Event | None = None
+        self.closed = False
+
+    def spawn(
+        self, nursery: trio.Nursery, fn: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
+        """Run `fn(*args)` in `nursery`, owned by this layer (cancelled at once if closed)."""
+        self._count += 1
+        nursery.start_soon(self._run, fn, *args)
+
+    async def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                if self.closed:
+                    scope.cancel()  # fn still runs its cleanup (a flight wakes its readers)
+                self._scopes.add(scope)
+                try:
+                    await fn(*args)
+                finally:
+                    self._scopes.discard(scope)
+        finally:
+            self._count -= 1
+            if self._count == 0 and self._idle is not None:
+                self._idle.set()
+
+    @property
+    def running(self) -> int:
+        return self._count
+
+    async def close(self) -> None:
+        """Cancel every task of the layer and wait until all (and their threads) are done."""
+        self.closed = True
+        for scope in list(self._scopes):
+            scope.cancel()
+        while self._count:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+
+class Layer:
+    """Read-side state of one attached layer: its index, source and disk cache."""
+
+    def __init__(self, name: str, index: LayerIndex, source: Source, cache: LayerCache) -> None:
+        self.name = name
+        self.index = index
+        self.source = source
+        self.cache = cache
+        self.digest = index.blob_digest
+        self.size = int(index.uncompressed_size)
+        #: Everything running for this layer (flights, background fetch).
+        self.tasks = LayerTasks()
+        # Places inflation can restart besides the index's checkpoints, recorded by every fetch
+        # (bounded): a later miss in the same checkpoint interval starts at the nearest one.
+        self.resume = ResumePoints(index)
+        cache.set_size(self.size)
+        self._file_starts: list[int] | None = None
+        self._file_ordinals: list[int] = []
+        self._file_ends: list[int] = []
+        self._map_lock = threading.Lock()
+        #: Blocks read by foreground reads while a start profile is being recorded.
+        self.profile: set[int] | None = None
+        self.profile_until = 0.0
+        #: Set once a refused cache write was logged, so a full cache logs once per layer.
+        self.cache_full_logged = False
+
+    def record_profile(self, seconds: float) -> None:
+        """Record the blocks foreground reads touch during the next `seconds`."""
+        self.profile = set()
+        self.profile_until = time.monotonic() + seconds
+
+    def note(self, blocks: range) -> None:
+        """Foreground reads touched `blocks` (kept while a start profile is recorded)."""
+        if self.profile is not None and time.monotonic() < self.profile_until:
+            self.profile.update(blocks)
+
+    def nblocks(self) -> int:
+        return -(-self.size // self.cache.block_size)
+
+    def block_span(self, block: int) -> tuple[int, int]:
+        bs = self.cache.block_size
+        return block * bs, min((block + 1) * bs, self.size)
+
+    def _file_map(self) -> list[int]:
+        """Regular files sorted by stream offset (built on first verification, off the loop)."""
+        with self._map_lock:
+            if self._file_starts is None:
+                triples = []
+                for i in range(len(self.index)):
+                    e = self.index.entry(i)
+                    if e.type == EntryType.FILE and e.size > 0:
+                        triples.append((e.uoff, i, e.uoff + e.size))
+                triples.sort()
+                self._file_ordinals = [o for _, o, _ in triples]
+                self._file_ends = [end for _, _, end in triples]
+                self._file_starts = [u for u, _, _ in triples]
+            return self._file_starts
+
+    def chunk_cover(self, start: int, end: int) -> tuple[int, int]:
+        """[start, end) widened to the whole verification chunks of the files it touches."""
+        starts = self._file_map()
+        cs = int(self.index.chunk_size)
+        lo, hi = start, end
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        while i < len(starts) and starts[i] < end:
+            fstart, fend = starts[i], self._file_ends[i]
+            if fend > start:
+                first = fstart + (max(start, fstart) - fstart) // cs * cs
+                last = fstart + (min(end, fend) - 1 - fstart) // cs * cs
+                lo, hi = min(lo, first), max(hi, min(last + cs, fend))
+            i += 1
+        return lo, hi
+
+    def verify_cover(self, dstart: int, data: bytes, start: int, end: int) -> int:
+        """Check every chunk digest of the files touching [start, end); `data` (bytes from
+        `dstart`) must hold all of them (see `chunk_cover`). Returns the chunks checked."""
+        starts = self._file_map()
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        view = memoryview(data)
+        dend = dstart + len(data)
+        checked = 0
+        while i < len(starts) and starts[i] < end:
+            for cu, clen, digest in self.index.chunk_digests(self._file_ordinals[i]):
+                if cu + clen <= start or cu >= end:
+                    continue
+                if cu < dstart or cu + clen > dend:
+                    raise VerifyError(f"layer {self.digest}: chunk at {cu}+{clen} not covered")
+                if hashlib.sha256(view[cu - dstart : cu + clen - dstart]).digest() != digest:
+                    raise VerifyError(f"layer {self.digest}: chunk at {cu}+{clen} is corrupt")
+                checked += 1
+            i += 1
+        return checked
+
+    def verify(self, uoff: int, data: bytes) -> int:
+        """Check every chunk digest whose chunk lies wholly inside [uoff, uoff+len(data)).
+
+        Returns the number of chunks checked; raises VerifyError on a mismatch.
+        """
+        end = uoff + len(data)
+        starts = self._file_map()
+        i = max(bisect.bisect_right(starts, uoff) - 1, 0)
+        checked = 0
+        view = memoryview(data)
+        while i < len(starts) and starts[i] < end:
+            for cu, clen, digest in self.index.chunk_digests(self._file_ordinals[i]):
+                if cu >= uoff and cu + clen <= end:
+                    if hashlib.sha256(view[cu - uoff : cu + clen - uoff]).digest() != digest:
+                        raise VerifyError(f"layer {self.digest}: chunk at {cu}+{clen} is corrupt")
+                    checked += 1
+            i += 1
+        return checked

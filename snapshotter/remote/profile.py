@@ -1,0 +1,55 @@
+"""Start profiles: the blocks a container read in its first seconds on the node that recorded
+them, fetched first wherever the layer is attached next.
+
+A start profile is a small JSON document stored next to the layer's index: in
+`<root>/indexes/<hex>.profile`, in the ContentCache (under the index key of `profile_digest()`,
+a digest derived from the layer digest, so no new key family is needed) and in the OCI
+artifact `clip index push` publishes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+PROFILE_MEDIA_TYPE = "application/vnd.clip.start-profile.v1+json"
+#: Blocks per background fetch (each is one flight through the read path).
+RUN_BLOCKS = 4
+
+
+def profile_digest(layer_digest: str) -> str:
+    """The pseudo digest whose ContentCache index key holds the layer's start profile."""
+    return "sha256:" + hashlib.sha256(f"clip:start-profile:v1:{layer_digest}".encode()).hexdigest()
+
+
+def encode_profile(layer_digest: str, block_size: int, blocks: Iterable[int]) -> bytes:
+    doc = {"layer": layer_digest, "block_size": block_size, "blocks": sorted(set(blocks))}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int] | None:
+    """The profile's blocks, or None when it is malformed or for another layer/block size."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("layer") != layer_digest:
+        return None
+    blocks = doc.get("blocks")
+    if doc.get("block_size") != block_size or not isinstance(blocks, list):
+        return None
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+        return None
+    return sorted(set(blocks))
+
+
+def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
+    """Sorted blocks grouped into runs of consecutive numbers, at most `limit` long."""
+    out: list[list[int]] = []
+    for b in sorted(set(blocks)):
+        if out and out[-1][-1] == b - 1 and len(out[-1]) < limit:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
