@@ -92,6 +92,21 @@ def test_error_codes(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_huge_keys_are_cut_in_messages(tmp_path: Path) -> None:
+    """A 20 KB key is NOT_FOUND, not RESOURCE_EXHAUSTED on the size of the error's details."""
+
+    async def body(s: pb_grpc.SnapshotsStub, _: Daemon) -> None:
+        key = "k" * 20_000
+        for call in (s.Stat(pb.StatSnapshotRequest(key=key), metadata=NS),
+                     s.Remove(pb.RemoveSnapshotRequest(key=key), metadata=NS),
+                     s.Mounts(pb.MountsRequest(key=key), metadata=NS)):
+            got, details = await code_of(call)
+            assert got == grpc.StatusCode.NOT_FOUND, details
+            assert "20000 characters" in details and len(details) < 1000
+
+    run(tmp_path, body)
+
+
 def test_bad_input_writes_nothing_outside_root(tmp_path: Path) -> None:
     async def body(s: pb_grpc.SnapshotsStub, d: Daemon) -> None:
         for key in ("../../etc", "../../../tmp/escape", "/etc"):

@@ -61,6 +61,17 @@ def mounts_of(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options)) for m in mounts]
 
 
+#: Status details travel as gRPC metadata (8 KiB by default in grpc-go, containerd's client):
+#: longer details would turn the real error into RESOURCE_EXHAUSTED on the client.
+MAX_DETAILS = 2048
+
+
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    return message[: MAX_DETAILS - 40] + f"... ({len(message)} characters)"
+
+
 async def _call(
     rpc: str, context: Context, fields: dict[str, str], body: Callable[[], Awaitable[T]]
 ) -> T:
@@ -71,12 +82,12 @@ async def _call(
         return await body()
     except ClipError as exc:
         result = exc.grpc_code.name
-        await context.abort(exc.grpc_code, str(exc))
+        await context.abort(exc.grpc_code, _details(str(exc)))
         raise  # unreachable: abort raises
     except Exception as exc:
         result = "INTERNAL"
         log.exception("%s failed", rpc, extra={"fields": fields})
-        await context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error: {exc}")
+        await context.abort(grpc.StatusCode.INTERNAL, _details(f"{rpc}: internal error: {exc}"))
         raise
     finally:
         if log.isEnabledFor(logging.DEBUG):

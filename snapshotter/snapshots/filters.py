@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from snapshotter.errors import InvalidArgument
+from snapshotter.errors import InvalidArgument, quoted
 
 # Looks a field path up in a record: returns (value, present).
 Adaptor = Callable[[Sequence[str]], tuple[str, bool]]
@@ -53,7 +53,7 @@ class _Scanner:
         self.pos = 0
 
     def fail(self, why: str) -> InvalidArgument:
-        return InvalidArgument(f"invalid filter {self.text!r}: {why} at position {self.pos}")
+        return InvalidArgument(f"invalid filter {quoted(self.text)}: {why} at position {self.pos}")
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from snapshotter.errors import AlreadyExists, ClipError, FailedPrecondition, InvalidArgument
+from snapshotter.errors import AlreadyExists, ClipError, FailedPrecondition, InvalidArgument, quoted
 from snapshotter.snapshots import validate
 from snapshotter.snapshots.filters import Filter, snapshot_adaptor
 from snapshotter.snapshots.layout import Layout, Mount, disk_usage
@@ -61,7 +61,7 @@ class Snapshotter:
             return None
         record = self.store.get(ns, validate.key(parent, "parent"))
         if record.kind is not Kind.COMMITTED:
-            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+            raise InvalidArgument(f"parent {quoted(parent)} is not a committed snapshot")
         return record
 
     def _create(
@@ -74,7 +74,7 @@ class Snapshotter:
         remote_dir: str | None = None,
     ) -> list[Mount]:
         if self.store.find(ns, key) is not None:
-            raise AlreadyExists(f"snapshot {key!r} already exists")
+            raise AlreadyExists(f"snapshot {quoted(key)} already exists")
         parent_rec = self._committed_parent(ns, parent)
         owner = self.layout.lowerdir(parent_rec) if parent_rec else None
         now = time.time_ns()
@@ -128,9 +128,10 @@ class Snapshotter:
                 log.info("remote layer %s ready at %s", layer.digest, lowerdir)
             elif existing.kind is not Kind.COMMITTED or existing.parent != layer.parent:
                 raise FailedPrecondition(
-                    f"target snapshot {layer.chain_id!r} exists with another parent or kind"
+                    f"target snapshot {quoted(layer.chain_id)} of layer {layer.digest} of "
+                    f"{quoted(layer.image_ref)} exists with another parent or kind"
                 )
-        raise AlreadyExists(f"target snapshot {layer.chain_id!r} already exists")
+        raise AlreadyExists(f"target snapshot {quoted(layer.chain_id)} already exists")
 
     async def restore_remote(self) -> None:
         """Ask the provider to re-attach every remote snapshot recorded before a restart."""
@@ -162,7 +163,7 @@ class Snapshotter:
     def mounts(self, ns: str | None, key: str) -> list[Mount]:
         record = self.store.get(ns, key)
         if record.kind is Kind.COMMITTED:
-            raise FailedPrecondition(f"requested snapshot {key!r} not active or view")
+            raise FailedPrecondition(f"requested snapshot {quoted(key)} not active or view")
         return self.layout.mounts(record, self.store.ancestors(record.id))
 
     def stat(self, ns: str | None, key: str) -> Record:
@@ -188,9 +189,9 @@ class Snapshotter:
     def _committable(self, ns: str | None, name: str, key: str) -> Record:
         record = self.store.get(ns, key)
         if record.kind is not Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key!r} is not active")
+            raise FailedPrecondition(f"snapshot {quoted(key)} is not active")
         if self.store.find(record.ns, name) is not None:
-            raise AlreadyExists(f"committed snapshot {name!r} already exists")
+            raise AlreadyExists(f"committed snapshot {quoted(name)} already exists")
         return record
 
     async def commit(self, ns: str | None, name: str, key: str, labels: Mapping[str, str]) -> None:
@@ -228,7 +229,9 @@ class Snapshotter:
             elif path == "labels":
                 new = dict(labels)
             else:
-                raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}")
+                raise InvalidArgument(
+                    f"cannot update {quoted(path)} field on snapshot {quoted(name)}"
+                )
         record.labels = validate.labels(new)
         record.updated_ns = time.time_ns()
         with self.store.transaction():
@@ -238,7 +241,7 @@ class Snapshotter:
     async def remove(self, ns: str | None, key: str) -> None:
         record = self.store.get(ns, key)
         if self.store.has_children(record.id):
-            raise FailedPrecondition(f"cannot remove snapshot {key!r} with child")
+            raise FailedPrecondition(f"cannot remove snapshot {quoted(key)} with child")
         with self.store.transaction():
             self.store.delete(record.id)
         trash = self.layout.trash(record.id)

@@ -17,7 +17,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import FailedPrecondition, NotFound
+from snapshotter.errors import FailedPrecondition, NotFound, quoted
 
 SCHEMA_VERSION = 1
 
@@ -132,7 +132,7 @@ class MetaStore:
             rows = self.db.execute(_SELECT + " WHERE s.key = ?", (key,)).fetchall()
             if len(rows) > 1:
                 raise FailedPrecondition(
-                    f"snapshot {key!r} exists in several namespaces: set containerd-namespace"
+                    f"snapshot {quoted(key)} exists in several namespaces: set containerd-namespace"
                 )
         else:
             rows = self.db.execute(_SELECT + " WHERE s.ns = ? AND s.key = ?", (ns, key)).fetchall()
@@ -141,7 +141,7 @@ class MetaStore:
     def get(self, ns: str | None, key: str) -> Record:
         record = self.find(ns, key)
         if record is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
+            raise NotFound(f"snapshot {quoted(key)} does not exist")
         return record
 
     def by_id(self, rid: int) -> Record:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from snapshotter.errors import InvalidArgument
+from snapshotter.errors import InvalidArgument, quoted
 
 # containerd labels.Validate: key and value together at most 4096 bytes.
 LABEL_MAX_BYTES = 4096
@@ -25,7 +25,7 @@ def key(value: str, what: str = "key") -> str:
             f"snapshot {what} {value[:20]!r}... is longer than {KEY_MAX_BYTES} bytes"
         )
     if any(ord(c) < 0x20 or c == "\x7f" for c in value):
-        raise InvalidArgument(f"snapshot {what} {value!r} contains control characters")
+        raise InvalidArgument(f"snapshot {what} {quoted(value)} contains control characters")
     return value
 
 
@@ -42,5 +42,5 @@ def labels(values: Mapping[str, str]) -> dict[str, str]:
 
 def namespace(value: str) -> str:
     if len(value) > NAMESPACE_MAX or not _NAMESPACE_RE.match(value):
-        raise InvalidArgument(f"namespace {value!r} is not a valid containerd namespace")
+        raise InvalidArgument(f"namespace {quoted(value)} is not a valid containerd namespace")
     return value
