@@ -271,9 +271,11 @@ class LayerCache:
             try:
                 os.fdatasync(self._fd)
                 _atomic_write(self.directory / "present", snapshot)
-            except OSError:
+            except OSError as exc:
                 with self._lock:
                     self._dirty = True
+                if exc.errno == errno.ENOSPC and self.budget is not None:
+                    self.budget.disk_full()
                 raise
             self._last_flush = time.monotonic()
 
@@ -292,6 +294,8 @@ class LayerCache:
             return
         try:
             self.flush()
+        except OSError as exc:  # e.g. ENOSPC: the record stays older (safe: blocks refetch)
+            log.warning("cache %s: final flush failed: %s", self.digest, exc)
         finally:
             fd, self._fd = self._fd, -1
             os.close(fd)

@@ -54,19 +54,17 @@ class BackgroundFetch:
 
     async def run(self, layer: Layer, profile: list[int]) -> None:
         """Fetch `profile` blocks now, then (if enabled) the rest of the layer."""
-        try:
-            if profile and await self._room(layer, len(profile) * layer.cache.block_size):
-                await self._parallel(layer, runs(profile), limited=False)
-                log.info("start profile fetched", extra={"fields": {
+        room = bool(profile) and await self._room(layer, len(profile) * layer.cache.block_size)
+        if room and await self._parallel(layer, runs(profile), limited=False):
+            log.info("start profile fetched", extra={"fields": {
                     "layer": layer.digest, "blocks": len(profile)}})
-            if self.options.enabled:
-                await self._rest(layer)
-        except ClipError as exc:
-            log.warning("background fetch of %s stopped: %s", layer.digest, exc)
+        if self.options.enabled:
+            await self._rest(layer)
 
     async def _rest(self, layer: Layer) -> None:
         rest = [b for b in range(layer.nblocks()) if not layer.cache.has(b)]
-        await self._parallel(layer, runs(rest), limited=True)
+        if not await self._parallel(layer, runs(rest), limited=True):
+            return
         self._progress(layer)
         if not layer.cache.complete():
             return
@@ -75,7 +73,9 @@ class BackgroundFetch:
         if rest and self.on_complete is not None:
             self.on_complete(layer)
 
-    async def _parallel(self, layer: Layer, work: list[list[int]], limited: bool) -> None:
+    async def _parallel(self, layer: Layer, work: list[list[int]], limited: bool) -> bool:
+        """Fetch every run of `work`, `concurrency` at a time; False when it stopped early
+        (no room on disk, or blocks that stayed unavailable)."""
         items: Iterator[list[int]] = iter(work)
         stopped = False
 
@@ -87,11 +87,14 @@ class BackgroundFetch:
                 if limited and not await self._room(layer, len(blocks) * layer.cache.block_size):
                     stopped = True
                     return
-                await self._fetch(layer, blocks, limited)
+                if not await self._fetch(layer, blocks, limited):
+                    stopped = True
+                    return
 
         async with trio.open_nursery() as nursery:
             for _ in range(self.options.concurrency):
                 nursery.start_soon(worker)
+        return not stopped
 
     async def _room(self, layer: Layer, nbytes: int) -> bool:
         """Whether the disk cache can take `nbytes` more (evicting unused layers if needed)."""
@@ -101,7 +104,9 @@ class BackgroundFetch:
                     "the layer stays lazily served", layer.digest, self.budget.limit)
         return False
 
-    async def _fetch(self, layer: Layer, blocks: list[int], limited: bool) -> None:
+    async def _fetch(self, layer: Layer, blocks: list[int], limited: bool) -> bool:
+        """Fetch one run, retrying with backoff; False (logged) when it stayed unavailable."""
+        error: Exception | None = None
         for attempt in range(_RETRIES):
             if limited:
                 await self.readpath.until_no_waiters()
@@ -109,13 +114,16 @@ class BackgroundFetch:
                 fetched = await self.readpath.fetch_blocks(layer, blocks)
             except (ClipError, OSError) as exc:
                 log.debug("background fetch of %s blocks %s: %s", layer.digest, blocks, exc)
+                error = exc
                 await trio.sleep(0.5 * 2**attempt)
                 continue
             self._progress(layer)
             if limited and fetched:
                 await self._throttle(fetched)
-            return
-        raise ClipError(f"layer {layer.digest}: blocks {blocks[0]}..{blocks[-1]} unavailable")
+            return True
+        log.warning("background fetch of %s stopped: blocks %d..%d unavailable: %s",
+                    layer.digest, blocks[0], blocks[-1], error)
+        return False
 
     async def _throttle(self, nbytes: int) -> None:
         """Token bucket shared by all layers: the next fetch may start once `nbytes` were
