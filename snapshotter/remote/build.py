@@ -10,6 +10,7 @@ waits for it, so nothing writes into the cache afterwards.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import logging
@@ -78,8 +79,17 @@ class StreamReader(io.RawIOBase):
         self._stop = stop or threading.Event()
         self._pending = memoryview(b"")
         self._eof = False
+        self._future: concurrent.futures.Future[bytes | None] | None = None
         #: Compressed bytes received so far (the ratio bound's denominator).
         self.consumed = 0
+
+    def abort(self) -> None:
+        """From the loop's thread: make the reading thread stop now, even while it waits for a
+        chunk the registry never sends."""
+        self._stop.set()
+        future = self._future
+        if future is not None:
+            future.cancel()
 
     def readable(self) -> bool:
         return True
@@ -89,7 +99,15 @@ class StreamReader(io.RawIOBase):
             if self._stop.is_set():
                 raise BuildCancelled()
             future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-            chunk = future.result()
+            self._future = future
+            if self._stop.is_set():  # aborted between the check and the assignment
+                future.cancel()
+            try:
+                chunk = future.result()
+            except concurrent.futures.CancelledError:
+                raise BuildCancelled() from None
+            finally:
+                self._future = None
             if chunk is None:
                 self._eof = True
             else:
@@ -153,7 +171,7 @@ async def build_from_registry(
         try:
             result = await asyncio.shield(work)
         except asyncio.CancelledError:
-            stop.set()
+            stream.abort()
             with contextlib.suppress(BaseException):
                 await work
             raise

@@ -86,7 +86,7 @@ class RemoteLayerProvider:
 
     name = "remote-layers"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, registry: RegistryClient | None = None) -> None:
         self.config = config
         root = Path(config.daemon.root)
         self.mountpoint = root / "mnt"
@@ -96,7 +96,7 @@ class RemoteLayerProvider:
         )
         self.cache = DiskCache(root, directory=config.cache_dir(), budget=self.budget)
         self.content = open_content_cache(config.content_cache)
-        self.registry = RegistryClient(hosts_from_config(config.registry))
+        self.registry = registry or RegistryClient(hosts_from_config(config.registry))
         self.bounds = LayerBounds(
             config.layers.max_layer_bytes, config.layers.max_compression_ratio
         )
