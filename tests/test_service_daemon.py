@@ -9,8 +9,9 @@ import socket
 import stat
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import IO
 
 import grpc
 import pytest
@@ -22,6 +23,11 @@ from snapshotter.service.daemon import Daemon
 from snapshotter.snapshots.remote import RemoteLayer
 
 
+def _forward(stream: IO[str]) -> None:
+    for line in stream:
+        sys.stderr.write(line)
+
+
 class ClipDaemon:
     """`clip serve` on <workdir>/root and <workdir>/run/clip.sock, stopped by PID."""
 
@@ -31,13 +37,22 @@ class ClipDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        args = ["serve", "--root", str(self.root), "--address", str(self.socket)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "snapshotter", *args])
-        deadline = time.monotonic() + 30
-        while not self._listening():
-            assert self.proc.poll() is None, "clip serve exited"
-            assert time.monotonic() < deadline, "clip serve did not listen"
-            time.sleep(0.05)
+        """Start `clip serve` and return once it logged "serving" (it listens by then)."""
+        args = ["serve", "--root", str(self.root), "--address", str(self.socket),
+                "--log-format", "json"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "snapshotter", *args], stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            sys.stderr.write(line)
+            if '"serving"' in line:
+                break
+        else:
+            raise AssertionError(f"clip serve exited ({self.proc.wait()}) before serving")
+        # keep draining its log, so a full pipe never blocks the daemon
+        threading.Thread(target=_forward, args=(self.proc.stderr,), daemon=True).start()
+        assert self._listening()
 
     def _listening(self) -> bool:
         probe = socket.socket(socket.AF_UNIX)
@@ -176,13 +191,16 @@ def test_serve_help_has_an_example() -> None:
 
 
 class SlowProvider:
-    """A provider that takes a while, to show a stop waits for in-flight calls."""
+    """A provider whose Prepare waits for `release`, to show a stop waits for in-flight calls."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def prepare(self, layer: RemoteLayer) -> str:
-        await asyncio.sleep(0.5)
+        self.entered.set()
+        await self.release.wait()
         self.base.mkdir(parents=True, exist_ok=True)
         return str(self.base)
 
@@ -202,18 +220,21 @@ def test_stop_lets_in_flight_calls_finish(tmp_path: Path) -> None:
 
     async def main() -> grpc.StatusCode:
         cfg = Config(daemon=DaemonConfig(root=str(tmp_path / "r"), address=str(tmp_path / "s")))
-        daemon = Daemon(cfg, SlowProvider(tmp_path / "mnt"))
+        provider = SlowProvider(tmp_path / "mnt")
+        daemon = Daemon(cfg, provider)
         await daemon.start()
         async with grpc.aio.insecure_channel(f"unix:{tmp_path / 's'}") as ch:
             stub = pb_grpc.SnapshotsStub(ch)
             req = pb.PrepareSnapshotRequest(key="k", labels=labels)
             call = stub.Prepare(req, metadata=(("containerd-namespace", "default"),))
-            await asyncio.sleep(0.1)
-            started = time.monotonic()
-            await daemon.stop(grace=10)
-            assert time.monotonic() - started >= 0.3
+            await provider.entered.wait()
+            stopping = asyncio.create_task(daemon.stop(grace=10))
+            await asyncio.sleep(0)  # the stop has begun
+            assert not stopping.done()
+            provider.release.set()  # the in-flight call may finish only now...
+            await stopping
             try:
-                await call
+                await call  # ...and it did finish: no CANCELLED/UNAVAILABLE
             except grpc.aio.AioRpcError as exc:
                 return exc.code()
         raise AssertionError("handshake Prepare must answer ALREADY_EXISTS")
