@@ -34,14 +34,15 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probing = False
         self._on_change = on_change
-        self._clock = clock
+        #: Seconds, monotonic; injectable so cool-downs can be tested without waiting.
+        self.clock = clock
 
     def allow(self) -> bool:
         """May a call go to the backend now? In half-open, True only for the one probe."""
         if self.state == CLOSED:
             return True
         if self.state == OPEN:
-            if self._clock() - self._opened_at < self.cooldown:
+            if self.clock() - self._opened_at < self.cooldown:
                 return False
             self._set(HALF_OPEN)
         if self._probing:
@@ -60,7 +61,7 @@ class CircuitBreaker:
         self.last_error = error
         self._probing = False
         if self.state == HALF_OPEN or self.failures >= self.threshold:
-            self._opened_at = self._clock()
+            self._opened_at = self.clock()
             if self.state != OPEN:
                 self._set(OPEN)
 
@@ -72,7 +73,7 @@ class CircuitBreaker:
         """Seconds until an open breaker lets a probe through (0 otherwise)."""
         if self.state != OPEN:
             return 0.0
-        return max(0.0, self.cooldown - (self._clock() - self._opened_at))
+        return max(0.0, self.cooldown - (self.clock() - self._opened_at))
 
     def _set(self, state: str) -> None:
         self.state = state
