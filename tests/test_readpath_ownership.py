@@ -233,3 +233,20 @@ def test_enospc_evicts_an_unused_layer_then_serves_lazily(
     # the 10 MiB layer cannot fit in 8 MiB: the rest was served without being stored
     assert rp.stats.uncached_bytes > 0 and not layer.cache.complete()
     disk.close()
+
+
+def test_a_streaming_build_evicts_on_enospc_and_goes_on(tiny_fs: Path, tmp_path: Path) -> None:
+    budget = DiskBudget(tiny_fs, 0)
+    disk = DiskCache(tmp_path, directory=tiny_fs, budget=budget)
+    old, new = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
+    writer = disk.layer(old).writer()
+    writer.write(0, os.urandom(5 * MiB))
+    writer.finish()
+    disk.release(old)
+    writer = disk.layer(new).writer()
+    for uoff in range(0, 6 * MiB, 256 * 1024):  # past the 8 MiB tmpfs with `old` on it
+        writer.write(uoff, os.urandom(256 * 1024))
+    writer.finish()
+    assert writer.stopped is None and disk.layer(new).complete()
+    assert [e.digest for e in budget.evicted] == [old]
+    disk.close()

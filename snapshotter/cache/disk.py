@@ -344,15 +344,7 @@ class SequentialWriter:
             )
         view = memoryview(data)
         if self.stopped is None:
-            try:
-                self._cache._charge(len(view))
-                self._cache._pwrite(view, uoff)
-            except OSError as exc:
-                if isinstance(exc, CacheClosed) or exc.errno != errno.ENOSPC:
-                    raise
-                self.stopped = exc
-                log.warning("cache %s: caching stopped at %d bytes while building: %s",
-                            self._cache.digest, uoff, exc.strerror or exc)
+            self._put(view, uoff)
         self.position += len(view)
         if self.stopped is not None:
             return
@@ -363,6 +355,22 @@ class SequentialWriter:
         if self._since_flush >= _PREFILL_FLUSH_BYTES:
             self._cache.flush()
             self._since_flush = 0
+
+    def _put(self, view: memoryview, uoff: int) -> None:
+        """Charge and write; on ENOSPC evict (through the budget) and try once more, then stop
+        caching for good."""
+        for attempt in range(2):
+            try:
+                self._cache._charge(len(view))
+                self._cache._pwrite(view, uoff)
+                return
+            except OSError as exc:
+                if isinstance(exc, CacheClosed) or exc.errno != errno.ENOSPC:
+                    raise
+                if isinstance(exc, CacheFull) or attempt == 1:
+                    self.stopped = exc
+                    log.warning("cache %s: caching stopped at %d bytes while building: %s",
+                                self._cache.digest, uoff, exc.strerror or exc)
 
     def _mark_upto(self, blocks: int) -> None:
         cache = self._cache
