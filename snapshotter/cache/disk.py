@@ -306,12 +306,15 @@ class LayerCache:
         return self._fd < 0
 
     def _pwrite(self, data: memoryview, uoff: int) -> None:
-        """Every write of the data file: ENOSPC tells the budget the filesystem is full."""
+        """Every write of the data file, all of `data` or an error (a nearly full filesystem
+        writes short before it says ENOSPC); ENOSPC tells the budget the filesystem is full."""
         fd = self._fd
         if fd < 0:
             raise CacheClosed(self.digest)
         try:
-            os.pwrite(fd, data, uoff)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], uoff + done)
         except OSError as exc:
             if exc.errno == errno.ENOSPC and self.budget is not None:
                 self.budget.disk_full()
@@ -353,7 +356,7 @@ class SequentialWriter:
         if full > self._marked:
             self._mark_upto(full)
         if self._since_flush >= _PREFILL_FLUSH_BYTES:
-            self._cache.flush()
+            self._flush()
             self._since_flush = 0
 
     def _put(self, view: memoryview, uoff: int) -> None:
@@ -390,7 +393,20 @@ class SequentialWriter:
         self._cache.set_size(size)
         if self.stopped is None:
             self._mark_upto(-(-size // self._cache.block_size))
-        self._cache.flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Flush the record; a full filesystem stops caching (what is marked stays unflushed:
+        it is fetched again after a crash) instead of failing the build."""
+        try:
+            self._cache.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            if self.stopped is None:
+                self.stopped = exc
+                log.warning("cache %s: caching stopped at %d bytes while building: %s",
+                            self._cache.digest, self.position, exc.strerror or exc)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
