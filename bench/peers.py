@@ -64,7 +64,7 @@ def _source_key() -> str:
 def build_daemon(work: Path) -> Built:
     """Build (or reuse) the stargz daemon; never raises for a missing toolchain or library."""
     if shutil.which("go") is None:
-        return Built(None, "stargz not measured: no Go toolchain (`make bench-deps` installs it)")
+        return Built(None, "no Go toolchain (`make bench-deps` installs it)")
     out = work / "stargz" / "build"
     binary = out / f"{BINARY_NAME}-{_source_key()}"
     if binary.exists():
@@ -87,10 +87,11 @@ def build_daemon(work: Path) -> Built:
     )
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
-        return Built(None, f"stargz not measured: building bench/stargz failed: {first}")
-    for old in out.glob(f"{BINARY_NAME}-*"):
-        old.unlink()
+        return Built(None, f"building bench/stargz failed: {first}")
     tmp.rename(binary)
+    for stale in out.glob(f"{BINARY_NAME}-*"):
+        if stale != binary:
+            stale.unlink()
     return Built(binary)
 
 

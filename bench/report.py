@@ -324,7 +324,7 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += [f"**{name}: {status}**" for name, status in payload.get("peers", {}).items()
               if status != "measured"]  # fmt: skip
     lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in payload["machine"].items()]
-    loads = [r["load1"] for r in payload["runs"]]
+    loads = [r["load1"] for r in payload["runs"]] or [0.0]
     lines += [
         f"- 1-min load average at the end of each run: median {_med(loads):.1f}, max "
         f"{max(loads):.1f} (the machine is shared with other work; expect noise)",
@@ -333,12 +333,13 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += [
         "## Images",
         "",
-        "| image | layers | compressed MB | unpacked MB | workload |",
-        "|---|---|---|---|---|",
+        "| image | layers | compressed MB | eStargz MB | unpacked MB | workload |",
+        "|---|---|---|---|---|---|",
     ]
     for name, img in payload["images"].items():
         lines.append(
             f"| {name} | {img['layers']} | {img['compressed'] / MB:.1f} | "
+            f"{_mb(img.get('esgz_compressed'))} | "
             f"{img['uncompressed'] / MB:.1f} | {img['description']} |"
         )
     lines += [
@@ -388,6 +389,15 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _size(img: dict[str, Any], setup: str) -> int:
+    """The compressed size of the image the setup pulls (stargz pulls the eStargz twin)."""
+    return int(
+        img.get("esgz_compressed", img["compressed"])
+        if setup.startswith("stargz")
+        else img["compressed"]
+    )
 
 
 def _x(value: float | None) -> str:
@@ -458,7 +468,7 @@ def _link_lines(
                 f"{_x(r.get('overlayfs'))} | {_x(r.get('stargz'))} | {_x(r.get('limit'))} | "
                 f"{_mb(row['registry_blob_bytes'])} | "
                 f"{_mb(row['registry_unique_bytes'])} | "
-                f"{100 * row['registry_blob_bytes'] / img['compressed']:.0f}% | "
+                f"{100 * row['registry_blob_bytes'] / _size(img, setup):.0f}% | "
                 f"{_mb(row['read_compressed_bytes'])} | "
                 f"{_mb(row['contentcache_bytes'])} | "
                 f"{_num(row['daemon_cpu_s'])} | "
@@ -528,7 +538,10 @@ def chart(payload: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def image_info(pushed: list[PushedImage]) -> dict[str, dict[str, Any]]:
+def image_info(
+    pushed: list[PushedImage], esgz: dict[str, PushedImage]
+) -> dict[str, dict[str, Any]]:
+    """Sizes and layers of each image and, when converted, of its eStargz twin."""
     return {
         p.spec.name: {
             "layers": len(p.image.layer_digests),
@@ -536,6 +549,11 @@ def image_info(pushed: list[PushedImage]) -> dict[str, dict[str, Any]]:
             "uncompressed": sum(p.image.uncompressed_sizes),
             "layer_digests": p.image.layer_digests,
             "description": p.spec.description,
+            **(
+                {"esgz_compressed": esgz[p.spec.name].image.compressed_total}
+                if p.spec.name in esgz
+                else {}
+            ),
         }
         for p in pushed
     }

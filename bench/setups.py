@@ -196,7 +196,10 @@ class Node:
         self.ctr("images", "pull", "--plain-http", ref)
 
     def stargz_pull(self, ref: str) -> None:
-        rpull(self.containerd, NAMESPACE, ref, PROXY_PLUGIN)
+        try:
+            rpull(self.containerd, NAMESPACE, ref, PROXY_PLUGIN)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.clip.log()}") from None
 
     def clip_pull(self, ref: str) -> None:
         result = clip_pull(self.containerd.socket, NAMESPACE, ref, timeout=1800)
@@ -398,7 +401,8 @@ class Bench:
             step()
             return True
         except Exception as exc:  # recorded and reported; the benchmark goes on
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            text = str(exc).strip().splitlines() or [repr(exc)]
+            first = text[0][:300]
             self.failures.append(
                 {
                     "link": self.link,
@@ -409,6 +413,7 @@ class Bench:
                 }
             )
             say(f"    {self.link:<14} {pushed.spec.name:<10} {setup:<18} #{repeat}: FAILED {first}")
+            say("".join(f"      | {line}\n" for line in text[1:][-20:]).rstrip())
             return False
 
     def _overlay(self, pushed: PushedImage, repeat: int) -> None:

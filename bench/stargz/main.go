@@ -20,6 +20,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -29,6 +30,7 @@ import (
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/contrib/snapshotservice"
+	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/reference"
 	"github.com/containerd/containerd/remotes/docker"
 	"github.com/containerd/containerd/snapshots"
@@ -36,6 +38,7 @@ import (
 	"github.com/containerd/stargz-snapshotter/fs/config"
 	"github.com/containerd/stargz-snapshotter/fs/source"
 	"github.com/containerd/stargz-snapshotter/snapshot"
+	rhttp "github.com/hashicorp/go-retryablehttp"
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
 )
@@ -104,8 +107,17 @@ func run(address, root string) error {
 // newSnapshotter is the lazy stargz filesystem under <root>/stargz and the remote-aware
 // overlay snapshotter under <root>/snapshotter, as the upstream daemon lays them out.
 func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, error) {
+	// The library reads blobs through the host's http.Client transport and tunes retries when
+	// that transport is go-retryablehttp's (the default client has a nil transport, which the
+	// library cannot use).
+	retrying := rhttp.NewClient()
+	retrying.Logger = nil
+	client := &http.Client{Transport: &rhttp.RoundTripper{Client: retrying}}
+	configure := docker.ConfigureDefaultRegistries(
+		docker.WithClient(client),
+		docker.WithPlainHTTP(docker.MatchLocalhost),
+	)
 	hosts := func(spec reference.Spec) ([]docker.RegistryHost, error) {
-		configure := docker.ConfigureDefaultRegistries(docker.WithPlainHTTP(docker.MatchLocalhost))
 		return configure(spec.Hostname())
 	}
 	cfg := config.Config{NoPrometheus: true}
@@ -122,7 +134,22 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, er
 	if err != nil {
 		return nil, fmt.Errorf("stargz snapshotter: %w", err)
 	}
-	return sn, nil
+	return emptyWalk{sn}, nil
+}
+
+// emptyWalk lists an empty store as empty: containerd's metadata store creates its buckets
+// on the first write, and until then the library's Walk fails with "bucket does not exist".
+// A client asking for the list before the first pull (readiness probe) deserves an answer.
+type emptyWalk struct {
+	snapshots.Snapshotter
+}
+
+func (s emptyWalk) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
+	err := s.Snapshotter.Walk(ctx, fn, filters...)
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	return err
 }
 
 // unmountUnder detaches every mount at or below root, deepest first (FUSE layer mounts the
