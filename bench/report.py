@@ -489,7 +489,7 @@ def setup_color(setup: str, rank: int) -> tuple[float, float, float, float]:
 
     family = setup.split("-", 1)[0]
     cmap = matplotlib.colormaps[FAMILY_COLORS.get(family, "Greys")]
-    red, green, blue, alpha = cmap(0.9 - 0.12 * rank)
+    red, green, blue, alpha = cmap(0.9 - 0.18 * rank)
     return (red, green, blue, alpha)
 
 
