@@ -34,6 +34,11 @@ BINARY_NAME = "stargz-bench-snapshotter"
 ORIGINAL_GZIP_LEVEL = 6
 ESGZ_TAG = "esgz"
 CONVERT_NAMESPACE = "esgz-convert"
+# Debian packages whose Go sources the daemon is compiled from (part of the cache key).
+GO_PACKAGES = (
+    "golang-github-containerd-stargz-snapshotter-dev",
+    "golang-github-containerd-containerd-dev",
+)
 GO_ENV = {
     "GO111MODULE": "off",  # Debian's Go libraries are a GOPATH tree, no module proxy here
     "GOFLAGS": "",
@@ -50,23 +55,28 @@ class Built:
     error: str = ""
 
 
-def _source_key() -> str:
-    """Hash of the daemon's Go sources and of the toolchain: the build cache's key."""
+def _source_key(source: Path) -> str:
+    """Hash of the daemon's Go sources, the toolchain and the Debian Go libraries it is built
+    against: the build cache's key."""
     digest = hashlib.sha256()
-    for path in sorted(SOURCE.glob("*.go")):
+    for path in sorted(source.glob("*.go")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    versions = subprocess.run(
+        ["dpkg-query", "-W", *GO_PACKAGES], capture_output=True, text=True
+    ).stdout
     go = shutil.which("go")
     version = subprocess.run([go, "version"], capture_output=True, text=True).stdout if go else ""
-    digest.update(version.encode())
+    digest.update((versions + version).encode())
     return digest.hexdigest()[:16]
 
 
-def build_daemon(work: Path) -> Built:
-    """Build (or reuse) the stargz daemon; never raises for a missing toolchain or library."""
+def build_daemon(work: Path, source: Path = SOURCE) -> Built:
+    """Build (or reuse) the stargz daemon from ``source``; a missing toolchain or library or a
+    compile error is returned as the reason, never raised."""
     if shutil.which("go") is None:
         return Built(None, "no Go toolchain (`make bench-deps` installs it)")
-    out = work / "stargz" / "build"
-    binary = out / f"{BINARY_NAME}-{_source_key()}"
+    out = (work / "stargz" / "build").resolve()  # GOPATH entries must be absolute
+    binary = out / f"{BINARY_NAME}-{_source_key(source)}"
     if binary.exists():
         return Built(binary)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,14 +90,15 @@ def build_daemon(work: Path) -> Built:
     tmp = binary.with_suffix(".part")
     result = subprocess.run(
         ["go", "build", "-o", str(tmp), "."],
-        cwd=SOURCE,
+        cwd=source,
         env=env,
         capture_output=True,
         text=True,
     )
     if result.returncode != 0:
-        first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
-        return Built(None, f"building bench/stargz failed: {first}")
+        # go prints "# <package>" before the first real error line.
+        lines = [line for line in result.stderr.splitlines() if line and line[0] != "#"]
+        return Built(None, f"building {source} failed: {(lines or ['(no output)'])[0]}")
     tmp.rename(binary)
     for stale in out.glob(f"{BINARY_NAME}-*"):
         if stale != binary:
@@ -107,6 +118,12 @@ class StargzDaemon(ClipDaemon):
     def __init__(self, binary: Path, workdir: Path) -> None:
         super().__init__(workdir, log_level="warning")
         self.binary = binary
+
+    def start(self, timeout: float = 30.0) -> None:
+        try:
+            super().start(timeout)
+        except RuntimeError as exc:  # the harness's message names clip serve
+            raise RuntimeError(str(exc).replace("clip serve", BINARY_NAME, 1)) from None
 
     def command(self) -> list[str]:
         return [
