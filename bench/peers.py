@@ -157,7 +157,7 @@ class Converter:
     """
 
     def __init__(self, work: Path) -> None:
-        base = work / "stargz" / "convert"
+        base = (work / "stargz" / "convert").resolve()
         # No proxy plugin is used here; the harness's config names one, which is never dialed.
         self.containerd = Containerd(base, base / "unused.sock", base / "unused")
 
