@@ -37,12 +37,15 @@ Handler = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[by
 UsageProbe = Callable[[], Usage]
 
 
-def _outgoing(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
-    return [
+def _outgoing(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The metadata worth forwarding (grpc's aio API takes tuples, not lists)."""
+    return tuple(
         (key, value)
         for key, value in metadata or ()
         if key not in _TRANSPORT_KEYS and not key.startswith((":", "grpc-"))
-    ]
+    )
 
 
 class ImageServiceProxy:
