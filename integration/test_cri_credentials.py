@@ -188,8 +188,11 @@ def test_image_service_calls_are_forwarded(node: Node) -> None:
         ours = through_clip.image_fs_info()
         assert clip_usage.bytes > 0  # the indexes and cached bytes of the pulled layers
         first = ours.image_filesystems[0]
-        assert Path(first.fs_id.mountpoint).exists()
         base = theirs.image_filesystems[0]
+        # containerd 1.6 names a directory that does not exist for a proxy snapshotter;
+        # kubelet could not measure it, so clip names its root (where the images are).
+        assert not Path(base.fs_id.mountpoint).exists()
+        assert first.fs_id.mountpoint == str(node.clip.root)
         assert first.used_bytes.value >= base.used_bytes.value + clip_usage.bytes
         assert first.inodes_used.value >= base.inodes_used.value + clip_usage.inodes
 
