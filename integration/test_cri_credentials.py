@@ -11,6 +11,8 @@ The secret must appear nowhere in clip's log or in ``clip status``.
 from __future__ import annotations
 
 import base64
+import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -203,3 +205,30 @@ def test_image_service_calls_are_forwarded(node: Node) -> None:
 def _config_with_root(node: Node) -> Config:
     """The daemon's config as `clip serve` sees it (its --root flag applied)."""
     return with_overrides(load(node.config), root=str(node.clip.root))
+
+
+def test_published_indexes_of_a_private_image_are_read_with_the_pull_secret(
+    node: Node, tmp_path: Path
+) -> None:
+    """`clip index push` artifacts live in the private repository too: with the pull's
+    credentials clip finds them (a lazy first pull) instead of streaming the blobs."""
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    encoded = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
+    auths = {"auths": {node.private.host: {"auth": encoded}}}
+    (docker_config / "config.json").write_text(json.dumps(auths))
+    subprocess.run(
+        [*CLIP, "index", "push", "--plain-http", node.image.ref],
+        env={**os.environ, "DOCKER_CONFIG": str(docker_config)},
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+
+    with CriClient(node.cri_socket) as through_clip:
+        through_clip.pull(node.image.ref, _basic_auth())
+
+    sources = {
+        entry["layer"]: entry["source"]
+        for entry in map(json.loads, node.clip.log_path.read_text().splitlines())
+        if entry.get("msg") == "index resolved"
+    }
+    assert sources == {digest: "registry" for digest in node.image.layer_digests}

@@ -24,7 +24,7 @@ from snapshotter.config import Config, CriConfig, DaemonConfig, load
 from snapshotter.cri.fsinfo import Usage, add_clip_storage, storage_usage
 from snapshotter.cri.keychain import CriKeychain
 from snapshotter.cri.proxy import ImageServiceProxy
-from snapshotter.cri.service import CriImageService
+from snapshotter.cri.service import MAX_MESSAGE, CriImageService
 from snapshotter.errors import FailedPrecondition, InvalidArgument
 from snapshotter.registry import Credentials
 from snapshotter.registry.reference import parse_reference
@@ -310,3 +310,41 @@ def test_cri_config_table(tmp_path: Path) -> None:
     path.write_text("[cri]\ncredential_ttl_seconds = 0\n")
     with pytest.raises(InvalidArgument, match=r"cri\.credential_ttl_seconds"):
         load(path)
+
+
+def test_service_carries_messages_larger_than_grpc_default(tmp_path: Path) -> None:
+    """A ListImages answer of a node with many images passes gRPC's default 4 MiB limit."""
+    tags = ["r.example/" + "x" * 400]
+    images = [cri.Image(id=f"sha256:{i:064x}", repo_tags=tags) for i in range(12000)]
+    big = cri.ListImagesResponse(images=images).SerializeToString()
+    assert 4 << 20 < len(big) < MAX_MESSAGE
+    options = [("grpc.max_send_message_length", MAX_MESSAGE)]
+    cfg = Config(
+        daemon=DaemonConfig(root=str(tmp_path)),
+        cri=CriConfig(
+            image_service_address=str(tmp_path / "cri.sock"),
+            containerd_cri_address=str(tmp_path / "containerd.sock"),
+        ),
+    )
+
+    async def main() -> None:
+        upstream = Upstream(responses={"ListImages": big})
+        up_server = grpc.aio.server(
+            handlers=[upstream.handler("runtime.v1.ImageService")], options=options
+        )
+        up_server.add_insecure_port(f"unix:{tmp_path / 'containerd.sock'}")
+        await up_server.start()
+        service = CriImageService(cfg, CriKeychain(600))
+        await service.start(None)  # type: ignore[arg-type]
+        try:
+            client_options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+            async with grpc.aio.insecure_channel(
+                f"unix:{tmp_path / 'cri.sock'}", options=client_options
+            ) as client:
+                call = client.unary_unary("/runtime.v1.ImageService/ListImages", None, None)
+                assert await call(b"", timeout=30) == big
+        finally:
+            await service.stop()
+            await up_server.stop(None)
+
+    run(main())

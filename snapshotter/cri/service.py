@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 10.0
+# kubelet's CRI client allows 16 MiB messages (ListImages on a node with many images is big);
+# both hops of the proxy allow the same, gRPC's default is 4 MiB.
+MAX_MESSAGE = 16 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
 
 
 class CriImageService:
@@ -48,10 +55,10 @@ class CriImageService:
         from snapshotter.service.daemon import _prepare_socket_path
 
         _prepare_socket_path(self.address)
-        self._channel = grpc.aio.insecure_channel(f"unix:{self.upstream}")
+        self._channel = grpc.aio.insecure_channel(f"unix:{self.upstream}", options=_OPTIONS)
         root = Path(self.config.daemon.root)
         proxy = ImageServiceProxy(self._channel, self.keychain, root, self._usage)
-        server = grpc.aio.server(handlers=proxy.handlers())
+        server = grpc.aio.server(handlers=proxy.handlers(), options=_OPTIONS)
         mode = self.config.daemon.socket_mode
         old_umask = os.umask(0o777 & ~mode)
         try:
