@@ -92,6 +92,16 @@ class DiskCacheConfig:
 
 
 @dataclass(frozen=True)
+class CriConfig:
+    """The CRI image-service proxy (snapshotter/cri/, docs/deploy.md); off while the address
+    is empty."""
+
+    image_service_address: str = ""
+    containerd_cri_address: str = "/run/containerd/containerd.sock"
+    credential_ttl_seconds: float = 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: dict[str, RegistryConfig] = field(default_factory=dict)
@@ -101,6 +111,7 @@ class Config:
     memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
 
     def registry_for(self, host: str) -> RegistryConfig:
         return self.registry.get(host, RegistryConfig())
@@ -181,6 +192,11 @@ class _Loader:
                     raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
         if isinstance(section, ContentCacheConfig):
             self.check_content_cache(name, section)
+        if isinstance(section, CriConfig):
+            for key in ("image_service_address", "containerd_cri_address"):
+                value = getattr(section, key)
+                if value and not value.startswith("/"):
+                    raise self.fail(f"{name}.{key}", f"{value!r}: expected an absolute socket path")
         if isinstance(section, BackgroundFetchConfig):
             for key in ("bytes_per_second", "concurrency"):
                 if getattr(section, key) < 1:
@@ -205,6 +221,7 @@ class _Loader:
             "memory_cache": MemoryCacheConfig,
             "background_fetch": BackgroundFetchConfig,
             "telemetry": TelemetryConfig,
+            "cri": CriConfig,
         }
         out: dict[str, Any] = {}
         for name, raw in doc.items():

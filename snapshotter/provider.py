@@ -39,6 +39,7 @@ from snapshotter.prefetch import BackgroundFetcher, decode_profile, encode_profi
 from snapshotter.publish import Artifact, build_from_registry, find_artifact, index_of_blob
 from snapshotter.readpath import Layer, ReadPolicy
 from snapshotter.registry import RegistryClient, hosts_from_config
+from snapshotter.registry.auth import Keychain
 from snapshotter.registry.reference import SHA256_DIGEST
 from snapshotter.service.status import LayerStatus, ProviderStatus, tier_health
 from snapshotter.snapshots.remote import CRI_PREFIX, RemoteLayer
@@ -127,14 +128,16 @@ class RemoteLayerProvider:
 
     name = "remote-layers"
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, keychain: Keychain | None = None) -> None:
+        """``keychain``: an image's own credentials, asked before the configured ones (the
+        pull secrets `clip serve`'s CRI image service keeps, see snapshotter/cri/)."""
         self.config = config
         root = Path(config.daemon.root)
         self.mountpoint = root / "mnt"
         self.indexes = IndexStore(root / "indexes")
         self.cache = DiskCache(root, directory=config.cache_dir())
         self.content = open_content_cache(config.content_cache)
-        self.registry = RegistryClient(hosts_from_config(config.registry))
+        self.registry = RegistryClient(hosts_from_config(config.registry), keychain=keychain)
         self.fs: LayerFS | None = None
         self.fetcher: BackgroundFetcher | None = None
         self._resolving: dict[str, asyncio.Task[LayerIndex]] = {}

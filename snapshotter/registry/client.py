@@ -576,6 +576,10 @@ class RegistryClient:
         the one it was refused with and just retries.
         """
         creds = self._credentials(r, ep.auth_key)
+        if creds is not None and creds.registry_token:  # a bearer token to send as it is
+            bearer = f"Bearer {creds.registry_token}"
+            self._tokens[(ep.auth_key, scope)] = bearer
+            return bearer != used
         if challenge.scheme == "basic":
             if creds is None or creds.basic_header() == used:
                 return False
