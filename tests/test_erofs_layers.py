@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,7 @@ LAYER = RemoteLayer("k", "", "sha256:" + "cd" * 32, IMAGE_REF, DIGEST)
 @pytest.fixture
 def streams(tmp_path: Path) -> Iterator[FakeStreams]:
     members = [
-        M("etc/", kind="dir"),
+        M("etc", kind=tarfile.DIRTYPE, mode=0o755),
         M("etc/hostname", data=b"clip\n"),
         M("usr/bin/tool", data=os.urandom(300_000), mode=0o4755),
     ]
