@@ -221,6 +221,10 @@ class RemoteLayerProvider:
             self.cache.release(layer.digest)
         self._spawn(self.evict())
 
+    async def sweep(self) -> list[str]:
+        """Attachments exist only while snapshots use them: nothing is left to sweep."""
+        return []
+
     # what the EROFS mounts need (snapshotter.erofs.layers.LayerStreams) ---------------------
 
     def index_of(self, digest: str) -> LayerIndex | None:

@@ -53,6 +53,9 @@ class FakeStreams:
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         self.users -= 1
 
+    async def sweep(self) -> list[str]:
+        return []
+
     def index_of(self, digest: str) -> LayerIndex | None:
         return self.index
 
@@ -156,4 +159,15 @@ def test_a_failed_mount_names_the_layer_and_leaves_nothing(
     assert DIGEST in str(err.value) and IMAGE_REF in str(err.value)
     assert streams.users == 0
     assert mount_at(root / "layers" / NAME) is None
+    assert list((root / "erofs").glob("*.img")) == []
+
+
+def test_sweep_unmounts_layers_no_snapshot_uses(streams: FakeStreams, tmp_path: Path) -> None:
+    """A daemon died between mounting a layer and committing its snapshot: the next one's
+    restore finds no snapshot for that mount and sweeps it."""
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root).prepare(LAYER))
+    assert asyncio.run(ErofsLayers(streams, root).sweep()) == [f"layers/{NAME}"]
+    assert mount_at(target) is None and not target.exists()
     assert list((root / "erofs").glob("*.img")) == []

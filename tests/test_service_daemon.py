@@ -192,6 +192,9 @@ class SlowProvider:
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         return None
 
+    async def sweep(self) -> list[str]:
+        return []
+
 
 def test_stop_lets_in_flight_calls_finish(tmp_path: Path) -> None:
     labels = {

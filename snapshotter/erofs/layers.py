@@ -107,6 +107,19 @@ class ErofsLayers:
                 await asyncio.to_thread(self._unmount, layer.digest)
         await self.inner.release(layer, lowerdir)
 
+    async def sweep(self) -> list[str]:
+        """Unmount layer mounts no snapshot uses (left by a daemon that died between mounting
+        and committing, or whose snapshot could not be restored)."""
+        in_use = {self.inner.layer_name(d) for d in self._users}
+        swept = []
+        for target in sorted(self.layers.glob("*")) if self.layers.is_dir() else []:
+            if target.name not in in_use and target.is_dir():
+                await asyncio.to_thread(self._drop, target)
+                swept.append(f"layers/{target.name}")
+        if swept:
+            log.info("unmounted layers no snapshot uses: %s", ", ".join(swept))
+        return swept + await self.inner.sweep()
+
     def mounted(self) -> dict[str, Path]:
         """Layer digest -> mount directory of every layer mounted by this daemon."""
         return {d: self._target(d) for d in self._users}
@@ -168,14 +181,17 @@ class ErofsLayers:
         return self.inner.mountpoint / "blobs" / self.inner.layer_name(digest)
 
     def _unmount(self, digest: str) -> None:
-        target = self._target(digest)
+        self._drop(self._target(digest))
+
+    def _drop(self, target: Path) -> None:
+        """Unmount a layer directory, remove it and its images (blocking)."""
         unmount(target)
-        for image in self.images.glob(self.inner.layer_name(digest) + ".*.img"):
+        for image in self.images.glob(target.name + ".*.img"):
             image.unlink(missing_ok=True)
         try:
             os.rmdir(target)
         except OSError as exc:
-            log.warning("layer %s: cannot remove %s: %s", digest, target, exc)
+            log.warning("cannot remove layer directory %s: %s", target, exc)
 
 
 def _serves(target: Path, image: Path) -> bool:
