@@ -15,13 +15,16 @@ bytes: nothing depends on time, randomness or dict order beyond the index's own 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import os
 import stat
+import struct
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from snapshotter.erofs import format as ef
 from snapshotter.erofs.records import (
@@ -87,21 +90,6 @@ class _Image:
     device_blocks: int
 
 
-class _Inode:
-    """One inode of the image (not per entry: hardlinks share, hidden entries have none)."""
-
-    __slots__ = ("blkaddr", "extended", "fmt", "iu", "mode", "nid", "nlink", "ordinal",
-                 "payload", "size", "tail", "uid_gid", "xattrs")
-
-    def __init__(self, ordinal: int) -> None:
-        self.ordinal = ordinal
-        self.nid = 0
-        self.blkaddr = 0
-        self.payload = b""  # FLAT data (dir blocks, symlink target), full blocks + tail
-        self.tail = 0  # bytes of payload kept inline after the inode (FLAT_INLINE)
-        self.xattrs = b""
-
-
 def image_bytes(index: LayerIndex) -> bytes:
     """The image for ``index`` in memory (what ``write_image`` writes)."""
     return _Writer(index).build().data
@@ -120,7 +108,7 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -131,15 +119,40 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     return ImageInfo(path, len(image.data), image.inodes, image.blocks, image.device_blocks)
 
 
-class _suppress_missing:
-    def __enter__(self) -> None:
-        return None
 
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        return kind is not None and issubclass(kind, FileNotFoundError)
+
+
+# A regular file's inode with its one chunk index, padded to the 32-byte slot grid: the whole
+# record of a file without xattrs is one pack() call.
+_COMPACT_FILE = struct.Struct("<HHHHIIIIHH4x" + "HHI" + "24x")
+_EXTENDED_FILE = struct.Struct("<HHHHQIIIIqII16x" + "HHI" + "24x")
+assert _COMPACT_FILE.size == 64 and _EXTENDED_FILE.size == 96
+_CHUNKED = ef.LAYOUT_CHUNK_BASED << 1
+_PLAIN = ef.LAYOUT_FLAT_PLAIN << 1
+_INLINE = ef.LAYOUT_FLAT_INLINE << 1
+_NS = 1_000_000_000
+
+#: A directory entry until nids exist: (name, ref, type); ref >= 0 is an ordinal's own inode,
+#: ref < 0 the whiteout inode of ordinal ~ref.
+Dirent = tuple[bytes, int, int]
+
+
+@dataclass
+class _Dir:
+    """A directory whose data is written once every nid is known."""
+
+    nid: int
+    head: int  # inode header + xattrs: the inline tail starts here
+    blkaddr: int
+    tail: int  # bytes of the last block stored inline after the inode
+    entries: list[Dirent]
+    counts: list[int]  # entries per 512-byte block
 
 
 class _Writer:
+    """One build: inodes are laid out in index (breadth-first) order as they are made, so
+    every nid is known by the time the directories' entries are written (``_finish``)."""
+
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
         self.rec = Records(index)
@@ -147,116 +160,250 @@ class _Writer:
         if self.device_blocks >= MAX_BLOCKS:
             self.fail(0, f"the tar stream ({index.uncompressed_size} bytes) is beyond 2^32 "
                          "blocks of 512 bytes")
+        self.chunks: list[bytes] = [bytes(FIRST_INODE)]
+        self.pos = FIRST_INODE
+        self.inodes = 0
+        self.nid = [-1] * len(index)
+        self.whiteout_nid: dict[int, int] = {}
+        self.dirs: list[_Dir] = []
 
-    def fail(self, ordinal: int, reason: str) -> None:
+    def fail(self, ordinal: int, reason: str) -> NoReturn:
         path = self.index.entry(ordinal).path or "/"
         raise ErofsError(f"layer {self.index.blob_digest}: entry {path!r}: {reason}")
 
-    # -- what the tree holds ----------------------------------------------------------------
+    # -- the walk ---------------------------------------------------------------------------
 
     def build(self) -> _Image:
         records, names = self.rec.records, self.rec.names
         for ordinal, name in enumerate(names):
             if len(name) > ef.NAME_LEN:
                 self.fail(ordinal, f"name is {len(name)} bytes (EROFS allows {ef.NAME_LEN})")
+        self.build_time = bt = Counter(r[MTIME] for r in records).most_common(1)[0][0]
         owners = self.rec.link_owners()
-        self.build_time = Counter(r[MTIME] for r in records).most_common(1)[0][0]
-        inodes: list[_Inode] = []
-        natural: list[_Inode | None] = [None] * len(records)
-        whiteout: dict[int, _Inode] = {}
-        shown = self._whiteouts_shown(records, names)
-        for ordinal, r in enumerate(records):
-            etype = r[TYPE]
-            if etype == _HARDLINK:
-                if r[LINK_TARGET] < 0:
-                    self.fail(ordinal, "hardlink without a target in the layer")
+        special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
+        self.shown = self._whiteouts_shown(special)
+        chunks, nids = self.chunks, self.nid
+        compact_file, extended_file = _COMPACT_FILE.pack, _EXTENDED_FILE.pack
+        pos, ino = self.pos, self.inodes
+        for o, r in enumerate(records):
+            (_po, _pl, _nl, _parent, etype, mode, uid, gid, size, mtime, uoff, _lo, _ll,
+             target, nlink, _ma, _mi, _xf, xcount, _fc, _cc, _cf) = r
+            if etype == _FILE and not xcount and o not in special:  # the common case, inline
+                if nlink > 1:
+                    uid, gid = owners.get(o, (uid, gid))
+                ino += 1
+                mode = stat.S_IFREG | (mode & 0o7777)
+                ext = (mtime != bt or uid >= _U16 or gid >= _U16 or nlink >= _U16
+                       or size >= _U32)
+                if size:
+                    if uoff & (BLOCK - 1):
+                        self.fail(o, f"data offset {uoff} in the tar stream is not 512-byte "
+                                     "aligned")
+                    chunkbits = ((size - 1) >> ef.BLKSZBITS).bit_length()
+                    if chunkbits > ef.CHUNK_BLKBITS_MAX:
+                        self.fail(o, f"file of {size} bytes is larger than one EROFS chunk")
+                    if ext:
+                        sec, nsec = divmod(mtime, _NS)
+                        blob = extended_file(_CHUNKED | 1, 0, mode, 0, size,
+                                             ef.CHUNK_FORMAT_INDEXES | chunkbits, ino, uid,
+                                             gid, sec, nsec, nlink, 0, 1, uoff >> ef.BLKSZBITS)
+                    else:
+                        blob = compact_file(_CHUNKED, 0, mode, nlink, size, 0,
+                                            ef.CHUNK_FORMAT_INDEXES | chunkbits, ino, uid, gid,
+                                            0, 1, uoff >> ef.BLKSZBITS)
+                elif ext:
+                    sec, nsec = divmod(mtime, _NS)
+                    blob = ef.EXTENDED_INODE.pack(_PLAIN | 1, 0, mode, 0, 0, 0, ino, uid, gid,
+                                                  sec, nsec, nlink)
+                else:
+                    blob = ef.COMPACT_INODE.pack(_PLAIN, 0, mode, nlink, 0, 0, 0, ino, uid, gid)
+                if ext and pos % BLOCK == BLOCK - 32:  # a 64-byte header never straddles
+                    chunks.append(bytes(32))
+                    pos += 32
+                nids[o] = pos >> 5
+                chunks.append(blob)
+                pos += len(blob)
                 continue
-            # Directories always get their inode (their children name it as ".."), and so does
-            # anything a hardlink shares, even under a name that is itself not shown.
-            needed = etype == _DIR or r[NLINK] > 1
-            if ordinal in shown:
-                whiteout[ordinal] = self._whiteout(ordinal, r)
-                inodes.append(whiteout[ordinal])
-                if not needed:
-                    continue
-            elif not needed and names[ordinal].startswith(WHITEOUT):
-                continue  # a hidden marker or a whiteout the real name overrides
-            ino = self._natural(ordinal, r, owners.get(ordinal))
-            natural[ordinal] = ino
-            inodes.append(ino)
-        self._directories(records, names, natural, whiteout)
-        size = self._place(inodes)
-        return _Image(self._pack(inodes, size), len(inodes), size // BLOCK, self.device_blocks)
+            if etype == _HARDLINK:
+                if target < 0:
+                    self.fail(o, "hardlink without a target in the layer")
+                continue
+            self.pos, self.inodes = pos, ino
+            self._other(o, r, o in special, owners)
+            pos, ino = self.pos, self.inodes
+        self.pos, self.inodes = pos, ino
+        return self._finish()
 
-    def _whiteouts_shown(self, records: list[Record], names: list[bytes]) -> set[int]:
+    def _whiteouts_shown(self, special: set[int]) -> set[int]:
         """Ordinals of the ``.wh.NAME`` entries presented as NAME (no real NAME beside them)."""
+        records, names = self.rec.records, self.rec.names
         out = set()
-        for ordinal, name in enumerate(names):
-            if ordinal and name.startswith(WHITEOUT) and not name.startswith(META):
-                real = name[len(WHITEOUT):]
-                parent = records[records[ordinal][PARENT]]
-                lo = parent[FIRST_CHILD]
-                i = bisect.bisect_left(names, real, lo, lo + parent[CHILD_COUNT])
-                if real and not (i < lo + parent[CHILD_COUNT] and names[i] == real):
-                    out.add(ordinal)
+        for ordinal in special:
+            name = names[ordinal]
+            if name.startswith(META):
+                continue
+            real = name[len(WHITEOUT):]
+            parent = records[records[ordinal][PARENT]]
+            lo = parent[FIRST_CHILD]
+            hi = lo + parent[CHILD_COUNT]
+            i = bisect.bisect_left(names, real, lo, hi)
+            if real and not (i < hi and names[i] == real):
+                out.add(ordinal)
         return out
 
-    def _whiteout(self, ordinal: int, r: Record) -> _Inode:
-        ino = _Inode(ordinal)
-        ino.mode, ino.nlink, ino.size, ino.iu = stat.S_IFCHR, 1, 0, 0
-        ino.uid_gid = (r[UID], r[GID])
-        ino.fmt = ef.LAYOUT_FLAT_PLAIN << 1
-        ino.extended = self._extended(r[MTIME], r[UID], r[GID], 1, 0)
-        return ino
-
-    def _natural(self, ordinal: int, r: Record, owner: tuple[int, int] | None) -> _Inode:
-        ino = _Inode(ordinal)
+    def _other(self, o: int, r: Record, special: bool,
+               owners: dict[int, tuple[int, int]]) -> None:
+        """Every inode but a plain regular file: whiteouts, directories, symlinks, devices,
+        fifos, files with xattrs or under a ``.wh.`` name."""
         etype = r[TYPE]
+        # Directories always get their inode (children name it as ".."), and so does anything
+        # a hardlink shares, even under a name that is itself not shown.
+        needed = etype == _DIR or r[NLINK] > 1
+        if special:
+            if o in self.shown:
+                self.whiteout_nid[o] = self._put(
+                    self._header(_PLAIN, stat.S_IFCHR, 1, 0, 0, r[UID], r[GID], r[MTIME], b""))
+            if not needed:
+                return
+        uid, gid = owners.get(o, (r[UID], r[GID]))
         perms = 0o777 if etype == _SYMLINK else r[MODE] & 0o7777
-        ino.mode = _IFMT[etype] | perms
-        ino.nlink = max(r[NLINK], 1)
-        ino.uid_gid = owner if owner is not None else (r[UID], r[GID])
-        ino.size, ino.iu, ino.fmt = 0, 0, ef.LAYOUT_FLAT_PLAIN << 1
+        mode = _IFMT[etype] | perms
+        nlink = max(r[NLINK], 1)
+        xattrs = self._xattrs(o, etype == _DIR) if r[X_COUNT] or etype == _DIR else b""
         if etype == _FILE and r[SIZE]:
-            self._chunked(ino, ordinal, r)
+            self._chunked(o, r, mode, nlink, uid, gid, xattrs)
         elif etype == _SYMLINK:
-            self._flat(ino, self.rec.string(r[LINK_OFF], r[LINK_LEN]))
-        elif etype in (_CHAR, _BLOCK):
-            if r[MAJOR] >= 1 << 12 or r[MINOR] >= 1 << 20:
-                self.fail(ordinal, f"device {r[MAJOR]}:{r[MINOR]} does not fit EROFS's "
-                                   "12-bit major and 20-bit minor")
-            ino.iu = ef.encode_rdev(r[MAJOR], r[MINOR])
-        if r[X_COUNT] or etype == _DIR:
-            ino.xattrs = self._xattrs(ordinal, etype == _DIR)
-        uid, gid = ino.uid_gid
-        ino.extended = self._extended(r[MTIME], uid, gid, ino.nlink, r[SIZE])
-        return ino
+            self._symlink(o, r, mode, nlink, uid, gid, xattrs)
+        elif etype == _DIR:
+            self._directory(o, r, mode, nlink, uid, gid, xattrs)
+        else:
+            rdev = 0
+            if etype in (_CHAR, _BLOCK):
+                if r[MAJOR] >= 1 << 12 or r[MINOR] >= 1 << 20:
+                    self.fail(o, f"device {r[MAJOR]}:{r[MINOR]} does not fit EROFS's 12-bit "
+                                 "major and 20-bit minor")
+                rdev = ef.encode_rdev(r[MAJOR], r[MINOR])
+            self.nid[o] = self._put(
+                self._header(_PLAIN, mode, nlink, 0, rdev, uid, gid, r[MTIME], xattrs))
 
-    def _extended(self, mtime: int, uid: int, gid: int, nlink: int, size: int) -> bool:
-        """A 32-byte inode has no mtime of its own (it takes the superblock's build time) and
-        16-bit uid/gid/nlink; anything else needs the 64-byte form."""
-        return (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
-                or size >= _U32)
+    def _header(self, layout: int, mode: int, nlink: int, size: int, iu: int, uid: int,
+                gid: int, mtime: int, xattrs: bytes) -> bytes:
+        """An inode header followed by its xattr body. A 32-byte inode has no mtime of its own
+        (it takes the superblock's build time) and 16-bit uid/gid/nlink; anything else needs
+        the 64-byte form."""
+        self.inodes += 1
+        icount = (len(xattrs) - 12) // 4 + 1 if xattrs else 0
+        if (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
+                or size >= _U32):
+            sec, nsec = divmod(mtime, _NS)
+            return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
+                                          uid, gid, sec, nsec, nlink) + xattrs
+        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, 0, iu, self.inodes,
+                                     uid, gid) + xattrs
 
-    def _chunked(self, ino: _Inode, ordinal: int, r: Record) -> None:
+    def _put(self, blob: bytes, need: int = 0) -> int:
+        """Append an inode record (padded here to 32 bytes); returns its nid. Its first
+        ``need`` bytes (at least the header) must not straddle a block boundary."""
+        need = max(need, 64 if blob[0] & 1 else 32)
+        room = BLOCK - self.pos % BLOCK
+        if need > room:
+            self.chunks.append(bytes(room))
+            self.pos += room
+        nid = self.pos >> 5
+        blob += bytes(-len(blob) % 32)
+        self.chunks.append(blob)
+        self.pos += len(blob)
+        return nid
+
+    def _put_blocks(self, data: bytes) -> int:
+        """Append whole blocks (data zero-padded to a block multiple); returns the first
+        block's address."""
+        pad = -self.pos % BLOCK
+        self.chunks.append(bytes(pad) + data + bytes(-len(data) % BLOCK))
+        self.pos += pad
+        blkaddr = self.pos // BLOCK
+        self.pos += len(self.chunks[-1]) - pad
+        return blkaddr
+
+    def _chunked(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
+                 xattrs: bytes) -> None:
         size, uoff = r[SIZE], r[UOFF]
         if uoff % BLOCK:
-            self.fail(ordinal, f"data offset {uoff} in the tar stream is not 512-byte aligned")
-        blocks = -(-size // BLOCK)
-        chunkbits = (blocks - 1).bit_length()
+            self.fail(o, f"data offset {uoff} in the tar stream is not 512-byte aligned")
+        chunkbits = ((size - 1) >> ef.BLKSZBITS).bit_length()
         if chunkbits > ef.CHUNK_BLKBITS_MAX:
-            self.fail(ordinal, f"file of {size} bytes is larger than one EROFS chunk")
-        ino.size = size
-        ino.fmt = ef.LAYOUT_CHUNK_BASED << 1
-        ino.iu = ef.CHUNK_FORMAT_INDEXES | chunkbits
-        ino.blkaddr = uoff // BLOCK
+            self.fail(o, f"file of {size} bytes is larger than one EROFS chunk")
+        head = self._header(_CHUNKED, mode, nlink, size, ef.CHUNK_FORMAT_INDEXES | chunkbits,
+                            uid, gid, r[MTIME], xattrs)
+        index = ef.CHUNK_INDEX.pack(0, 1, uoff // BLOCK)
+        self.nid[o] = self._put(head + bytes(-len(head) % 8) + index)
 
-    @staticmethod
-    def _flat(ino: _Inode, payload: bytes) -> None:
-        ino.payload = payload
-        ino.size = len(payload)
-        ino.tail = len(payload) % BLOCK
-        ino.fmt = (ef.LAYOUT_FLAT_INLINE if ino.tail else ef.LAYOUT_FLAT_PLAIN) << 1
+    def _symlink(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
+                 xattrs: bytes) -> None:
+        target = self.rec.string(r[LINK_OFF], r[LINK_LEN])
+        self.nid[o] = self._flat(target, (mode, nlink, uid, gid, r[MTIME], xattrs))[0]
+
+    def _flat(self, payload: bytes, attrs: tuple[int, int, int, int, int, bytes],
+              ) -> tuple[int, int, int, int]:
+        """Place a FLAT inode: full blocks first (block aligned), then the inode with the last
+        partial block inline (FLAT_INLINE) when inode, xattrs and tail fit in one block,
+        otherwise every byte in blocks (FLAT_PLAIN). Returns (nid, inode header + xattrs
+        length, first block, inline tail length)."""
+        mode, nlink, uid, gid, mtime, xattrs = attrs
+        size = len(payload)
+        tail = size % BLOCK
+        isize = 32 if self._compact(mtime, uid, gid, nlink, size) else 64
+        if tail and isize + len(xattrs) + tail > BLOCK:
+            tail = 0
+        full = size - tail
+        blkaddr = self._put_blocks(payload[:full]) if full else 0
+        head = self._header(_INLINE if tail else _PLAIN, mode, nlink, size, blkaddr, uid, gid,
+                            mtime, xattrs)
+        nid = self._put(head + payload[full:], len(head) + tail)
+        return nid, len(head), blkaddr, tail
+
+    def _compact(self, mtime: int, uid: int, gid: int, nlink: int, size: int) -> bool:
+        return not (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
+                    or size >= _U32)
+
+    def _directory(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
+                   xattrs: bytes) -> None:
+        entries = self._dirents(o, r)
+        counts = []
+        used = count = 0
+        for name, _ref, _type in entries:
+            need = 12 + len(name)
+            if used + need > BLOCK:
+                counts.append(count)
+                used = count = 0
+            used += need
+            count += 1
+        counts.append(count)
+        size = BLOCK * (len(counts) - 1) + used
+        nid, head, blkaddr, tail = self._flat(bytes(size), (mode, nlink, uid, gid, r[MTIME],
+                                                           xattrs))
+        self.nid[o] = nid
+        self.dirs.append(_Dir(nid, head, blkaddr, tail, entries, counts))
+
+    def _dirents(self, o: int, r: Record) -> list[Dirent]:
+        """The directory's presented entries, sorted by name bytes (as EROFS requires)."""
+        records, names, shown = self.rec.records, self.rec.names, self.shown
+        entries: list[Dirent] = [(b".", o, ef.FT_DIR), (b"..", r[PARENT], ef.FT_DIR)]
+        lo = r[FIRST_CHILD]
+        unsorted = False
+        for child in range(lo, lo + r[CHILD_COUNT]):
+            name = names[child]
+            if name[:4] == WHITEOUT:
+                if child in shown:
+                    entries.append((name[4:], ~child, ef.FT_CHR))
+                    unsorted = True
+                continue
+            c = records[child]
+            ref = c[LINK_TARGET] if c[TYPE] == _HARDLINK else child
+            entries.append((name, ref, _FTYPE[records[ref][TYPE]]))
+        if unsorted or (len(entries) > 2 and entries[2][0] < b".."):
+            entries.sort(key=_first)
+        return entries
 
     def _xattrs(self, ordinal: int, is_dir: bool) -> bytes:
         """The inline xattr body: a 12-byte header, then entries of (name index, suffix, value),
@@ -294,141 +441,54 @@ class _Writer:
         i = bisect.bisect_left(names, OPAQUE, lo, hi)
         return i < hi and names[i] == OPAQUE
 
-    # -- directories ------------------------------------------------------------------------
-
-    def _directories(self, records: list[Record], names: list[bytes],
-                     natural: list[_Inode | None], whiteout: dict[int, _Inode]) -> None:
-        """Each directory's sorted entry list, kept as (name, inode, type) until nids exist;
-        its size (blocks of 512 bytes, entries never split) is known now."""
-        self.dirs: list[tuple[_Inode, list[tuple[bytes, _Inode, int]], list[int]]] = []
-        for ordinal, ino in enumerate(natural):
-            if ino is None or records[ordinal][TYPE] != _DIR:
-                continue
-            r = records[ordinal]
-            parent = natural[r[PARENT]]
-            assert parent is not None
-            entries = [(b".", ino, ef.FT_DIR), (b"..", parent, ef.FT_DIR)]
-            lo = r[FIRST_CHILD]
-            for child in range(lo, lo + r[CHILD_COUNT]):
-                name = names[child]
-                wh = whiteout.get(child)
-                if wh is not None:
-                    entries.append((name[len(WHITEOUT):], wh, ef.FT_CHR))
-                    continue
-                c = records[child]
-                target = c[LINK_TARGET] if c[TYPE] == _HARDLINK else child
-                cino = natural[target]
-                if cino is None:
-                    continue  # hidden: ``.wh..wh.*`` or an overridden whiteout
-                entries.append((name, cino, _FTYPE[records[target][TYPE]]))
-            entries.sort(key=_first)
-            counts = []
-            used = count = 0
-            for name, _i, _t in entries:
-                need = 12 + len(name)
-                if used + need > BLOCK:
-                    counts.append(count)
-                    used = count = 0
-                used += need
-                count += 1
-            counts.append(count)
-            ino.size = BLOCK * (len(counts) - 1) + used
-            ino.tail = used % BLOCK
-            ino.fmt = (ef.LAYOUT_FLAT_INLINE if ino.tail else ef.LAYOUT_FLAT_PLAIN) << 1
-            self.dirs.append((ino, entries, counts))
-
-    # -- where everything goes --------------------------------------------------------------
-
-    def _place(self, inodes: list[_Inode]) -> int:
-        """Give every inode its nid and every flat payload its blocks; returns the image size.
-
-        Inodes follow each other 32-byte aligned from just after the superblock; an inode
-        with inline data is kept whole inside one block (moved to the next block when it does
-        not fit; stored FLAT_PLAIN when even a whole block is too small), and no inode header
-        straddles a block. Full blocks of directories and long symlinks come after all
-        inodes."""
-        pos = FIRST_INODE
-        for ino in inodes:
-            isize = 64 if ino.extended else 32
-            head = isize + len(ino.xattrs)
-            if ino.fmt == ef.LAYOUT_CHUNK_BASED << 1:
-                total = head + (-head % 8) + 8
-            elif ino.tail:
-                total = head + ino.tail
-                if total > BLOCK:
-                    ino.tail = 0
-                    ino.fmt = ef.LAYOUT_FLAT_PLAIN << 1
-                    total = head
-                elif pos % BLOCK + total > BLOCK:
-                    pos += -pos % BLOCK
-            else:
-                total = head
-            if pos % BLOCK + isize > BLOCK:
-                pos += -pos % BLOCK
-            ino.nid = pos >> 5
-            pos += total + (-total % 32)
-        block = -(-pos // BLOCK)
-        for ino in inodes:
-            full = ino.size - ino.tail
-            if full and ino.fmt != ef.LAYOUT_CHUNK_BASED << 1:
-                ino.blkaddr = block
-                block += -(-full // BLOCK)
-        if block >= MAX_BLOCKS:
-            self.fail(0, f"the image needs {block} blocks, more than EROFS addresses")
-        self.meta_end = pos
-        return block * BLOCK
-
     # -- bytes ------------------------------------------------------------------------------
 
-    def _pack(self, inodes: list[_Inode], size: int) -> bytes:
-        for ino, entries, counts in self.dirs:
-            ino.payload = _dir_blocks(entries, counts)
-        out = bytearray(size)
-        self._superblock(out, inodes)
-        compact, extended = ef.COMPACT_INODE.pack_into, ef.EXTENDED_INODE.pack_into
-        chunk = ef.CHUNK_INDEX.pack_into
-        chunked = ef.LAYOUT_CHUNK_BASED << 1
-        mtimes = self.rec.records
-        for number, ino in enumerate(inodes, 1):
-            pos = ino.nid << 5
-            icount = (len(ino.xattrs) - 12) // 4 + 1 if ino.xattrs else 0
-            uid, gid = ino.uid_gid
-            iu = ino.blkaddr if ino.payload else ino.iu
-            if ino.extended:
-                sec, nsec = divmod(mtimes[ino.ordinal][MTIME], 1_000_000_000)
-                extended(out, pos, ino.fmt | 1, icount, ino.mode, 0, ino.size, iu, number,
-                         uid, gid, sec, nsec, ino.nlink)
-                head = pos + 64
-            else:
-                compact(out, pos, ino.fmt, icount, ino.mode, ino.nlink, ino.size, 0, iu,
-                        number, uid, gid)
-                head = pos + 32
-            if ino.xattrs:
-                out[head : head + len(ino.xattrs)] = ino.xattrs
-                head += len(ino.xattrs)
-            if ino.fmt == chunked:
-                chunk(out, head + (-head % 8), 0, 1, ino.blkaddr)
-            elif ino.payload:
-                self._flat_data(out, ino, head)
+    def _finish(self) -> _Image:
+        blocks = -(-self.pos // BLOCK)
+        if blocks >= MAX_BLOCKS:
+            self.fail(0, f"the image needs {blocks} blocks, more than EROFS addresses")
+        self.chunks.append(bytes(blocks * BLOCK - self.pos))
+        out = bytearray(b"".join(self.chunks))
+        self.chunks = []
+        for d in self.dirs:
+            data = self._dir_data(d)
+            full = len(data) - d.tail
+            out[d.blkaddr * BLOCK : d.blkaddr * BLOCK + full] = data[:full]
+            if d.tail:
+                start = (d.nid << 5) + d.head
+                out[start : start + d.tail] = data[full:]
+        self._superblock(out, blocks)
         self._checksum(out)
-        return bytes(out)
+        return _Image(bytes(out), self.inodes, blocks, self.device_blocks)
 
-    @staticmethod
-    def _flat_data(out: bytearray, ino: _Inode, head: int) -> None:
-        full = len(ino.payload) - ino.tail
-        start = ino.blkaddr * BLOCK
-        out[start : start + full] = ino.payload[:full]
-        if ino.tail:
-            out[head : head + ino.tail] = ino.payload[full:]
+    def _dir_data(self, d: _Dir) -> bytes:
+        """A directory's data: blocks of dirents (nid, name offset, type) followed by their
+        names; every block but the last padded with zeros to 512 bytes."""
+        nids, wh = self.nid, self.whiteout_nid
+        out = []
+        start = 0
+        pack = ef.DIRENT.pack
+        for n, count in enumerate(d.counts):
+            block = d.entries[start : start + count]
+            start += count
+            nameoff = 12 * count
+            heads = []
+            for name, ref, ftype in block:
+                heads.append(pack(nids[ref] if ref >= 0 else wh[~ref], nameoff, ftype))
+                nameoff += len(name)
+            raw = b"".join(heads) + b"".join(e[0] for e in block)
+            if n + 1 < len(d.counts):
+                raw += bytes(BLOCK - len(raw))
+            out.append(raw)
+        return b"".join(out)
 
-    def _superblock(self, out: bytearray, inodes: list[_Inode]) -> None:
-        bt_s, bt_ns = divmod(self.build_time, 1_000_000_000)
+    def _superblock(self, out: bytearray, blocks: int) -> None:
+        bt_s, bt_ns = divmod(self.build_time, _NS)
         uuid = hashlib.sha256(b"clip-erofs\0" + self.index.digest.encode()).digest()[:16]
         ef.SUPER.pack_into(
             out, ef.SUPER_OFFSET, ef.MAGIC, 0, ef.COMPAT_SB_CHKSUM, ef.BLKSZBITS, 0,
-            inodes[0].nid, len(inodes), bt_s, bt_ns, len(out) // BLOCK, 0, 0, uuid,
-            b"clip", ef.INCOMPAT_CHUNKED_FILE | ef.INCOMPAT_DEVICE_TABLE, 0, 1, DEVT_SLOTOFF,
-            0, 0, 0, 0,
+            self.nid[0], self.inodes, bt_s, bt_ns, blocks, 0, 0, uuid, b"clip",
+            ef.INCOMPAT_CHUNKED_FILE | ef.INCOMPAT_DEVICE_TABLE, 0, 1, DEVT_SLOTOFF, 0, 0, 0, 0,
         )
         tag = bytes.fromhex(self.index.blob_digest.removeprefix("sha256:"))
         ef.DEVICE_SLOT.pack_into(out, DEVT_SLOTOFF * ef.DEVT_SLOT_SIZE, tag,
@@ -442,7 +502,7 @@ class _Writer:
         out[ef.SUPER_OFFSET + 4 : ef.SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
 
 
-def _first(entry: tuple[bytes, _Inode, int]) -> bytes:
+def _first(entry: Dirent) -> bytes:
     return entry[0]
 
 
@@ -455,24 +515,3 @@ def _xattr_name(name: bytes) -> tuple[int, bytes]:
         if name.startswith(prefix) and len(name) > len(prefix):
             return index, name[len(prefix):]
     return 0, name
-
-
-def _dir_blocks(entries: list[tuple[bytes, _Inode, int]], counts: list[int]) -> bytes:
-    """A directory's data: blocks of dirents (nid, name offset, type) followed by their names;
-    every block but the last padded with zeros to 512 bytes."""
-    out = []
-    start = 0
-    pack = ef.DIRENT.pack
-    for n, count in enumerate(counts):
-        block = entries[start : start + count]
-        start += count
-        nameoff = 12 * count
-        heads = []
-        for name, ino, ftype in block:
-            heads.append(pack(ino.nid, nameoff, ftype))
-            nameoff += len(name)
-        raw = b"".join(heads) + b"".join(e[0] for e in block)
-        if n + 1 < len(counts):
-            raw += bytes(BLOCK - len(raw))
-        out.append(raw)
-    return b"".join(out)
