@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from snapshotter.erofs.probe import probe_layer
 from snapshotter.errors import ClipError, FailedPrecondition
 
 MNT_DETACH = 2

@@ -227,6 +227,10 @@ class _Writer:
             if etype == _HARDLINK:
                 if target < 0:
                     self.fail(o, "hardlink without a target in the layer")
+                if o in self.shown:  # a whiteout name is a whiteout, whatever the entry is
+                    self.pos, self.inodes = pos, ino
+                    self._put_whiteout(o, r)
+                    pos, ino = self.pos, self.inodes
                 continue
             self.pos, self.inodes = pos, ino
             self._other(o, r, o in special, owners)
@@ -261,8 +265,7 @@ class _Writer:
         needed = etype == _DIR or r[NLINK] > 1
         if special:
             if o in self.shown:
-                self.whiteout_nid[o] = self._put(
-                    self._header(_PLAIN, stat.S_IFCHR, 1, 0, 0, r[UID], r[GID], r[MTIME], b""))
+                self._put_whiteout(o, r)
             if not needed:
                 return
         uid, gid = owners.get(o, (r[UID], r[GID]))
@@ -285,6 +288,12 @@ class _Writer:
                 rdev = ef.encode_rdev(r[MAJOR], r[MINOR])
             self.nid[o] = self._put(
                 self._header(_PLAIN, mode, nlink, 0, rdev, uid, gid, r[MTIME], xattrs))
+
+    def _put_whiteout(self, o: int, r: Record) -> None:
+        """What containerd's applier makes of ``.wh.NAME``: NAME as a character device 0/0
+        with permission bits 0 and the whiteout entry's own owner and time."""
+        self.whiteout_nid[o] = self._put(
+            self._header(_PLAIN, stat.S_IFCHR, 1, 0, 0, r[UID], r[GID], r[MTIME], b""))
 
     def _header(self, layout: int, mode: int, nlink: int, size: int, iu: int, uid: int,
                 gid: int, mtime: int, xattrs: bytes) -> bytes:
