@@ -74,8 +74,6 @@ def probe_file_backed(workdir: Path) -> str | None:
 
     Returns None when file-backed EROFS with an extra device works here, else one line saying
     why not (what ``[fs] mode = "auto"`` logs when it falls back to the FUSE tree)."""
-    from snapshotter.erofs.probe import probe_layer
-
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="erofs-probe.", dir=workdir) as tmp:
         root = Path(tmp)
