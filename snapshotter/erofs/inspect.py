@@ -76,7 +76,7 @@ class Image:
     def checksum_ok(self) -> bool:
         block = bytearray(self.data[ef.SUPER_OFFSET : ef.SUPER_OFFSET + ef.BLOCK])
         block[4:8] = bytes(4)
-        return ef.crc32c_raw(0xFFFFFFFF, bytes(block)) == self.checksum
+        return bool(ef.crc32c_raw(0xFFFFFFFF, bytes(block)) == self.checksum)
 
     def devices(self) -> list[tuple[str, int]]:
         out = []
