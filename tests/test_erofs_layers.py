@@ -12,6 +12,7 @@ import gzip
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -89,17 +90,19 @@ def streams(tmp_path: Path) -> Iterator[FakeStreams]:
         unmount(root / "layers" / NAME)
 
 
-def _mount_id(path: Path) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(path):
-                return fields[0]
-    return None
+@contextmanager
+def _held(path: Path) -> Iterator[int]:
+    """The device number of the file system at `path`, kept alive by an open descriptor, so a
+    new mount there (a new superblock) gets a different one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
 
 
 def test_one_mount_per_layer_counted_by_users(streams: FakeStreams, tmp_path: Path) -> None:
-    layers = ErofsLayers(streams, tmp_path / "root")
+    layers = ErofsLayers(streams, tmp_path / "root", "erofs")
     target = tmp_path / "root" / "layers" / NAME
     image = tmp_path / "root" / "erofs" / f"{NAME}.fuse.img"
 
@@ -125,13 +128,13 @@ def test_complete_layer_mounts_over_the_cache_and_survives_a_restart(
     streams.complete = True
     root = tmp_path / "root"
     target = root / "layers" / NAME
-    asyncio.run(ErofsLayers(streams, root).prepare(LAYER))
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
     assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.disk.img"))
-    before = _mount_id(target)
     # a new daemon restores the recorded snapshot: the mount over the cache file is kept
-    restarted = ErofsLayers(streams, root)
-    assert asyncio.run(restarted.restore(LAYER, str(target))) == str(target)
-    assert _mount_id(target) == before
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        assert asyncio.run(restarted.restore(LAYER, str(target))) == str(target)
+        assert os.stat(target).st_dev == before
     assert (target / "etc/hostname").read_bytes() == b"clip\n"
 
 
@@ -140,11 +143,11 @@ def test_mount_over_a_stream_of_the_previous_daemon_is_replaced(
 ) -> None:
     root = tmp_path / "root"
     target = root / "layers" / NAME
-    asyncio.run(ErofsLayers(streams, root).prepare(LAYER))
-    before = _mount_id(target)
-    restarted = ErofsLayers(streams, root)
-    asyncio.run(restarted.restore(LAYER, str(target)))
-    assert _mount_id(target) not in (None, before)
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        asyncio.run(restarted.restore(LAYER, str(target)))
+        assert os.stat(target).st_dev != before
     assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.fuse.img"))
     assert (target / "etc/hostname").read_bytes() == b"clip\n"
 
@@ -155,7 +158,7 @@ def test_a_failed_mount_names_the_layer_and_leaves_nothing(
     (streams.mountpoint / "blobs" / NAME).unlink()  # the stream file is gone
     root = tmp_path / "root"
     with pytest.raises(ClipError) as err:
-        asyncio.run(ErofsLayers(streams, root).prepare(LAYER))
+        asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
     assert DIGEST in str(err.value) and IMAGE_REF in str(err.value)
     assert streams.users == 0
     assert mount_at(root / "layers" / NAME) is None
@@ -167,7 +170,25 @@ def test_sweep_unmounts_layers_no_snapshot_uses(streams: FakeStreams, tmp_path: 
     restore finds no snapshot for that mount and sweeps it."""
     root = tmp_path / "root"
     target = root / "layers" / NAME
-    asyncio.run(ErofsLayers(streams, root).prepare(LAYER))
-    assert asyncio.run(ErofsLayers(streams, root).sweep()) == [f"layers/{NAME}"]
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    assert asyncio.run(ErofsLayers(streams, root, "erofs").sweep()) == [f"layers/{NAME}"]
     assert mount_at(target) is None and not target.exists()
     assert list((root / "erofs").glob("*.img")) == []
+
+
+def test_fuse_mode_hands_out_the_fuse_tree(streams: FakeStreams, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    layers = ErofsLayers(streams, root, "fuse")
+    asyncio.run(layers.start())
+    assert asyncio.run(layers.prepare(LAYER)) == str(streams.mountpoint / NAME)
+    assert not (root / "layers").exists() and streams.users == 1
+    asyncio.run(layers.release(LAYER, str(streams.mountpoint / NAME)))
+    assert streams.users == 0
+
+
+def test_auto_mode_picks_erofs_on_this_kernel(streams: FakeStreams, tmp_path: Path) -> None:
+    """This machine's kernel (6.12+) mounts file-backed EROFS: auto must choose it."""
+    layers = ErofsLayers(streams, tmp_path / "root", "auto")
+    asyncio.run(layers.start())
+    assert layers.mode == "erofs"
+    assert list((tmp_path / "root" / "erofs").iterdir()) == []  # the probe cleaned up

@@ -349,7 +349,7 @@ def test_blob_files_serve_each_layers_uncompressed_stream(lfs: LayerFS, tmp_path
         f.seek(len(stream) + 10)
         assert f.read(100) == b""
     with pytest.raises(OSError) as err:
-        open(blobs / "rich", "wb")
+        os.open(blobs / "rich", os.O_WRONLY)
     assert err.value.errno in (errno.EROFS, errno.EACCES)
     with pytest.raises(FileNotFoundError):
         os.stat(blobs / "missing")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from snapshotter import config as config_mod
 from snapshotter import logs
-from snapshotter.erofs.layers import ErofsLayers, choose_mode
+from snapshotter.erofs.layers import ErofsLayers
 from snapshotter.provider import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
-from snapshotter.snapshots.remote import LayerProvider
 from snapshotter.telemetry import TELEMETRY, TelemetryOptions
 
 EPILOG = """\
@@ -71,10 +70,9 @@ async def _serve(cfg: config_mod.Config) -> None:
     """The daemon with its remote layer provider (FUSE mount + registry) plugged in, and the
     Prometheus endpoint on `[daemon] metrics_address` when set."""
     provider = RemoteLayerProvider(cfg)
-    root = Path(cfg.daemon.root)
-    mode = await asyncio.to_thread(choose_mode, cfg.fs.mode, root / "erofs")
-    layers: LayerProvider = ErofsLayers(provider, root) if mode == "erofs" else provider
+    layers = ErofsLayers(provider, Path(cfg.daemon.root), cfg.fs.mode)
     daemon = Daemon(cfg, layers)
+    daemon.add_service(layers)
     daemon.add_service(provider)
     if cfg.daemon.metrics_address:
         daemon.add_service(MetricsService(cfg.daemon.metrics_address))

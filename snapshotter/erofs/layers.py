@@ -22,6 +22,7 @@ daemon, whose connection is gone) is detached and mounted anew for new snapshots
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from snapshotter.erofs.mount import mount_image, probe_file_backed, unmount
 from snapshotter.errors import ClipError, FailedPrecondition, Unavailable
 from snapshotter.fs.layerfs import mount_at
 from snapshotter.index import LayerIndex
+from snapshotter.service.status import ProviderStatus
 from snapshotter.snapshots.remote import LayerProvider, RemoteLayer
 
 log = logging.getLogger(__name__)
@@ -75,30 +77,53 @@ class LayerStreams(Protocol):
 
     def layer_name(self, digest: str) -> str: ...
 
+    def status(self) -> ProviderStatus: ...
+
 
 class StreamProvider(LayerProvider, LayerStreams, Protocol):
     """A remote-layer provider that attaches layer streams to the FUSE mount."""
 
 
 class ErofsLayers:
-    """LayerProvider: the inner provider's layers, each served by an EROFS mount."""
+    """LayerProvider: the inner provider's layers, each served by an EROFS mount — or, in FUSE
+    mode, the inner provider's own FUSE tree directories, unchanged.
 
-    def __init__(self, inner: StreamProvider, root: Path) -> None:
+    Also a BackgroundService: `start` settles `[fs] mode` (it probes the kernel, which must
+    happen after the daemon holds its root, so two daemons never probe in one root).
+    """
+
+    name = "layer-mounts"
+
+    def __init__(self, inner: StreamProvider, root: Path, mode: str = "auto") -> None:
         self.inner = inner
         self.images = root / "erofs"
         self.layers = root / "layers"
+        self.mode = mode
         self._users: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    async def start(self, daemon: object = None) -> None:
+        self.mode = await asyncio.to_thread(choose_mode, self.mode, self.images)
+
+    async def stop(self) -> None:
+        """Layer mounts stay: running containers keep reading them (see the module doc)."""
+
     async def prepare(self, layer: RemoteLayer) -> str:
-        await self.inner.prepare(layer)
+        lowerdir = await self.inner.prepare(layer)
+        if self.mode == "fuse":
+            return lowerdir
         return await self._use(layer, "")
 
     async def restore(self, layer: RemoteLayer, lowerdir: str) -> str:
-        await self.inner.restore(layer, lowerdir)
+        fuse_dir = await self.inner.restore(layer, lowerdir)
+        if self.mode == "fuse":
+            return fuse_dir
         return await self._use(layer, lowerdir)
 
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
+        if self.mode == "fuse":
+            await self.inner.release(layer, lowerdir)
+            return
         async with self._lock(layer.digest):
             users = self._users.get(layer.digest, 0) - 1
             if users > 0:
@@ -119,6 +144,10 @@ class ErofsLayers:
         if swept:
             log.info("unmounted layers no snapshot uses: %s", ", ".join(swept))
         return swept + await self.inner.sweep()
+
+    def status(self) -> ProviderStatus:
+        """The inner provider's report, saying how layers are served."""
+        return dataclasses.replace(self.inner.status(), fs_mode=self.mode)
 
     def mounted(self) -> dict[str, Path]:
         """Layer digest -> mount directory of every layer mounted by this daemon."""
