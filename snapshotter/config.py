@@ -85,6 +85,17 @@ class FuseConfig:
     max_read_ahead_bytes: int = 1024 * 1024
 
 
+#: How remote layers are served: "erofs" (the kernel serves each layer from an EROFS image over
+#: the layer's stream), "fuse" (clip's FUSE tree serves every file operation), "auto" (erofs where
+#: the kernel mounts file-backed EROFS, else fuse; decided at start and logged).
+FS_MODES = ("auto", "erofs", "fuse")
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    mode: str = "auto"
+
+
 @dataclass(frozen=True)
 class DiskCacheConfig:
     dir: str = ""
@@ -107,6 +118,7 @@ class Config:
     registry: dict[str, RegistryConfig] = field(default_factory=dict)
     content_cache: ContentCacheConfig = field(default_factory=ContentCacheConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    fs: FsConfig = field(default_factory=FsConfig)
     disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
     memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
@@ -197,6 +209,8 @@ class _Loader:
                 value = getattr(section, key)
                 if value and not value.startswith("/"):
                     raise self.fail(f"{name}.{key}", f"{value!r}: expected an absolute socket path")
+        if isinstance(section, FsConfig) and section.mode not in FS_MODES:
+            raise self.fail(f"{name}.mode", f"expected one of {', '.join(FS_MODES)}")
         if isinstance(section, BackgroundFetchConfig):
             for key in ("bytes_per_second", "concurrency"):
                 if getattr(section, key) < 1:
@@ -217,6 +231,7 @@ class _Loader:
             "daemon": DaemonConfig,
             "content_cache": ContentCacheConfig,
             "fuse": FuseConfig,
+            "fs": FsConfig,
             "disk_cache": DiskCacheConfig,
             "memory_cache": MemoryCacheConfig,
             "background_fetch": BackgroundFetchConfig,

@@ -224,6 +224,25 @@ class RemoteLayerProvider:
             self.cache.release(layer.digest)
         self._spawn(self.evict())
 
+    async def sweep(self) -> list[str]:
+        """Attachments exist only while snapshots use them: nothing is left to sweep."""
+        return []
+
+    # what the EROFS mounts need (snapshotter.erofs.layers.LayerStreams) ---------------------
+
+    def index_of(self, digest: str) -> LayerIndex | None:
+        return self.indexes.get(digest)
+
+    def is_complete(self, digest: str) -> bool:
+        index = self.indexes.get(digest)
+        return index is not None and self.cache.is_complete(digest, index.uncompressed_size)
+
+    def cache_file(self, digest: str) -> Path:
+        return self.cache.layer(digest).directory / "data"
+
+    def layer_name(self, digest: str) -> str:
+        return layer_id(digest)
+
     # status (read-only) -------------------------------------------------------------------
 
     def status(self) -> ProviderStatus:
