@@ -8,12 +8,9 @@ from pathlib import Path
 
 from snapshotter import config as config_mod
 from snapshotter import logs
-<<<<<<< HEAD
 from snapshotter.cri.keychain import CriKeychain
 from snapshotter.cri.service import CriImageService
-=======
 from snapshotter.erofs.layers import ErofsLayers
->>>>>>> erofsmount
 from snapshotter.provider import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
 from snapshotter.telemetry import TELEMETRY, TelemetryOptions
@@ -72,22 +69,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: config_mod.Config) -> None:
-<<<<<<< HEAD
-    """The daemon with its remote layer provider (FUSE mount + registry) plugged in, the
-    Prometheus endpoint on `[daemon] metrics_address` and the CRI image-service proxy on
-    `[cri] image_service_address` when set."""
+    """The daemon with its remote layer provider (FUSE mount + registry) served through
+    EROFS mounts (or its FUSE tree, by `[fs] mode`), the Prometheus endpoint on `[daemon]
+    metrics_address` and the CRI image-service proxy on `[cri] image_service_address` when set."""
     cri = cfg.cri
     keychain = CriKeychain(cri.credential_ttl_seconds) if cri.image_service_address else None
     provider = RemoteLayerProvider(cfg, keychain=keychain)
-    daemon = Daemon(cfg, provider)
-=======
-    """The daemon with its remote layer provider (FUSE mount + registry) plugged in, and the
-    Prometheus endpoint on `[daemon] metrics_address` when set."""
-    provider = RemoteLayerProvider(cfg)
     layers = ErofsLayers(provider, Path(cfg.daemon.root), cfg.fs.mode)
     daemon = Daemon(cfg, layers)
     daemon.add_service(layers)
->>>>>>> erofsmount
     daemon.add_service(provider)
     if keychain is not None:  # [cri]: kubelet's pull secrets reach the provider's registry client
         daemon.add_service(CriImageService(cfg, keychain))
