@@ -102,6 +102,7 @@ class Run:
     read_compressed_bytes: int | None = None  # compressed bytes of the files the workload read
     load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
     containerd_cpu_s: float | None = None  # containerd's CPU during pull + run (every setup)
+    fuse_requests: int | None = None  # requests clip's FUSE mount served during pull + run
     output: str = ""
 
     @property
@@ -159,6 +160,14 @@ class Node:
 
     def inflate_seconds(self) -> float | None:
         """Sum of clip's `clip.inflate.duration` histogram (read-path inflation), if served."""
+        return self._metric_sum("clip_inflate_duration", "_sum")
+
+    def fuse_requests(self) -> float | None:
+        """Requests clip's FUSE mount has served so far (every operation, both fs modes)."""
+        return self._metric_sum("clip_fuse_requests", "_total")
+
+    def _metric_sum(self, prefix: str, suffix: str) -> float | None:
+        """Sum over labels of the clip metric samples named ``prefix...suffix``."""
         if not self.metrics:
             return None
         try:
@@ -170,7 +179,7 @@ class Node:
         for line in text.splitlines():
             name, _, value = line.partition(" ")
             metric = name.split("{", 1)[0]
-            if metric.startswith("clip_inflate_duration") and metric.endswith("_sum"):
+            if metric.startswith(prefix) and metric.endswith(suffix):
                 total += float(value.split()[0])
         return total
 
@@ -293,6 +302,7 @@ class Bench:
         cc0 = redis_output_bytes(node.cc_url) if node.cc_url else None
         cpu0, ctd0 = cpu_seconds(pid), cpu_seconds(ctd)
         inflate0 = node.inflate_seconds()
+        fuse0 = node.fuse_requests()
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
         try:
@@ -324,6 +334,7 @@ class Bench:
             read_compressed_bytes=_read_bytes(pushed, out),
             load1=os.getloadavg()[0],
             inflate_s=_delta(node.inflate_seconds(), inflate0),
+            fuse_requests=_count(_delta(node.fuse_requests(), fuse0)),
             output=_short(out),
         )
         self.runs.append(run)
@@ -373,7 +384,11 @@ class Bench:
                 pushed, "clip-cold", repeat, lambda: self._cold(cold, pushed, repeat, with_cc)
             ):
                 return
-            for setup, extra in (("clip-lazy", ""), ("clip-lazy-nobg", NO_BACKGROUND)):
+            for setup, extra in (
+                ("clip-lazy", ""),
+                ("clip-lazy-nobg", NO_BACKGROUND),
+                ("clip-lazy-fusetree", FUSE_TREE),
+            ):
                 if setup not in clip_setups:
                     continue
                 self._attempt(
@@ -389,8 +404,11 @@ class Bench:
                     repeat,
                     lambda: self._fresh(pushed, "clip-contentcache", repeat, None, cc=True),
                 )
-            if "clip-warm" in clip_setups:
-                self._attempt(pushed, "clip-warm", repeat, lambda: self._warm(pushed, repeat, cold))
+            for setup in ("clip-warm-fusetree", "clip-warm"):  # the last one moves the cache
+                if setup in clip_setups:
+                    self._attempt(
+                        pushed, setup, repeat, partial(self._warm, pushed, repeat, cold, setup)
+                    )
         finally:
             cold.remove()
 
@@ -468,22 +486,41 @@ class Bench:
         finally:
             node.remove()
 
-    def _warm(self, pushed: PushedImage, repeat: int, cold: Node) -> None:
-        """Setup 5: node 2's disk cache and indexes moved to a fresh node."""
-        node = self.node(f"{pushed.spec.name}-d")
+    def _warm(self, pushed: PushedImage, repeat: int, cold: Node, setup: str) -> None:
+        """Setup 5: node 2's disk cache and indexes on a fresh node: copied for the FUSE-tree
+        variant (which runs first), moved for the last one."""
+        fuse_tree = setup == "clip-warm-fusetree"
+        node = self.node(f"{pushed.spec.name}-{setup}", extra=FUSE_TREE if fuse_tree else "")
         try:
             node.root.mkdir(parents=True)
-            (cold.root / "indexes").rename(node.root / "indexes")
-            (cold.root / "cache").rename(node.root / "cache")
+            for part in ("indexes", "cache"):
+                if fuse_tree:
+                    subprocess.run(
+                        ["cp", "-a", "--sparse=always", str(cold.root / part), str(node.root)],
+                        check=True,
+                    )
+                else:
+                    (cold.root / part).rename(node.root / part)
             node.start()
-            self.measure(node, pushed, "clip-warm", repeat, node.clip_pull, "clip")
+            self.measure(node, pushed, setup, repeat, node.clip_pull, "clip")
         finally:
             node.remove()
 
 
 NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
+# The FUSE-tree mode (clip serves every file operation), side by side with the default, in
+# which the kernel serves each layer from an EROFS image (docs/erofs.md).
+FUSE_TREE = '[fs]\nmode = "fuse"\n'
 # clip-cold runs whenever any of these is wanted: the others start from what it built.
-CLIP_SETUPS = ("clip-cold", "clip-lazy", "clip-lazy-nobg", "clip-contentcache", "clip-warm")
+CLIP_SETUPS = (
+    "clip-cold",
+    "clip-lazy",
+    "clip-lazy-nobg",
+    "clip-lazy-fusetree",
+    "clip-contentcache",
+    "clip-warm-fusetree",
+    "clip-warm",
+)
 SETUPS = ("overlayfs", "overlayfs-warm", "stargz", "stargz-warm", *CLIP_SETUPS)
 
 
@@ -543,6 +580,10 @@ def _flush_redis(url: str) -> None:
 
 def _delta(after: float | None, before: float | None) -> float | None:
     return None if after is None or before is None else after - before
+
+
+def _count(value: float | None) -> int | None:
+    return None if value is None else round(value)
 
 
 def _read_bytes(pushed: PushedImage, out: str) -> int | None:
