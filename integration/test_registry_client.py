@@ -34,8 +34,8 @@ from snapshotter.registry import (
     AccessDenied,
     DigestMismatch,
     RegistryClient,
-    RegistryHostConfig,
 )
+from snapshotter.config import RegistryConfig
 from snapshotter.registry import mediatypes as mt
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ def run(coro: Awaitable[T]) -> T:
 
 
 def client_for(*hosts: str, **kwargs: object) -> RegistryClient:
-    config = {h: RegistryHostConfig(plain_http=True) for h in hosts}
+    config = {h: RegistryConfig(plain_http=True) for h in hosts}
     kwargs.setdefault("docker_config", NO_DOCKER_CONFIG)
     kwargs.setdefault("backoff", 0.02)
     return RegistryClient(config, **kwargs)  # type: ignore[arg-type]
@@ -418,7 +418,7 @@ def test_mirror_serves_then_upstream_takes_over(
 ) -> None:
     img = three_layer_image
     hosts = {
-        img.registry_host: RegistryHostConfig(plain_http=True, mirrors=[f"http://{proxy.host}"]),
+        img.registry_host: RegistryConfig(plain_http=True, mirrors=(f"http://{proxy.host}",)),
     }
 
     async def check() -> None:

@@ -24,11 +24,13 @@ from aiohttp import web
 from snapshotter.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from snapshotter.registry import (
     AccessDenied,
+    ContainerdRegistry,
     Credentials,
     DigestMismatch,
     RegistryClient,
-    RegistryHostConfig,
+    RegistryHosts,
 )
+from snapshotter.config import RegistryConfig
 from snapshotter.registry import mediatypes as mt
 
 BLOB = bytes(range(256)) * 1200  # 300 KiB, every offset distinguishable mod 256
@@ -258,7 +260,7 @@ def with_registry(
         reg.add_image("app:v1")
         async with Peer(reg.app) as peer:
             reg.host = peer.host
-            hosts = client_kwargs.pop("hosts", {peer.host: RegistryHostConfig(plain_http=True)})
+            hosts = client_kwargs.pop("hosts", {peer.host: RegistryConfig(plain_http=True)})
             client_kwargs.setdefault("backoff", 0.01)
             async with RegistryClient(
                 hosts, docker_config=Path("/nonexistent"), **client_kwargs
@@ -363,7 +365,7 @@ def test_bearer_token_with_docker_config_credentials(tmp_path: Path) -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "pw"}}}))
-        hosts = {reg.host: RegistryHostConfig(plain_http=True)}
+        hosts = {reg.host: RegistryConfig(plain_http=True)}
         async with RegistryClient(hosts, docker_config=config, backoff=0.01) as authed:
             assert (await authed.resolve(f"{reg.host}/app:v1")).layers[0].digest == BLOB_DIGEST
         with pytest.raises(AccessDenied, match=f"image {reg.host}/app:v1: access denied by token"):
@@ -372,11 +374,12 @@ def test_bearer_token_with_docker_config_credentials(tmp_path: Path) -> None:
     with_registry(scenario, Behaviour(token_auth=True, token_creds=("u", "pw")))
 
 
-def test_host_auth_override_beats_docker_config(tmp_path: Path) -> None:
+def test_containerd_configs_auth_beats_docker_config(tmp_path: Path) -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "bad"}}}))
-        hosts = {reg.host: RegistryHostConfig(plain_http=True, auth=Credentials("u", "pw"))}
+        containerd = ContainerdRegistry(auths={reg.host: Credentials("u", "pw")})
+        hosts = RegistryHosts({reg.host: RegistryConfig(plain_http=True)}, containerd)
         async with RegistryClient(hosts, docker_config=config, backoff=0.01) as authed:
             await authed.resolve(f"{reg.host}/app:v1")
 
@@ -459,7 +462,7 @@ def test_5xx_burst_is_retried() -> None:
 def test_5xx_beyond_retry_budget_is_unavailable() -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         with pytest.raises(
-            Unavailable, match=r"app:v1: manifest v1 .* failed after 3 attempts: HTTP 502$"
+            Unavailable, match=r"app:v1: manifest v1 failed after 3 attempts in .*s: 127\.0\.0\.1:\d+: HTTP 502$"
         ):
             await client.resolve(f"{reg.host}/app:v1")
         assert len(reg.b.seen) == 3
@@ -478,7 +481,7 @@ def test_other_4xx_is_failed_precondition() -> None:
 def test_stalled_server_times_out_within_bound() -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         started = time.monotonic()
-        with pytest.raises(Unavailable, match=r"app:v1: blob .* after 2 attempts: .*timed out"):
+        with pytest.raises(Unavailable, match=r"app:v1: blob .* failed after 2 attempts in .*s: .*timed out"):
             await client.read_range(f"{reg.host}/app:v1", BLOB_DIGEST, 0, 10)
         # (retries + 1) * timeout + backoff, with generous slack for a loaded machine
         assert time.monotonic() - started < 5
@@ -488,13 +491,14 @@ def test_stalled_server_times_out_within_bound() -> None:
 
 def test_connection_refused_is_unavailable() -> None:
     async def main() -> None:
-        hosts = {"127.0.0.1:9": RegistryHostConfig(plain_http=True)}
+        hosts = {"127.0.0.1:9": RegistryConfig(plain_http=True)}
         async with RegistryClient(
             hosts, docker_config=Path("/nonexistent"), retries=1, backoff=0.01
         ) as client:
             with pytest.raises(
                 Unavailable,
-                match=r"image 127\.0\.0\.1:9/x:y: manifest y from 127\.0\.0\.1:9 failed after 2 ",
+                match=r"image 127\.0\.0\.1:9/x:y: manifest y failed after 2 attempts in .*s: "
+                r"127\.0\.0\.1:9: cannot connect",
             ):
                 await client.resolve("127.0.0.1:9/x:y")
 
@@ -550,13 +554,13 @@ def test_mirrors_tried_in_order_then_upstream() -> None:
         async with Peer(empty.app) as dead_mirror, Peer(served.app) as mirror:
             empty.host, served.host = dead_mirror.host, mirror.host
             hosts = {
-                reg.host: RegistryHostConfig(
+                reg.host: RegistryConfig(
                     plain_http=True,
-                    mirrors=["127.0.0.1:9", f"http://{dead_mirror.host}", mirror.host],
+                    mirrors=("127.0.0.1:9", f"http://{dead_mirror.host}", mirror.host),
                 )
             }
-            hosts[mirror.host] = RegistryHostConfig(plain_http=True)
-            hosts["127.0.0.1:9"] = RegistryHostConfig(plain_http=True)
+            hosts[mirror.host] = RegistryConfig(plain_http=True)
+            hosts["127.0.0.1:9"] = RegistryConfig(plain_http=True)
             async with RegistryClient(
                 hosts, docker_config=Path("/none"), retries=0, backoff=0.01
             ) as mirrored:
@@ -640,7 +644,7 @@ def test_tls_certificate_error_is_unavailable(tmp_path: Path) -> None:
             ):
                 with pytest.raises(Unavailable, match="set plain_http for this host"):
                     await client.resolve(f"{plain.host}/app:v1")
-            insecure = {peer.host: RegistryHostConfig(skip_verify=True)}
+            insecure = {peer.host: RegistryConfig(skip_verify=True)}
             async with RegistryClient(insecure, docker_config=Path("/none")) as client:
                 assert (await client.resolve(f"{peer.host}/app:v1")).layers
 

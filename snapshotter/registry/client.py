@@ -312,8 +312,9 @@ class RegistryClient:
 
         ``deadline`` bounds getting the stream going; then a stall longer than the first-byte
         timeout breaks it, and a broken stream resumes with a Range request from the bytes
-        already delivered (each resume under a fresh operation deadline, at most ``attempts``
-        breaks in a row), so callers see one uninterrupted stream.
+        already delivered (each resume under a fresh operation deadline; it gives up after
+        ``attempts`` breaks with less than 1 MiB between them), so callers see one
+        uninterrupted stream.
         """
         r = parse_reference(ref)
         hasher = _hasher(r, digest)
@@ -323,7 +324,7 @@ class RegistryClient:
             resp = await self._blob_response(
                 r, digest, headers, (200, 206), stream=True, deadline=deadline
             )
-            deadline = None
+            deadline, resumed_at = None, received
             try:
                 skip = received if resp.status == 200 else 0
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -334,7 +335,8 @@ class RegistryClient:
                             continue
                     hasher.update(chunk)
                     received += len(chunk)
-                    failures = 0
+                    if received - resumed_at >= CHUNK:
+                        failures = 0  # a stream that moves on may break now and then
                     self.stats["bytes"] += len(chunk)
                     yield chunk
                 break
