@@ -49,7 +49,7 @@ class RegistrySettings:
 
     containerd_config: str = "/etc/containerd/config.toml"
     connect_timeout_seconds: float = 2.0
-    response_timeout_seconds: float = 4.0
+    response_timeout_seconds: float = 3.0
     operation_timeout_seconds: float = 12.0
     attempts: int = 3
     failure_threshold: int = 3

@@ -557,10 +557,11 @@ class RegistryClient:
         try:
             return await retrying(round_, self.policy, dl, self._sleep, self._count_retry)
         except Transient:
-            elapsed = self.clock() - started
+            elapsed, budget = self.clock() - started, dl.at - started
             why = "; ".join(reasons.values()) or "deadline passed"
             raise Unavailable(
-                f"image {r}: {what} failed after {rounds} attempts in {elapsed:.1f}s: {why}"
+                f"image {r}: {what} failed after {rounds} attempts in {elapsed:.1f}s "
+                f"(deadline {budget:.1f}s): {why}"
             ) from None
 
     def _round_failed(

@@ -40,7 +40,7 @@ class RetryPolicy:
     """Timeouts, attempts and breaker settings (``[registry]`` in clip.toml)."""
 
     connect_timeout: float = 2.0
-    response_timeout: float = 4.0
+    response_timeout: float = 3.0
     operation_timeout: float = 12.0
     attempts: int = 3
     backoff: float = 0.25
