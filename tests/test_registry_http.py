@@ -12,7 +12,6 @@ import hashlib
 import json
 import ssl
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from snapshotter.config import RegistryConfig
 from snapshotter.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from snapshotter.registry import (
     AccessDenied,
@@ -30,7 +30,6 @@ from snapshotter.registry import (
     RegistryClient,
     RegistryHosts,
 )
-from snapshotter.config import RegistryConfig
 from snapshotter.registry import mediatypes as mt
 
 BLOB = bytes(range(256)) * 1200  # 300 KiB, every offset distinguishable mod 256
@@ -462,7 +461,9 @@ def test_5xx_burst_is_retried() -> None:
 def test_5xx_beyond_retry_budget_is_unavailable() -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         with pytest.raises(
-            Unavailable, match=r"app:v1: manifest v1 failed after 3 attempts in .*s \(deadline .*s\): 127\.0\.0\.1:\d+: HTTP 502$"
+            Unavailable,
+            match=r"app:v1: manifest v1 failed after 3 attempts in .*s \(deadline .*s\): "
+            r"127\.0\.0\.1:\d+: HTTP 502$",
         ):
             await client.resolve(f"{reg.host}/app:v1")
         assert len(reg.b.seen) == 3
@@ -497,7 +498,8 @@ def test_connection_refused_is_unavailable() -> None:
         ) as client:
             with pytest.raises(
                 Unavailable,
-                match=r"image 127\.0\.0\.1:9/x:y: manifest y failed after 2 attempts in .*s \(deadline .*s\): "
+                match=r"image 127\.0\.0\.1:9/x:y: manifest y failed after 2 attempts in .*s "
+                r"\(deadline .*s\): "
                 r"127\.0\.0\.1:9: cannot connect",
             ):
                 await client.resolve("127.0.0.1:9/x:y")

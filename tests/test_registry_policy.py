@@ -177,8 +177,8 @@ def test_404_mirror_hands_over_without_retry_or_time() -> None:
 
 def test_optional_lookup_takes_not_found_as_the_answer() -> None:
     behaviour = {"mirror.test": "404", "reg.test:5000": "hang"}
-    c, session, clock = client(behaviour, mirrors=("http://mirror.test",))
-    with pytest.raises(NotFound, match="not found on mirror.test"):
+    c, session, _clock = client(behaviour, mirrors=("http://mirror.test",))
+    with pytest.raises(NotFound, match=r"not found on mirror\.test"):
         run(c.fetch_manifest(IMAGE, "clip-index", optional=True))
     assert session.hosts_called() == ["mirror.test", "reg.test:5000"]  # one round, no retry
     assert c.stats["retries"] == 0
@@ -191,7 +191,7 @@ def test_optional_lookup_takes_not_found_as_the_answer() -> None:
 
 def test_referrers_lookup_is_optional() -> None:
     behaviour = {"mirror.test": "404", "reg.test:5000": "hang"}
-    c, session, _ = client(behaviour, mirrors=("http://mirror.test",))
+    c, _session, _ = client(behaviour, mirrors=("http://mirror.test",))
     assert run(c.fetch_referrers(IMAGE, DIGEST, "application/x")) is None
     assert c.stats["retries"] == 0
 
