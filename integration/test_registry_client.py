@@ -29,13 +29,13 @@ from integration.harness.images import (
 )
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import RegistryServer
+from snapshotter.config import RegistryConfig
 from snapshotter.errors import NotFound, Unavailable
 from snapshotter.registry import (
     AccessDenied,
     DigestMismatch,
     RegistryClient,
 )
-from snapshotter.config import RegistryConfig
 from snapshotter.registry import mediatypes as mt
 
 T = TypeVar("T")

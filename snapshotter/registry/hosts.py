@@ -242,7 +242,7 @@ def _endpoint(
     scheme, host, path = "https", "", "/v2"
     override = bool(table.get("override_path", False))
     if server:
-        url = URL(server if server.startswith("http") else f"https://{server}")
+        url = URL(server if "://" in server else f"https://{server}")
         if url.scheme not in ("http", "https") or not url.raw_authority:
             raise InvalidArgument(f"{where}: {server!r} is not an http(s) URL")
         scheme, host = url.scheme, url.raw_authority
