@@ -596,7 +596,7 @@ class RegistryClient:
             breaker = CircuitBreaker(
                 self.policy.failure_threshold,
                 self.policy.cooldown,
-                on_change=lambda state: log.warning("registry host %s: circuit %s", key, state),
+                on_change=lambda state: log.info("registry host %s: circuit %s", key, state),
                 clock=self.clock,
             )
             self._breakers[key] = breaker
