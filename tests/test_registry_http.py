@@ -841,3 +841,35 @@ def test_hung_registry_socket_fails_with_the_configured_deadline_then_recovers()
                 assert await client.blob_exists(ref, BLOB_DIGEST) is True
 
     run(main())
+
+
+# ---------------------------------------------------------------- the host's platform
+
+
+@pytest.mark.parametrize(
+    ("machine", "platform", "wanted"),
+    [("aarch64", "linux/arm64", "arm"), ("x86_64", "linux/amd64", "amd"),
+     ("armv7l", "linux/arm/v7", "arm7")],
+)  # fmt: skip
+def test_default_platform_is_the_hosts(
+    monkeypatch: pytest.MonkeyPatch, machine: str, platform: str, wanted: str
+) -> None:
+    import platform as platform_mod
+
+    from snapshotter.registry import host_platform
+
+    monkeypatch.setattr(platform_mod, "machine", lambda: machine)
+    assert str(host_platform()) == platform
+
+    async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
+        digests = {}
+        for tag, plat in (("amd", ("linux", "amd64", "")), ("arm", ("linux", "arm64", "v8")),
+                          ("arm7", ("linux", "arm", "v7"))):  # fmt: skip
+            digests[tag] = reg.add_image(f"multi:{tag}", platform=plat)[1]
+        reg.add_index("multi:latest", [(digests[t], p) for t, p in (
+            ("amd", ("linux", "amd64", "")), ("arm", ("linux", "arm64", "v8")),
+            ("arm7", ("linux", "arm", "v7")))])  # fmt: skip
+        image = await client.resolve(f"{reg.host}/multi")
+        assert image.manifest_digest == digests[wanted] and image.platform == platform
+
+    with_registry(scenario)
