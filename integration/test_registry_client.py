@@ -566,6 +566,38 @@ def test_hung_mirror_hands_over_to_the_registry(
     run(check())
 
 
+def test_404_mirror_hands_over_at_once_and_optional_lookups_stop_there(
+    tmp_path: Path, proxy: CountingProxy, registry: RegistryServer, three_layer_image: BuiltImage
+) -> None:
+    img = three_layer_image
+    config = write_containerd_config(
+        tmp_path,
+        {
+            registry.host: f'server = "http://{registry.host}"\n'
+            f'[host."http://{proxy.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        },
+    )
+    digest = img.layer_digests[2]
+    blob = img.layer_blobs[2].read_bytes()
+
+    async def check() -> None:
+        async with RegistryClient.from_config(config, docker_config=NO_DOCKER_CONFIG) as client:
+            proxy.pause("notfound")
+            assert await client.read_range(img.ref, digest, 7, 70) == blob[7:77]
+            image = await client.resolve(img.ref)
+            assert image.manifest_digest == img.manifest_digest
+            # a tag that exists nowhere: the registry's 404 after the mirror's is the answer
+            with pytest.raises(NotFound, match=f"manifest nope not found on {registry.host}"):
+                await client.fetch_manifest(img.ref, "nope", optional=True)
+            assert await client.fetch_referrers(img.ref, img.manifest_digest, "x/y") is None
+            assert client.stats["retries"] == 0
+            assert client.breaker_state(proxy.host) == "closed"  # 404 is an answer
+            proxy.resume()
+
+    run(check())
+    assert proxy.total_requests >= 4  # the mirror was asked first every time
+
+
 # ---------------------------------------------------------------- clip pull's error line
 
 

@@ -873,3 +873,28 @@ def test_default_platform_is_the_hosts(
         assert image.manifest_digest == digests[wanted] and image.platform == platform
 
     with_registry(scenario)
+
+
+# ---------------------------------------------------------------- the keychain hook
+
+
+def test_keychain_is_asked_first_for_the_images_own_credentials(tmp_path: Path) -> None:
+    from snapshotter.registry.reference import Reference
+
+    asked: list[tuple[str, str]] = []
+
+    class PullSecrets:
+        def credentials(self, image: Reference, host: str) -> Credentials | None:
+            asked.append((str(image), host))
+            return Credentials("u", "pw") if image.repository == "app" else None
+
+    async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "bad"}}}))
+        hosts = {reg.host: RegistryConfig(plain_http=True)}
+        async with RegistryClient(hosts, config, keychain=PullSecrets()) as authed:
+            assert (await authed.resolve(f"{reg.host}/app:v1")).layers
+        assert asked and all(host == reg.host for _, host in asked)
+        assert asked[0][0] == f"{reg.host}/app:v1"
+
+    with_registry(scenario, Behaviour(token_auth=True, token_creds=("u", "pw")))
