@@ -227,3 +227,10 @@ def test_deadline_type() -> None:
     assert deadline.remaining() == 2 and not deadline.expired()
     clock.now += 2
     assert deadline.expired()
+
+
+def test_a_deadline_already_passed_fails_at_once_and_says_so() -> None:
+    c, session, clock = client({})
+    with pytest.raises(Unavailable, match="no time left before the deadline"):
+        run(c.blob_exists(IMAGE, DIGEST, deadline=clock.now - 1))
+    assert session.calls == []

@@ -558,7 +558,8 @@ class RegistryClient:
             return await retrying(round_, self.policy, dl, self._sleep, self._count_retry)
         except Transient:
             elapsed, budget = self.clock() - started, dl.at - started
-            why = "; ".join(reasons.values()) or "deadline passed"
+            answered = [f"{ep.host}: {type(a).__name__}" for ep, a in answers.items()]
+            why = "; ".join([*reasons.values(), *answered]) or "deadline passed"
             raise Unavailable(
                 f"image {r}: {what} failed after {rounds} attempts in {elapsed:.1f}s "
                 f"(deadline {budget:.1f}s): {why}"
@@ -583,7 +584,8 @@ class RegistryClient:
         if optional and not_found:
             raise not_found[0]
         if not tried:
-            raise Unavailable(f"image {r}: {what}: " + "; ".join(reasons.values()))
+            why = "; ".join(reasons.values()) or "no time left before the deadline"
+            raise Unavailable(f"image {r}: {what}: {why}")
         raise Transient("; ".join(reasons.values()))
 
     def _count_retry(self) -> None:
