@@ -299,3 +299,11 @@ def test_hosts_toml_ca_client_certificate_and_headers_reach_the_registry(tmp_pat
                     await client.resolve(f"{peer.host}/app:v1")  # no client certificate
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_unreadable_tls_files_are_named() -> None:
+    ep = HostEndpoint("https", "r.example", ca_files=("/nonexistent/ca.pem",))
+    with pytest.raises(InvalidArgument, match=r"registry host r\.example: TLS files"):
+        ep.ssl_context()
+    assert HostEndpoint("https", "r.example", skip_verify=True).ssl_context() is False
+    assert HostEndpoint("http", "r.example", ca_files=("/x",)).ssl_context() is True

@@ -815,7 +815,10 @@ class RegistryClient:
         if dl.expired():
             raise Transient(f"{ep.host}: deadline passed")
         timeout = self.policy.request_timeout(dl.remaining(), stream=stream)
-        tls = self._ssl_for(ep) if same_origin else True
+        try:
+            tls = self._ssl_for(ep) if same_origin else True
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {r}: {exc}") from None
         self.stats["requests"] += 1
         session = self._get_session()
         try:
