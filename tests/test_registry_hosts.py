@@ -62,6 +62,21 @@ version = 2
     assert ContainerdRegistry.load(tmp_path / "missing.toml") == ContainerdRegistry()
 
 
+def test_imported_files_merge_over_the_main_config(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-registry.toml").write_text(
+        '[plugins."io.containerd.grpc.v1.cri".registry]\nconfig_path = "/srv/certs.d"\n'
+    )
+    cfg = containerd_config(
+        tmp_path,
+        'version = 2\nimports = ["conf.d/*.toml"]\n'
+        '[plugins."io.containerd.grpc.v1.cri".registry]\nconfig_path = "/etc/certs.d"\n'
+        '[plugins."io.containerd.grpc.v1.cri".registry.configs."h".auth]\nusername = "u"\n',
+    )
+    assert cfg.config_paths == (Path("/srv/certs.d"),)
+    assert cfg.auths == {"h": Credentials("u", "")}
+
+
 def test_containerd_config_faults_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"config\.toml: not valid TOML"):
         containerd_config(tmp_path, "[plugins\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import glob
 import logging
 import os
 import posixpath
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 ALL_CAPABILITIES = frozenset({"pull", "resolve", "push"})
 CRI_PLUGINS = ("io.containerd.grpc.v1.cri", "cri")  # config version 2, version 1
 RECHECK_SECONDS = 5.0
+UNSUPPORTED = frozenset({"proxy", "dial_timeout"})  # newer hosts.toml keys clip does not apply
 
 
 @dataclass(frozen=True)
@@ -118,14 +120,15 @@ class ContainerdRegistry:
         """Read containerd's config file; a missing file (or None) means no configuration."""
         if path is None:
             return cls()
-        try:
-            doc = tomllib.loads(path.read_text())
-        except FileNotFoundError:
+        doc = _read_toml(path)
+        if doc is None:
             return cls()
-        except OSError as exc:
-            raise InvalidArgument(f"containerd config {path}: cannot read: {exc}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"containerd config {path}: not valid TOML: {exc}") from None
+        imports = doc.get("imports") or []
+        for pattern in _strings(imports, str(path), "imports"):
+            # containerd merges imported files over the main one, in order
+            full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
+            for name in sorted(glob.glob(full)):
+                _merge(doc, _read_toml(Path(name)) or {})
         return cls.from_document(doc, str(path))
 
     @classmethod
@@ -166,6 +169,26 @@ class ContainerdRegistry:
                 "together with registry.config_path"
             )
         return out
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvalidArgument(f"containerd config {path}: cannot read: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"containerd config {path}: not valid TOML: {exc}") from None
+
+
+def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Deep-merge ``other`` over ``into`` (tables merge, other values are replaced)."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _tables(value: Any, source: str, name: str) -> Iterable[tuple[str, dict[str, Any]]]:
@@ -249,6 +272,8 @@ def _endpoint(
         path = posixpath.normpath(url.raw_path) if url.raw_path not in ("", "/") else ""
         if not override and not path.endswith("/v2"):
             path = f"{path}/v2"
+    for key in UNSUPPORTED & set(table):
+        log.warning("%s: %s is not supported by clip and is ignored", where, key)
     caps = [c.lower() for c in _strings(table.get("capabilities", []), where, "capabilities")]
     unknown = set(caps) - ALL_CAPABILITIES
     if unknown:
