@@ -34,8 +34,27 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """One ``[registry."HOST"]`` table: overrides over containerd's configuration for HOST
+    (the one definition of a host's settings; the registry client reads it directly)."""
+
     plain_http: bool = False
     mirrors: tuple[str, ...] = ()
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """The ``[registry]`` table's own keys: where containerd's registry configuration is and
+    how long registry operations may take (docs/operations.md "Bounds" derives the bounds)."""
+
+    containerd_config: str = "/etc/containerd/config.toml"
+    connect_timeout_seconds: float = 2.0
+    response_timeout_seconds: float = 3.0
+    operation_timeout_seconds: float = 12.0
+    attempts: int = 3
+    failure_threshold: int = 3
+    cooldown_seconds: float = 10.0
+    redirect_ttl_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,7 @@ class CriConfig:
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: dict[str, RegistryConfig] = field(default_factory=dict)
+    registry_settings: RegistrySettings = field(default_factory=RegistrySettings)
     content_cache: ContentCacheConfig = field(default_factory=ContentCacheConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     fs: FsConfig = field(default_factory=FsConfig)
@@ -202,6 +222,10 @@ class _Loader:
             for mirror in section.mirrors:
                 if not re.match(r"^https?://[^/\s]+", mirror):
                     raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
+        if isinstance(section, RegistrySettings):
+            for key in ("attempts", "failure_threshold"):
+                if getattr(section, key) < 1:
+                    raise self.fail(f"{name}.{key}", "expected a positive integer")
         if isinstance(section, ContentCacheConfig):
             self.check_content_cache(name, section)
         if isinstance(section, CriConfig):
@@ -241,10 +265,11 @@ class _Loader:
         out: dict[str, Any] = {}
         for name, raw in doc.items():
             if name == "registry":
-                out["registry"] = {
-                    host: self.registry(host, value)
-                    for host, value in self.table(name, raw).items()
-                }
+                table = self.table(name, raw)
+                hosts = {k: v for k, v in table.items() if isinstance(v, dict)}
+                own = {k: v for k, v in table.items() if not isinstance(v, dict)}
+                out["registry"] = {h: self.registry(h, value) for h, value in hosts.items()}
+                out["registry_settings"] = self.section(RegistrySettings, name, own)
             elif name in kinds:
                 out[name] = self.section(kinds[name], name, raw)
             else:
