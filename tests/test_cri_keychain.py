@@ -15,9 +15,10 @@ import threading
 import pytest
 from aiohttp import web
 
+from snapshotter.config import RegistryConfig
 from snapshotter.cri.keychain import CriKeychain, PullAuth, credentials_of
 from snapshotter.errors import InvalidArgument
-from snapshotter.registry import Credentials, RegistryClient, RegistryHostConfig
+from snapshotter.registry import Credentials, RegistryClient
 from snapshotter.registry.reference import parse_reference
 
 TTL = 600.0
@@ -201,7 +202,7 @@ def test_registry_token_is_sent_as_a_bearer_token() -> None:
         kc = CriKeychain(TTL)
         kc.remember(f"{host}/team/app:1", PullAuth(registry_token="kube-registry-token"))
         try:
-            hosts = {host: RegistryHostConfig(plain_http=True)}
+            hosts = {host: RegistryConfig(plain_http=True)}
             async with RegistryClient(hosts, keychain=kc) as client:
                 assert await client.fetch_blob(f"{host}/team/app:1", digest) == blob
         finally:
