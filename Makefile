@@ -10,7 +10,7 @@ PYTHON ?= python3
 # Debian packages the daemon, the tests and the demo use.
 APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 	docker-registry redis-server skopeo stargz-snapshotter tar gzip zstd iproute2 \
-	golang-github-containerd-containerd-dev podman debootstrap ca-certificates
+	golang-github-containerd-containerd-dev podman debootstrap ca-certificates erofs-utils
 
 .PHONY: system-deps venv proto lint unit integration test demo demo-clean bench bench-quick clean
 
