@@ -118,5 +118,5 @@ def patched_index(index: LayerIndex, *, entry: tuple[int, int, int] | None = Non
     return LayerIndex.from_bytes(fmt.HEADER.pack(*header) + packed + windows)
 
 
-#: Byte offset of ``uoff`` in an ENTRY record (see snapshotter/index/format.py).
-UOFF_OFFSET = 44
+#: Byte offsets of ``size`` and ``uoff`` in an ENTRY record (see snapshotter/index/format.py).
+SIZE_OFFSET, UOFF_OFFSET = 28, 44
