@@ -243,3 +243,17 @@ def test_cli_builds_and_inspects(rich: Layer, tmp_path: Path,
     assert err.count("\n") == 1 and "not an EROFS image" in err
     assert main(["index", "erofs", str(idx)]) == 1
     assert "-o IMG" in capsys.readouterr().err
+
+
+def test_an_opaque_root_and_hidden_meta_entries(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, "root", [
+        M(".wh..wh..opq"), M(".wh..wh.plnk", tarfile.DIRTYPE), M(".wh..wh.plnk/x", data=b"x"),
+        M("kept", data=b"k"), M("kept-link", tarfile.LNKTYPE, linkname=".wh..wh.plnk/x"),
+    ])
+    img = Image.open(layer.image)
+    root = img.inode(img.root_nid)
+    assert img.xattrs(root) == {b"trusted.overlay.opaque": b"y"}
+    assert [n for n, _i, _t in img.listdir(root)] == [b".", b"..", b"kept", b"kept-link"]
+    link = img.walk()[b"kept-link"]
+    assert link.nlink == 2 and img.chunk(link)[2] * 512 == layer.index.entry(
+        layer.index.lookup(".wh..wh.plnk/x") or 0).uoff  # the hidden target's inode is kept
