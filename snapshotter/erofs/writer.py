@@ -7,9 +7,12 @@ at the file's first data byte in *device 1*, the layer's uncompressed tar stream
 presented tree is the one ``snapshotter.fs.tree`` presents over FUSE (whiteouts as char 0/0,
 opaque markers as ``trusted.overlay.opaque=y``, hardlinks as one inode).
 
-Building is three passes over flat lists (no object per entry): what each inode is and how big
-(``_plan``), where it goes (``_place``), and packing the bytes (``_pack``). Same index, same
-bytes: nothing depends on time, randomness or dict order beyond the index's own order.
+Building is one pass over the index's records in their (breadth-first) order, appending each
+inode's bytes as it is made, so every nid is known before any directory's entries are packed
+(``_finish``). Regular files without xattrs and short symlinks, nearly every entry of a real
+layer, are packed inline in that loop with one ``struct.pack`` each: the speed target is 50 ms
+per 10,000 entries in pure Python. Same index, same bytes: nothing depends on time, randomness
+or dict order beyond the index's own order.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 is for secrets; an image is not one
             f.write(image.data)
             f.flush()
             os.fsync(f.fileno())
@@ -118,9 +122,6 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     finally:
         os.close(dfd)
     return ImageInfo(path, len(image.data), image.inodes, image.blocks, image.device_blocks)
-
-
-
 
 
 # A regular file's inode with its one chunk index, padded to the 32-byte slot grid: the whole
@@ -330,8 +331,7 @@ class _Writer:
         the 64-byte form."""
         self.inodes += 1
         icount = (len(xattrs) - 12) // 4 + 1 if xattrs else 0
-        if (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
-                or size >= _U32):
+        if not self._compact(mtime, uid, gid, nlink, size):
             sec, nsec = divmod(mtime, _NS)
             return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
                                           uid, gid, sec, nsec, nlink) + xattrs
