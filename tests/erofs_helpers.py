@@ -4,16 +4,18 @@ inputs no real tar produces."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import zstandard
-from fs_layers import M, index_layer, write_layer
+from fs_layers import M, Node, index_layer, write_layer
 
 from snapshotter.erofs import write_image
 from snapshotter.erofs.mount import mount_image, unmount
@@ -61,13 +63,37 @@ def mounted_image(layer: Layer, where: Path) -> Iterator[Path]:
         assert not is_mounted(where)
 
 
-def apply_link_owners(blob: Path, dest: Path) -> None:
-    """What containerd's applier does beyond ``tar -x`` for hardlink entries: lchown the link
-    path (the shared inode) to the link entry's uid/gid, in tar order."""
+def link_owner_rule(blob: Path, tree: dict[str, Node]) -> dict[str, Node]:
+    """The rule clip presents: a hardlinked inode belongs to the last link entry's uid/gid (in
+    tar order), applied to a described tree (not on disk: a real chown would also clear
+    setuid bits and security.capability, see ``apply_like_containerd``)."""
+    out = dict(tree)
     with tarfile.open(blob) as tar:
         for m in tar:
             if m.islnk():
-                os.lchown(dest / m.name, m.uid, m.gid)
+                for path in out[os.path.normpath(m.name)].group:
+                    out[path] = dataclasses.replace(out[path], uid=m.uid, gid=m.gid)
+    return out
+
+
+def apply_like_containerd(blob: Path, dest: Path) -> None:
+    """What containerd 1.6's applier does beyond ``tar -x`` for a hardlink entry, on disk, in
+    tar order: lchown the link path (the shared inode) to the entry's uid/gid (the kernel then
+    drops setuid/setgid and security.capability), set the entry's own xattrs, chmod to the
+    entry's mode, set the entry's mtime."""
+    with tarfile.open(blob) as tar:
+        for m in tar:
+            if not m.islnk():
+                continue
+            path = dest / m.name
+            os.lchown(path, m.uid, m.gid)
+            for key, value in m.pax_headers.items():
+                if key.startswith("SCHILY.xattr."):
+                    os.setxattr(path, key[len("SCHILY.xattr."):],
+                                value.encode("utf-8", "surrogateescape"))
+            os.chmod(path, m.mode)
+            mtime_ns = int(Decimal(m.pax_headers.get("mtime", str(int(m.mtime)))) * 10**9)
+            os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 def patched_index(index: LayerIndex, *, entry: tuple[int, int, int] | None = None,
@@ -92,5 +118,5 @@ def patched_index(index: LayerIndex, *, entry: tuple[int, int, int] | None = Non
     return LayerIndex.from_bytes(fmt.HEADER.pack(*header) + packed + windows)
 
 
-#: Byte offset of ``uoff`` in an ENTRY record (see snapshotter/index/format.py).
-UOFF_OFFSET = 44
+#: Byte offsets of ``size`` and ``uoff`` in an ENTRY record (see snapshotter/index/format.py).
+SIZE_OFFSET, UOFF_OFFSET = 28, 44

@@ -5,15 +5,17 @@ left behind). The kernel reads the same images in test_erofs_mount.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tarfile
 from pathlib import Path
 
 import pytest
-from erofs_helpers import UOFF_OFFSET, Layer, index_of, make_layer, patched_index
+from erofs_helpers import SIZE_OFFSET, UOFF_OFFSET, Layer, index_of, make_layer, patched_index
 from fs_layers import CAPABILITY, M, rich_members
 
+from snapshotter.cli import main
 from snapshotter.erofs import ErofsError, ImageInfo, image_bytes, write_image
 from snapshotter.erofs import format as ef
 from snapshotter.erofs.inspect import Image
@@ -207,3 +209,51 @@ def test_a_failed_write_keeps_the_old_image(rich: Layer, tmp_path: Path) -> None
         write_image(index, rich.image)
     assert rich.image.read_bytes() == before
     assert not [n for n in os.listdir(rich.image.parent) if n.endswith(".tmp")]
+
+
+def test_a_file_beyond_4_gib_gets_an_extended_inode_and_one_big_chunk(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, "huge", [M("a", data=b"x"), M("b", data=b"y")])
+    ordinal = layer.index.lookup("b")
+    assert ordinal is not None
+    size = (5 << 30) + 7
+    bad = patched_index(layer.index, entry=(ordinal, SIZE_OFFSET, size),
+                        uncompressed_size=layer.index.uncompressed_size + size)
+    img = Image(image_bytes(bad))
+    ino = img.walk()[b"b"]
+    assert ino.extended and ino.size == size
+    bits, device, blkaddr = img.chunk(ino)
+    assert (512 << bits) >= size > (256 << bits) and device == 1
+    assert blkaddr * 512 == layer.index.entry(ordinal).uoff
+
+
+def test_cli_builds_and_inspects(rich: Layer, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.img"
+    idx = tmp_path / "rich.idx"
+    assert main(["index", "erofs", str(idx), "-o", str(out), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert out.read_bytes() == rich.image.read_bytes() and built["size"] == out.stat().st_size
+    assert main(["index", "erofs", "--inspect", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["checksum_ok"] and summary["blocks"] == built["blocks"]
+    assert summary["devices"] == [[rich.index.blob_digest[7:], built["device_blocks"]]]
+    assert summary["types"]["char"] == 2 and summary["types"]["fifo"] == 1
+    assert main(["index", "erofs", "--inspect", str(rich.tar)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an EROFS image" in err
+    assert main(["index", "erofs", str(idx)]) == 1
+    assert "-o IMG" in capsys.readouterr().err
+
+
+def test_an_opaque_root_and_hidden_meta_entries(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, "root", [
+        M(".wh..wh..opq"), M(".wh..wh.plnk", tarfile.DIRTYPE), M(".wh..wh.plnk/x", data=b"x"),
+        M("kept", data=b"k"), M("kept-link", tarfile.LNKTYPE, linkname=".wh..wh.plnk/x"),
+    ])
+    img = Image.open(layer.image)
+    root = img.inode(img.root_nid)
+    assert img.xattrs(root) == {b"trusted.overlay.opaque": b"y"}
+    assert [n for n, _i, _t in img.listdir(root)] == [b".", b"..", b"kept", b"kept-link"]
+    link = img.walk()[b"kept-link"]
+    assert link.nlink == 2 and img.chunk(link)[2] * 512 == layer.index.entry(
+        layer.index.lookup(".wh..wh.plnk/x") or 0).uoff  # the hidden target's inode is kept

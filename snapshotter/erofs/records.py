@@ -40,6 +40,10 @@ class Records:
             data[base + r[0] + r[1] - r[2] : base + r[0] + r[1]] for r in self.records
         ]
 
+    @property
+    def strings_len(self) -> int:
+        return len(self.index._data) - int(self.index._str_base)
+
     def string(self, off: int, length: int) -> bytes:
         start = self.index._str_base + off
         return self.index._data[start : start + length]

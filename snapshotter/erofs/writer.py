@@ -7,15 +7,19 @@ at the file's first data byte in *device 1*, the layer's uncompressed tar stream
 presented tree is the one ``snapshotter.fs.tree`` presents over FUSE (whiteouts as char 0/0,
 opaque markers as ``trusted.overlay.opaque=y``, hardlinks as one inode).
 
-Building is three passes over flat lists (no object per entry): what each inode is and how big
-(``_plan``), where it goes (``_place``), and packing the bytes (``_pack``). Same index, same
-bytes: nothing depends on time, randomness or dict order beyond the index's own order.
+Building is one pass over the index's records in their (breadth-first) order, appending each
+inode's bytes as it is made, so every nid is known before any directory's entries are packed
+(``_finish``). Regular files without xattrs and short symlinks, nearly every entry of a real
+layer, are packed inline in that loop with one ``struct.pack`` each: the speed target is 50 ms
+per 10,000 entries in pure Python. Same index, same bytes: nothing depends on time, randomness
+or dict order beyond the index's own order.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import os
 import stat
@@ -103,6 +107,7 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 is for secrets; an image is not one
             f.write(image.data)
             f.flush()
             os.fsync(f.fileno())
@@ -119,9 +124,6 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     return ImageInfo(path, len(image.data), image.inodes, image.blocks, image.device_blocks)
 
 
-
-
-
 # A regular file's inode with its one chunk index, padded to the 32-byte slot grid: the whole
 # record of a file without xattrs is one pack() call.
 _COMPACT_FILE = struct.Struct("<HHHHIIIIHH4x" + "HHI" + "24x")
@@ -131,6 +133,9 @@ _CHUNKED = ef.LAYOUT_CHUNK_BASED << 1
 _PLAIN = ef.LAYOUT_FLAT_PLAIN << 1
 _INLINE = ef.LAYOUT_FLAT_INLINE << 1
 _NS = 1_000_000_000
+_LINK_MODE = stat.S_IFLNK | 0o777
+#: Symlink targets shorter than this always fit a block with an extended inode.
+_SHORT_LINK = BLOCK - 64
 
 #: A directory entry until nids exist: (name, ref, type); ref >= 0 is an ordinal's own inode,
 #: ref < 0 the whiteout inode of ordinal ~ref.
@@ -182,12 +187,15 @@ class _Writer:
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
+        self.ftypes = [_FTYPE.get(r[TYPE], 0) for r in records]
+        self.links = {o: r[LINK_TARGET] for o, r in enumerate(records) if r[TYPE] == _HARDLINK}
         chunks, nids = self.chunks, self.nid
         compact_file, extended_file = _COMPACT_FILE.pack, _EXTENDED_FILE.pack
         pos, ino = self.pos, self.inodes
+        strings = self.rec.string(0, self.rec.strings_len)
         for o, r in enumerate(records):
-            (_po, _pl, _nl, _parent, etype, mode, uid, gid, size, mtime, uoff, _lo, _ll,
-             target, nlink, _ma, _mi, _xf, xcount, _fc, _cc, _cf) = r
+            (_po, _pl, _nl, _parent, etype, mode, uid, gid, size, mtime, uoff, link_off,
+             link_len, target, nlink, _ma, _mi, _xf, xcount, _fc, _cc, _cf) = r
             if etype == _FILE and not xcount and o not in special:  # the common case, inline
                 if nlink > 1:
                     uid, gid = owners.get(o, (uid, gid))
@@ -221,6 +229,27 @@ class _Writer:
                     chunks.append(bytes(32))
                     pos += 32
                 nids[o] = pos >> 5
+                chunks.append(blob)
+                pos += len(blob)
+                continue
+            if etype == _SYMLINK and 0 < link_len < _SHORT_LINK and not xcount \
+                    and o not in special:  # a short symlink: the target inline (FLAT_INLINE)
+                if nlink > 1:
+                    uid, gid = owners.get(o, (uid, gid))
+                ino += 1
+                link = strings[link_off : link_off + link_len]
+                if (mtime != bt or uid >= _U16 or gid >= _U16 or nlink >= _U16):
+                    sec, nsec = divmod(mtime, _NS)
+                    blob = ef.EXTENDED_INODE.pack(_INLINE | 1, 0, _LINK_MODE, 0, link_len, 0,
+                                                  ino, uid, gid, sec, nsec, nlink) + link
+                else:
+                    blob = ef.COMPACT_INODE.pack(_INLINE, 0, _LINK_MODE, nlink, link_len, 0, 0,
+                                                 ino, uid, gid) + link
+                if len(blob) > BLOCK - pos % BLOCK:  # inode and target within one block
+                    chunks.append(bytes(-pos % BLOCK))
+                    pos += -pos % BLOCK
+                nids[o] = pos >> 5
+                blob += bytes(-len(blob) % 32)
                 chunks.append(blob)
                 pos += len(blob)
                 continue
@@ -302,8 +331,7 @@ class _Writer:
         the 64-byte form."""
         self.inodes += 1
         icount = (len(xattrs) - 12) // 4 + 1 if xattrs else 0
-        if (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
-                or size >= _U32):
+        if not self._compact(mtime, uid, gid, nlink, size):
             sec, nsec = divmod(mtime, _NS)
             return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
                                           uid, gid, sec, nsec, nlink) + xattrs
@@ -396,7 +424,7 @@ class _Writer:
 
     def _dirents(self, o: int, r: Record) -> list[Dirent]:
         """The directory's presented entries, sorted by name bytes (as EROFS requires)."""
-        records, names, shown = self.rec.records, self.rec.names, self.shown
+        names, shown, links, ftypes = self.rec.names, self.shown, self.links, self.ftypes
         entries: list[Dirent] = [(b".", o, ef.FT_DIR), (b"..", r[PARENT], ef.FT_DIR)]
         lo = r[FIRST_CHILD]
         unsorted = False
@@ -407,9 +435,8 @@ class _Writer:
                     entries.append((name[4:], ~child, ef.FT_CHR))
                     unsorted = True
                 continue
-            c = records[child]
-            ref = c[LINK_TARGET] if c[TYPE] == _HARDLINK else child
-            entries.append((name, ref, _FTYPE[records[ref][TYPE]]))
+            ref = links.get(child, child)
+            entries.append((name, ref, ftypes[ref]))
         if unsorted or (len(entries) > 2 and entries[2][0] < b".."):
             entries.sort(key=_first)
         return entries
@@ -476,16 +503,15 @@ class _Writer:
         nids, wh = self.nid, self.whiteout_nid
         out = []
         start = 0
-        pack = ef.DIRENT.pack
         for n, count in enumerate(d.counts):
             block = d.entries[start : start + count]
             start += count
             nameoff = 12 * count
-            heads = []
+            args: list[int] = []
             for name, ref, ftype in block:
-                heads.append(pack(nids[ref] if ref >= 0 else wh[~ref], nameoff, ftype))
+                args += (nids[ref] if ref >= 0 else wh[~ref], nameoff, ftype)
                 nameoff += len(name)
-            raw = b"".join(heads) + b"".join(e[0] for e in block)
+            raw = _dirents_struct(count).pack(*args) + b"".join([e[0] for e in block])
             if n + 1 < len(d.counts):
                 raw += bytes(BLOCK - len(raw))
             out.append(raw)
@@ -509,6 +535,12 @@ class _Writer:
         from the superblock on (512 bytes here), with the checksum field zero."""
         crc = ef.crc32c_raw(0xFFFFFFFF, bytes(out[ef.SUPER_OFFSET : ef.SUPER_OFFSET + BLOCK]))
         out[ef.SUPER_OFFSET + 4 : ef.SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
+
+
+@functools.lru_cache(maxsize=64)
+def _dirents_struct(count: int) -> struct.Struct:
+    """``count`` dirents (nid, nameoff, file type, reserved) packed by one call."""
+    return struct.Struct("<" + "QHBx" * count)
 
 
 def _first(entry: Dirent) -> bytes:
