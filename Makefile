@@ -10,7 +10,7 @@ PYTHON ?= python3
 # Debian packages the daemon, the tests and the demo use.
 APT_PACKAGES := containerd runc fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev \
 	docker-registry redis-server skopeo stargz-snapshotter tar gzip zstd iproute2 \
-	golang-github-containerd-containerd-dev podman debootstrap ca-certificates erofs-utils
+	golang-github-containerd-containerd-dev podman debootstrap ca-certificates
 
 # What `make bench` needs beyond them: Go and stargz-snapshotter's Go library, from which the
 # benchmark builds its own stargz daemon (bench/stargz). If they cannot be installed the

@@ -319,18 +319,6 @@ def test_overlay_over_two_erofs_layers_equals_applying_them(tmp_path: Path) -> N
     assert "var/cache/old1" not in got and "var/cache/fresh" in got
 
 
-def test_fsck_erofs_as_a_second_reader(tmp_path: Path) -> None:
-    if shutil.which("fsck.erofs") is None:
-        pytest.fail("fsck.erofs is missing: apt-get install erofs-utils (Makefile APT_PACKAGES)")
-    layer = make_layer(tmp_path, "rich", rich_members(big=1 << 20))
-    res = subprocess.run(["fsck.erofs", f"--device={layer.tar}", "--extract",
-                          str(layer.image)], capture_output=True, text=True, check=False)
-    if "blksize 512 isn't supported" in res.stderr + res.stdout:
-        pytest.skip("fsck.erofs (erofs-utils 1.5) reads only page-sized blocks: "
-                    f"{res.stderr.strip().splitlines()[0]}")
-    assert res.returncode == 0, res.stderr
-
-
 def test_probe_works_here_and_mount_errors_are_one_line(tmp_path: Path) -> None:
     assert probe_file_backed(tmp_path / "probe") is None
     assert os.listdir(tmp_path / "probe") == []
