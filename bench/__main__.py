@@ -1,14 +1,17 @@
-"""`make bench`: clip against containerd's overlayfs snapshotter, side by side, in one run.
+"""`make bench`: clip against containerd's overlayfs and stargz-snapshotter, in one run.
 
 Builds the images (bench/images.py, cached under bench/work), starts a docker-registry in a
-network namespace of its own behind a veth pair, and measures every image under every setup
+network namespace of its own behind a veth pair, builds the stargz daemon and pushes each
+image's eStargz twin (bench/peers.py), and measures every image under every setup
 (bench/setups.py) twice: over the unshaped link, then shaped to ``--mbit`` with ``--rtt-ms``
-round trip. Then the FUSE read throughput phase, and the report (bench/report.py) in
-bench/results/. Everything started is stopped by PID, unmounted by path, and the namespace,
-veth pair and qdiscs are removed, also on failure or Ctrl-C.
+round trip; each link is probed first for the physical limit. Then the FUSE read throughput
+phase, and the report (bench/report.py) in bench/results/. Everything started is stopped by
+PID, unmounted by path, and the namespace, veth pair and qdiscs are removed, also on failure
+or Ctrl-C.
 
     .venv/bin/python -m bench            # the full run whose results are committed
     .venv/bin/python -m bench --quick    # one image, one repeat: for development
+    .venv/bin/python -m bench --quick --setups overlayfs,stargz,clip-lazy --no-throughput
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -27,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.images import BIG_MIB, FSREAD, IMAGES, build_and_push, say
-from bench.netem import DelayRelay, ShapedLink, ShapedRegistry
-from bench.setups import Bench, Run, Throughput, contentcache_in_read_path, throughput
+from bench.images import BIG_MIB, FSREAD, IMAGES, PushedImage, build_and_push, say
+from bench.netem import DelayRelay, ShapedLink, ShapedRegistry, probe
+from bench.peers import build_daemon, convert_all
+from bench.setups import SETUPS, Bench, Run, Throughput, contentcache_in_read_path, throughput
 from integration.harness.containerd import unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.redis import RedisServer
@@ -53,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--images",
         default=None,
         help="comma-separated subset of: " + ",".join(s.name for s in IMAGES),
+    )
+    parser.add_argument(
+        "--setups",
+        default=None,
+        help="comma-separated subset of: " + ",".join(SETUPS) + " (clip-cold runs for any clip "
+        "setup, overlayfs-warm with overlayfs, stargz-warm with stargz)",
     )
     parser.add_argument("--mbit", type=int, default=200, help="shaped link bandwidth")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round trip")
@@ -89,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in IMAGES if wanted is None or s.name in wanted]
     if not specs:
         raise SystemExit(f"bench: no such image in --images {args.images!r}")
+    only = frozenset(args.setups.split(",")) if args.setups else None
+    if only is not None and not only <= set(SETUPS):
+        raise SystemExit(
+            f"bench: no such setup in --setups: {','.join(sorted(only - set(SETUPS)))}"
+        )
     started = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the ExitStack below stops and unmounts what was started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     nodes = Path(f"/tmp/clipbench-{os.getpid()}")
     cc_available = contentcache_in_read_path()
     payload: dict[str, Any] = {
@@ -111,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         with_fs = not args.no_throughput
         pushed = build_and_push(args.work, [*specs, *([FSREAD] if with_fs else [])], registry.host)
         by_name = {p.spec.name: p for p in pushed}
+        stargz, esgz, payload["peers"] = stargz_setup(
+            args.work, [by_name[s.name] for s in specs], registry.host, only
+        )
         direct = CountingProxy(registry.host)
         stack.callback(direct.stop)
         direct.start()
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             cc_url = redis.url()
         hosts = [direct.host, shaped.host]
         links = ["unshaped"] + ([] if args.no_shaped else [f"{args.mbit}mbit-{args.rtt_ms:g}ms"])
+        link_params: dict[str, dict[str, float]] = {}
         runs = []
         failures: list[dict[str, Any]] = []
         tp: list[Throughput] = []
@@ -136,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 link.shape(args.mbit)
                 relay.start()
             say(f"== link {name}")
-            bench = Bench(nodes, proxy, name, hosts, cc_url)
+            link_params[name] = probe_link(proxy.host, by_name[specs[0].name])
+            bench = Bench(nodes, proxy, name, hosts, cc_url, stargz=stargz, esgz=esgz, only=only)
             bench.profile = tuple(filter(None, args.profile.split(",")))
             bench.profile_dir = args.work / "profiles"
             for repeat in range(repeats):
@@ -150,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 tp = throughput(bench, by_name["fsread"], BIG_MIB, n_small)
                 payload["n_small"] = n_small
             link.unshape()
-        payload["images"] = report.image_info([by_name[s.name] for s in specs])
+        payload["images"] = report.image_info([by_name[s.name] for s in specs], esgz)
     summary = report.summarize(runs)
+    payload["link_params"] = link_params
+    payload["limits"] = report.limits(summary, link_params)
     payload.update(
         machine=report.machine(),
         finished=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -170,12 +195,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def stargz_setup(
+    work: Path, pushed: list[PushedImage], registry_host: str, only: frozenset[str] | None
+) -> tuple[Path | None, dict[str, PushedImage], dict[str, str]]:
+    """The stargz daemon and the eStargz twins, or a one-line reason for the report."""
+    if only is not None and not only & {"stargz", "stargz-warm"}:
+        return None, {}, {}
+    built = build_daemon(work)
+    reason = built.error
+    esgz: dict[str, PushedImage] = {}
+    if built.binary is not None:
+        try:
+            esgz = convert_all(work, pushed, registry_host)
+        except Exception as exc:  # reported in one line; clip and overlayfs still run
+            reason = "eStargz conversion failed: " + (str(exc).strip() or repr(exc))
+    if reason:
+        status = "not measured: " + reason.splitlines()[0][:300]
+        say(f"stargz {status}")
+        return None, {}, {"stargz": status}
+    return built.binary, esgz, {"stargz": "measured"}
+
+
+def probe_link(host: str, pushed: PushedImage) -> dict[str, float]:
+    """The link's round trip and rate, through ``host``, on the image's largest layer."""
+    size, digest = max(zip(pushed.image.layer_sizes, pushed.image.layer_digests, strict=True))
+    measured = probe(host, f"/v2/{pushed.image.repo}/blobs/{digest}")
+    say(f"   probe: rtt {measured.rtt_s * 1000:.1f} ms, rate {measured.rate_bps / 1e6:.0f} Mbit/s "
+        f"({size / 1e6:.1f} MB blob)")  # fmt: skip
+    return {"rtt_s": measured.rtt_s, "rate_bps": measured.rate_bps}
+
+
+# Run fields renamed since older results files were written (issue 14: every snapshotter).
+RENAMED = {"clip_cpu_s": "daemon_cpu_s", "clip_peak_rss": "daemon_peak_rss"}
+
+
 def rerender(path: Path) -> int:
-    """Recompute summary and targets from the raw runs of ``path`` and rewrite .md and .png."""
+    """Recompute summary, limits and targets from the raw runs of ``path``; rewrite .md, .png."""
     payload = json.loads(path.read_text())
     fields = {f.name for f in dataclasses.fields(Run)}
-    runs = [Run(**{k: v for k, v in r.items() if k in fields}) for r in payload["runs"]]
+    runs = [
+        Run(**{RENAMED.get(k, k): v for k, v in r.items() if RENAMED.get(k, k) in fields})
+        for r in payload["runs"]
+    ]
     payload["summary"] = report.summarize(runs)
+    payload["limits"] = report.limits(payload["summary"], payload.get("link_params", {}))
     payload["targets"] = report.targets(
         payload["summary"], payload["links"], payload["contentcache_available"]
     )
@@ -198,6 +261,7 @@ def run_mode(args: argparse.Namespace) -> str:
             ("--no-shaped", args.no_shaped),
             ("--no-throughput", args.no_throughput),
             ("--profile", args.profile),
+            ("--setups", args.setups),
         )
         if on
     ]

@@ -52,6 +52,9 @@ class ImageSpec:
     argv: tuple[str, ...]
     description: str
     reports_files: bool = False  # the workload prints the files it loaded (see PY_FILES)
+    # Otherwise: glob patterns (relative to /) of the files the workload reads, for the
+    # read-set estimate and the physical limit (programs, libraries and data it opens).
+    read_set: tuple[str, ...] = ()
 
 
 # Appended to Python workloads: the files the process loaded (modules and mapped libraries),
@@ -71,6 +74,8 @@ PY_SCI = (
     "print(round(float(scipy.linalg.det(a @ a.T + numpy.eye(200)) > 0)), len(df.describe()))\n"
 )
 SMALL_READ = "cat /files/d*/f000[0-2] | wc -c"  # 300 files spread over the whole layer
+LIBS = "usr/lib/x86_64-linux-gnu/"
+SHELL_READS = ("usr/bin/dash", "usr/bin/wc", "usr/lib64/ld-linux-x86-64.so.2", LIBS + "libc.so.6")
 
 IMAGES = (
     ImageSpec(
@@ -78,6 +83,15 @@ IMAGES = (
         ("base",),
         ("/bin/sh", "-c", "dpkg-query -W | wc -l && ls -R /usr/share/doc | wc -l"),
         "Debian bookworm minbase; `dpkg-query -W` and a listing of /usr/share/doc",
+        read_set=(
+            *SHELL_READS,
+            "usr/bin/dpkg-query",
+            "usr/bin/ls",
+            "var/lib/dpkg/status",
+            LIBS + "libmd.so.0",
+            LIBS + "libselinux.so.1",
+            LIBS + "libpcre2-8.so.0",
+        ),
     ),
     ImageSpec(
         "python",
@@ -98,6 +112,7 @@ IMAGES = (
         ("base", "files"),
         ("/bin/sh", "-c", SMALL_READ),
         f"minbase + {SMALL_DIRS * SMALL_PER_DIR} small files; reads 300 of them spread widely",
+        read_set=(*SHELL_READS, "usr/bin/cat", "files/d*/f000[0-2]"),
     ),
 )
 # Only for the FUSE throughput phase (not a time-to-first-exec image).
@@ -318,6 +333,15 @@ def _find(trees: list[Path], rel: str) -> tuple[int, Path] | None:
         joined = target if target.startswith("/") else os.path.join(os.path.dirname(rel), target)
         rel = os.path.normpath(joined).lstrip("/")
     return None
+
+
+def read_set_paths(pushed: PushedImage) -> list[str]:
+    """The paths the spec's ``read_set`` patterns match in any of the image's layers."""
+    found: set[str] = set()
+    for pattern in pushed.spec.read_set:
+        for tree in pushed.layer_trees:
+            found |= {"/" + str(p.relative_to(tree)) for p in tree.glob(pattern)}
+    return sorted(found)
 
 
 def compressed_bytes_of(pushed: PushedImage, paths: list[str]) -> int:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from integration.harness.registry import REGISTRY_BINARY, RegistryServer, free_port
@@ -182,6 +183,40 @@ class DelayRelay:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+# ------------------------------------------------------------------------------- link probe
+
+
+@dataclass(frozen=True)
+class LinkProbe:
+    """What a client sees of a link: round trip and bulk rate (for the physical limit)."""
+
+    rtt_s: float  # a small GET on a fresh connection, best of several
+    rate_bps: float  # bits per second of one blob read in full, round trip taken off
+
+
+def _get(host: str, path: str) -> tuple[float, int]:
+    """Seconds and body bytes of one GET on a fresh connection."""
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection(host, timeout=120)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        size = 0
+        while chunk := response.read(1 << 20):
+            size += len(chunk)
+    finally:
+        conn.close()
+    return time.monotonic() - t0, size
+
+
+def probe(host: str, blob_path: str, pings: int = 5, reads: int = 2) -> LinkProbe:
+    """Measure ``host`` (the proxy every setup goes through) with /v2/ pings and full reads of
+    ``blob_path`` (``/v2/<repo>/blobs/<digest>``); best of each, as the limit is a best case."""
+    rtt = min(_get(host, "/v2/")[0] for _ in range(pings))
+    best, size = min(_get(host, blob_path) for _ in range(reads))
+    return LinkProbe(rtt, size * 8 / max(best - rtt, 1e-6))
 
 
 # ------------------------------------------------------------------------------- relay process

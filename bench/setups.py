@@ -1,4 +1,4 @@
-"""The five setups of issue 6, each measured from a clean node.
+"""The setups of issues 6 and 14, each measured from a clean node.
 
 Every measured run gets a fresh "node": its own ``clip serve`` (root, socket) and its own
 containerd (root, state, socket) from the integration harness, under a short /tmp path, torn down
@@ -16,7 +16,10 @@ dropped just before the pull. Setups:
 4. ``clip-contentcache``: like 3 with a Redis ContentCache warmed by another node (only when the
    read path has a ContentCache tier; otherwise reported as not available);
 5. ``clip-warm``: node 2's disk cache and indexes moved to a fresh node: a node that ran the image
-   before.
+   before;
+6. ``stargz``: the image's eStargz twin (bench/peers.py), ``ctr-remote image rpull`` then
+   ``ctr run`` on a node whose snapshotter is the bench's stargz daemon; plus ``stargz-warm``:
+   the same node again, page cache dropped (its layer caches hold what the first run fetched).
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.images import PushedImage, compressed_bytes_of
+from bench.images import PushedImage, compressed_bytes_of, read_set_paths
+from bench.peers import StargzDaemon, rpull
 from integration.harness.clipd import ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd, unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import free_port
 
 NAMESPACE = "clip-bench"
+PROXY_PLUGIN = "clip"  # the harness containerd's proxy plugin: clip serve or the stargz daemon
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,11 +94,15 @@ class Run:
     registry_requests: int
     registry_unique_bytes: int  # blob bytes counted once however often ranges overlapped
     contentcache_bytes: int | None
-    clip_cpu_s: float | None  # CPU time of `clip serve` during pull + run
-    clip_peak_rss: int | None  # VmHWM of `clip serve`
+    # The snapshotter's process: `clip serve`, the stargz daemon, or containerd itself for
+    # overlayfs (it snapshots and unpacks in-process). CPU during pull + run; VmHWM at the end.
+    daemon_cpu_s: float | None
+    daemon_peak_rss: int | None
     inflate_s: float | None = None  # clip.inflate.duration sum over the run (read path only)
     read_compressed_bytes: int | None = None  # compressed bytes of the files the workload read
     load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
+    containerd_cpu_s: float | None = None  # containerd's CPU during pull + run (every setup)
+    fuse_requests: int | None = None  # requests clip's FUSE mount served during pull + run
     output: str = ""
 
     @property
@@ -105,10 +114,20 @@ class Run:
 
 
 class Node:
-    """A clip serve + containerd pair on a private short path, for one measured run."""
+    """A snapshotter daemon + containerd pair on a private short path, for one measured run.
+
+    The daemon is ``clip serve``, or with ``stargz`` the bench's stargz daemon (then the
+    containerd's proxy plugin named ``clip`` is that daemon: see bench.peers.StargzDaemon).
+    """
 
     def __init__(
-        self, work: Path, registry_hosts: list[str], *, cc_url: str = "", extra: str = ""
+        self,
+        work: Path,
+        registry_hosts: list[str],
+        *,
+        cc_url: str = "",
+        extra: str = "",
+        stargz: Path | None = None,
     ) -> None:
         self.work = work
         self.cc_url = cc_url
@@ -116,20 +135,41 @@ class Node:
             unmount_under(work)
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in registry_hosts)
-        cache = f'[content_cache]\nurl = "{cc_url}"\n' if cc_url else ""
-        self.metrics = f"127.0.0.1:{free_port()}"
-        daemon = f'[daemon]\nmetrics_address = "{self.metrics}"\n\n'
-        (work / "clip.toml").write_text(daemon + tables + cache + extra)
-        self.clip = ClipDaemon(work / "clip", config=work / "clip.toml", log_level="warning")
+        self.metrics = ""
+        self.clip: ClipDaemon | StargzDaemon
+        if stargz is not None:
+            self.clip = StargzDaemon(stargz, work / "sgz")
+        else:
+            tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in registry_hosts)
+            cache = f'[content_cache]\nurl = "{cc_url}"\n' if cc_url else ""
+            self.metrics = f"127.0.0.1:{free_port()}"
+            daemon = f'[daemon]\nmetrics_address = "{self.metrics}"\n\n'
+            (work / "clip.toml").write_text(daemon + tables + cache + extra)
+            self.clip = ClipDaemon(work / "clip", config=work / "clip.toml", log_level="warning")
         self.containerd = Containerd(work / "ctd", self.clip.socket, self.clip.root)
 
     @property
     def root(self) -> Path:
         return self.clip.root
 
+    def snapshotter_pid(self, snapshotter: str) -> int:
+        """The process doing the snapshotter's work: containerd for overlayfs, else the daemon."""
+        proc = self.containerd.proc if snapshotter == "overlayfs" else self.clip.proc
+        assert proc is not None, "node not started"
+        return proc.pid
+
     def inflate_seconds(self) -> float | None:
         """Sum of clip's `clip.inflate.duration` histogram (read-path inflation), if served."""
+        return self._metric_sum("clip_inflate_duration", "_sum")
+
+    def fuse_requests(self) -> float | None:
+        """Requests clip's FUSE mount has served so far (every operation, both fs modes)."""
+        return self._metric_sum("clip_fuse_requests", "_total")
+
+    def _metric_sum(self, prefix: str, suffix: str) -> float | None:
+        """Sum over labels of the clip metric samples named ``prefix...suffix``."""
+        if not self.metrics:
+            return None
         try:
             with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as resp:
                 text = resp.read().decode()
@@ -139,7 +179,7 @@ class Node:
         for line in text.splitlines():
             name, _, value = line.partition(" ")
             metric = name.split("{", 1)[0]
-            if metric.startswith("clip_inflate_duration") and metric.endswith("_sum"):
+            if metric.startswith(prefix) and metric.endswith(suffix):
                 total += float(value.split()[0])
         return total
 
@@ -163,6 +203,12 @@ class Node:
 
     def overlay_pull(self, ref: str) -> None:
         self.ctr("images", "pull", "--plain-http", ref)
+
+    def stargz_pull(self, ref: str) -> None:
+        try:
+            rpull(self.containerd, NAMESPACE, ref, PROXY_PLUGIN)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{self.clip.log()}") from None
 
     def clip_pull(self, ref: str) -> None:
         result = clip_pull(self.containerd.socket, NAMESPACE, ref, timeout=1800)
@@ -225,11 +271,18 @@ class Bench:
     cc_url: str = ""  # a Redis URL when setup 4 runs
     profile: tuple[str, ...] = ()  # setups to record with py-spy (bench/work/profiles)
     profile_dir: Path = Path("bench/work/profiles")
+    stargz: Path | None = None  # the stargz daemon's binary, when it built
+    esgz: dict[str, PushedImage] = field(default_factory=dict)  # eStargz twins by image name
+    only: frozenset[str] | None = None  # setups to measure (None: all; see wants())
     runs: list[Run] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def node(self, name: str, *, cc: bool = False, extra: str = "") -> Node:
         return Node(self.work / name, self.hosts, cc_url=self.cc_url if cc else "", extra=extra)
+
+    def wants(self, *setups: str) -> bool:
+        """Whether any of ``setups`` is to be measured (``--setups`` narrows the run)."""
+        return self.only is None or any(s in self.only for s in setups)
 
     def measure(
         self,
@@ -242,13 +295,14 @@ class Bench:
     ) -> Run:
         """Drop the page cache, then time ``pull`` (if any) and ``ctr run`` of the workload."""
         ref = pushed.ref_via(self.proxy.host)
-        pid = node.clip.pid
-        assert pid is not None
+        pid = node.snapshotter_pid(snapshotter)
+        ctd = node.snapshotter_pid("overlayfs")
         drop_page_cache()
         self.proxy.reset()
         cc0 = redis_output_bytes(node.cc_url) if node.cc_url else None
-        cpu0 = cpu_seconds(pid)
-        inflate0 = node.inflate_seconds() if snapshotter == "clip" else None
+        cpu0, ctd0 = cpu_seconds(pid), cpu_seconds(ctd)
+        inflate0 = node.inflate_seconds()
+        fuse0 = node.fuse_requests()
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
         try:
@@ -274,11 +328,13 @@ class Bench:
             registry_requests=self.proxy.total_requests,
             registry_unique_bytes=unique_blob_bytes(self.proxy, pushed),
             contentcache_bytes=(redis_output_bytes(node.cc_url) - cc0) if cc0 is not None else None,
-            clip_cpu_s=cpu_seconds(pid) - cpu0 if snapshotter == "clip" else None,
-            clip_peak_rss=peak_rss_bytes(pid) if snapshotter == "clip" else None,
+            daemon_cpu_s=cpu_seconds(pid) - cpu0,
+            daemon_peak_rss=peak_rss_bytes(pid),
+            containerd_cpu_s=cpu_seconds(ctd) - ctd0,
             read_compressed_bytes=_read_bytes(pushed, out),
             load1=os.getloadavg()[0],
             inflate_s=_delta(node.inflate_seconds(), inflate0),
+            fuse_requests=_count(_delta(node.fuse_requests(), fuse0)),
             output=_short(out),
         )
         self.runs.append(run)
@@ -286,7 +342,7 @@ class Bench:
             f"    {self.link:<14} {pushed.spec.name:<10} {setup:<18} #{repeat}: pull "
             f"{run.pull_s:6.2f}s  run {run.first_exec_s:6.2f}s  registry "
             f"{blobs / 1e6:8.1f} MB"
-            + (f"  rss {run.clip_peak_rss / 1e6:.0f} MB" if run.clip_peak_rss else "")
+            + f"  daemon cpu {run.daemon_cpu_s:5.2f}s rss {(run.daemon_peak_rss or 0) / 1e6:.0f} MB"
         )
         return run
 
@@ -312,7 +368,14 @@ class Bench:
         """Setups 1-5 for one image, each on a clean node; a failing setup is recorded in
         ``failures`` and the round goes on with what does not depend on it."""
         name = pushed.spec.name
-        self._attempt(pushed, "overlayfs", repeat, lambda: self._overlay(pushed, repeat))
+        if self.wants("overlayfs", "overlayfs-warm"):
+            self._attempt(pushed, "overlayfs", repeat, lambda: self._overlay(pushed, repeat))
+        esgz = self.esgz.get(name)
+        if self.stargz is not None and esgz is not None and self.wants("stargz", "stargz-warm"):
+            self._attempt(esgz, "stargz", repeat, lambda: self._stargz(esgz, repeat))
+        clip_setups = [s for s in CLIP_SETUPS if self.wants(s) and (with_cc or "content" not in s)]
+        if not clip_setups:
+            return
         if with_cc:
             _flush_redis(self.cc_url)
         cold = self.node(f"{name}-a", cc=with_cc)
@@ -321,21 +384,31 @@ class Bench:
                 pushed, "clip-cold", repeat, lambda: self._cold(cold, pushed, repeat, with_cc)
             ):
                 return
-            for setup, extra in (("clip-lazy", ""), ("clip-lazy-nobg", NO_BACKGROUND)):
+            for setup, extra in (
+                ("clip-lazy", ""),
+                ("clip-lazy-nobg", NO_BACKGROUND),
+                ("clip-lazy-fusetree", FUSE_TREE),
+            ):
+                if setup not in clip_setups:
+                    continue
                 self._attempt(
                     pushed,
                     setup,
                     repeat,
                     partial(self._fresh, pushed, setup, repeat, cold, extra=extra),
                 )
-            if with_cc:
+            if "clip-contentcache" in clip_setups:
                 self._attempt(
                     pushed,
                     "clip-contentcache",
                     repeat,
                     lambda: self._fresh(pushed, "clip-contentcache", repeat, None, cc=True),
                 )
-            self._attempt(pushed, "clip-warm", repeat, lambda: self._warm(pushed, repeat, cold))
+            for setup in ("clip-warm-fusetree", "clip-warm"):  # the last one moves the cache
+                if setup in clip_setups:
+                    self._attempt(
+                        pushed, setup, repeat, partial(self._warm, pushed, repeat, cold, setup)
+                    )
         finally:
             cold.remove()
 
@@ -346,7 +419,8 @@ class Bench:
             step()
             return True
         except Exception as exc:  # recorded and reported; the benchmark goes on
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            text = str(exc).strip().splitlines() or [repr(exc)]
+            first = text[0][:300]
             self.failures.append(
                 {
                     "link": self.link,
@@ -357,6 +431,7 @@ class Bench:
                 }
             )
             say(f"    {self.link:<14} {pushed.spec.name:<10} {setup:<18} #{repeat}: FAILED {first}")
+            say("".join(f"      | {line}\n" for line in text[1:][-20:]).rstrip())
             return False
 
     def _overlay(self, pushed: PushedImage, repeat: int) -> None:
@@ -365,6 +440,16 @@ class Bench:
             node.start()
             self.measure(node, pushed, "overlayfs", repeat, node.overlay_pull, "overlayfs")
             self.measure(node, pushed, "overlayfs-warm", repeat, None, "overlayfs")
+        finally:
+            node.remove()
+
+    def _stargz(self, esgz: PushedImage, repeat: int) -> None:
+        """Setup 6 on the eStargz twin: rpull + run, then the warm run on the same node."""
+        node = Node(self.work / f"{esgz.spec.name}-s", self.hosts, stargz=self.stargz)
+        try:
+            node.start()
+            self.measure(node, esgz, "stargz", repeat, node.stargz_pull, PROXY_PLUGIN)
+            self.measure(node, esgz, "stargz-warm", repeat, None, PROXY_PLUGIN)
         finally:
             node.remove()
 
@@ -401,20 +486,42 @@ class Bench:
         finally:
             node.remove()
 
-    def _warm(self, pushed: PushedImage, repeat: int, cold: Node) -> None:
-        """Setup 5: node 2's disk cache and indexes moved to a fresh node."""
-        node = self.node(f"{pushed.spec.name}-d")
+    def _warm(self, pushed: PushedImage, repeat: int, cold: Node, setup: str) -> None:
+        """Setup 5: node 2's disk cache and indexes on a fresh node: copied for the FUSE-tree
+        variant (which runs first), moved for the last one."""
+        fuse_tree = setup == "clip-warm-fusetree"
+        node = self.node(f"{pushed.spec.name}-{setup}", extra=FUSE_TREE if fuse_tree else "")
         try:
             node.root.mkdir(parents=True)
-            (cold.root / "indexes").rename(node.root / "indexes")
-            (cold.root / "cache").rename(node.root / "cache")
+            for part in ("indexes", "cache"):
+                if fuse_tree:
+                    subprocess.run(
+                        ["cp", "-a", "--sparse=always", str(cold.root / part), str(node.root)],
+                        check=True,
+                    )
+                else:
+                    (cold.root / part).rename(node.root / part)
             node.start()
-            self.measure(node, pushed, "clip-warm", repeat, node.clip_pull, "clip")
+            self.measure(node, pushed, setup, repeat, node.clip_pull, "clip")
         finally:
             node.remove()
 
 
 NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
+# The FUSE-tree mode (clip serves every file operation), side by side with the default, in
+# which the kernel serves each layer from an EROFS image (docs/erofs.md).
+FUSE_TREE = '[fs]\nmode = "fuse"\n'
+# clip-cold runs whenever any of these is wanted: the others start from what it built.
+CLIP_SETUPS = (
+    "clip-cold",
+    "clip-lazy",
+    "clip-lazy-nobg",
+    "clip-lazy-fusetree",
+    "clip-contentcache",
+    "clip-warm-fusetree",
+    "clip-warm",
+)
+SETUPS = ("overlayfs", "overlayfs-warm", "stargz", "stargz-warm", *CLIP_SETUPS)
 
 
 def wait_for_profiles(node: Node, pushed: PushedImage, limit: float = 30.0) -> None:
@@ -475,11 +582,18 @@ def _delta(after: float | None, before: float | None) -> float | None:
     return None if after is None or before is None else after - before
 
 
+def _count(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
 def _read_bytes(pushed: PushedImage, out: str) -> int | None:
+    """Compressed bytes of what the workload read: the files it printed, else its spec's
+    declared read set, else unknown."""
     for line in out.splitlines():
         if line.startswith("FILES "):
             return compressed_bytes_of(pushed, json.loads(line[6:]))
-    return None
+    paths = read_set_paths(pushed)
+    return compressed_bytes_of(pushed, paths) if paths else None
 
 
 def _short(out: str) -> str:

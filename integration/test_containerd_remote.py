@@ -70,6 +70,9 @@ class ExtractingProvider:
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         await asyncio.to_thread(shutil.rmtree, lowerdir, True)
 
+    async def sweep(self) -> list[str]:
+        return []
+
 
 class ThreadedDaemon:
     """clip's Daemon on its own asyncio loop in a thread (signals stay with pytest)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.harness.clipd import ClipDaemon, clip_pull
+from integration.harness.clipd import ClipDaemon, Mount, clip_pull
 from integration.harness.containerd import Containerd
 from integration.harness.images import (
     BuiltImage,
@@ -37,6 +37,7 @@ from integration.harness.mounts import Mounter
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import RegistryServer
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from snapshotter.fs.layerfs import mount_at
 from snapshotter.pull import chain_ids
 
 pytestmark = pytest.mark.slow
@@ -176,11 +177,12 @@ class Node:
         return [line.split()[0] for line in out.stdout.splitlines()[1:] if "Committed" in line]
 
 
-def _clip_config(path: Path, hosts: list[str]) -> Path:
+def _clip_config(path: Path, hosts: list[str], fs_mode: str) -> Path:
     tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in hosts)
     # No background fetch: these tests measure what reads alone fetch (docs/cluster.md).
     path.write_text(
         f"{tables}[fuse]\nread_timeout_seconds = {READ_TIMEOUT}\n\n"
+        f'[fs]\nmode = "{fs_mode}"\n\n'
         "[background_fetch]\nenabled = false\n"
     )
     return path
@@ -191,11 +193,13 @@ def node_factory(tmp_path: Path) -> Iterator[object]:
     """Start clip + containerd pairs on short private paths; stop all of them afterwards."""
     started: list[Node] = []
 
-    def make(hosts: list[str], name: str = "n", seed_indexes: Path | None = None) -> Node:
+    def make(
+        hosts: list[str], name: str = "n", seed_indexes: Path | None = None, fs_mode: str = "erofs"
+    ) -> Node:
         work = Path(f"/tmp/clip-e2e-{os.getpid()}-{name}-{len(started)}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        config = _clip_config(work / "clip.toml", hosts)
+        config = _clip_config(work / "clip.toml", hosts, fs_mode)
         clip = ClipDaemon(work / "clip", config=config)
         if seed_indexes is not None:
             shutil.copytree(seed_indexes, clip.root / "indexes")
@@ -257,7 +261,8 @@ def _describe(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 def _view_tree(
-    node: Node, snapshotter: str, chain: str, target: Path, mounter: Mounter
+    node: Node, snapshotter: str, chain: str, target: Path, mounter: Mounter,
+    views: dict[str, list[Mount]] | None = None,
 ) -> dict[str, tuple[object, ...]]:
     channel = grpc.insecure_channel(f"unix:{node.containerd.socket}")
     try:
@@ -269,13 +274,17 @@ def _view_tree(
         channel.close()
     target.mkdir(parents=True)
     mounter.mount_all(response.mounts, target)
+    if views is not None:
+        views[snapshotter] = [Mount(m.type, m.source, tuple(m.options)) for m in response.mounts]
     return _describe(target)
 
 
+@pytest.mark.parametrize("fs_mode", ["erofs", "fuse"])
 def test_pull_run_and_rootfs_match_overlayfs(
-    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path,
+    fs_mode: str,
 ) -> None:
-    node = node_factory([registry.host], "match")  # type: ignore[operator]
+    node = node_factory([registry.host], "match", fs_mode=fs_mode)  # type: ignore[operator]
     ref = lazy_image.image.ref
     node.pull(ref)
     out = node.run(ref, "hello", "/bin/cat", "/data/hello.txt", "/opaque/c")
@@ -285,11 +294,18 @@ def test_pull_run_and_rootfs_match_overlayfs(
 
     node.containerd.ctr("images", "pull", "--plain-http", ref, namespace=NAMESPACE)
     mounter = Mounter()
+    views: dict[str, list[Mount]] = {}
     try:
-        clip_tree = _view_tree(node, "clip", lazy_image.top_chain, tmp_path / "clip", mounter)
+        clip_tree = _view_tree(
+            node, "clip", lazy_image.top_chain, tmp_path / "clip", mounter, views
+        )
         ovl_tree = _view_tree(node, "overlayfs", lazy_image.top_chain, tmp_path / "ovl", mounter)
+        lowers = _lowerdirs(views["clip"])
     finally:
         mounter.unmount_all()
+    # Without published indexes clip built each index while streaming the blob once, so every
+    # layer is complete on disk: EROFS mounts over the cache files, no FUSE in the path.
+    _assert_served(node, lowers, fs_mode, "disk")
     assert len(clip_tree) > MANY
     missing = sorted(set(ovl_tree) ^ set(clip_tree))
     assert not missing, f"paths differ: {missing[:20]}"
@@ -297,6 +313,27 @@ def test_pull_run_and_rootfs_match_overlayfs(
     assert not different, [(p, ovl_tree[p], clip_tree[p]) for p in different[:10]]
     assert clip_tree["data/capfile"][4] == (("security.capability", CAP_NET_BIND),)
     assert clip_tree["data/setuid"][1] == 0o4755
+
+
+def _assert_served(node: Node, lowers: list[Path], fs_mode: str, device: str) -> None:
+    """Each of the image's 3 layers is an EROFS mount over `device` ("disk": the cache file,
+    "fuse": the FUSE stream file), or in FUSE mode a directory of clip's FUSE tree."""
+    assert len(lowers) == 3, lowers
+    for lower in lowers:
+        if fs_mode == "erofs":
+            assert lower.parent == node.clip.root / "layers", lower
+            image = node.clip.root / "erofs" / f"{lower.name}.{device}.img"
+            assert mount_at(lower) == ("erofs", str(image))
+        else:
+            assert lower.parent == node.clip.root / "mnt", lower
+
+
+def _lowerdirs(mounts: list[Mount]) -> list[Path]:
+    """The lowerdirs of a snapshot's mounts (top first; a single lower is a bind mount)."""
+    options = [o for m in mounts for o in m.options if o.startswith("lowerdir=")]
+    if options:
+        return [Path(p) for p in options[0].removeprefix("lowerdir=").split(":")]
+    return [Path(m.source) for m in mounts]
 
 
 def _read_some(node: Node, ref: str, name: str, middle_sha: str) -> None:
@@ -326,17 +363,22 @@ def _seeded_indexes(image: BuiltImage, where: Path) -> Path:
     return where
 
 
+@pytest.mark.parametrize("fs_mode", ["erofs", "fuse"])
 def test_seeded_indexes_make_the_run_lazy(
-    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path,
+    fs_mode: str,
 ) -> None:
     image = lazy_image.image
     with CountingProxy(registry.host) as proxy:
         seeded = _seeded_indexes(image, tmp_path / "indexes")
-        node = node_factory([proxy.host], "lazy", seeded)  # type: ignore[operator]
+        node = node_factory([proxy.host], "lazy", seeded, fs_mode)  # type: ignore[operator]
         ref = f"{proxy.host}/{image.repo}:{image.tag}"
         node.pull(ref)
         _read_some(node, ref, "lazy-read", lazy_image.big_sha_middle)
         fetched = sum(proxy.blob_bytes(d) for d in image.layer_digests)
+    if fs_mode == "erofs":  # incomplete layers: EROFS over the FUSE stream files
+        layers = node.clip.root / "layers"
+        _assert_served(node, [layers / name for name in os.listdir(layers)], fs_mode, "fuse")
     print(f"lazy run: registry served {fetched} of {image.compressed_total} compressed bytes "
           f"({100 * fetched / image.compressed_total:.1f}%)")  # fmt: skip
     assert fetched < 0.10 * image.compressed_total, (fetched, image.compressed_total)

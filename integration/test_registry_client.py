@@ -20,6 +20,8 @@ from typing import TypeVar
 import pytest
 
 from integration.conftest import BuildTestImage
+from integration.harness.clipd import clip_pull
+from integration.harness.containerd import Containerd
 from integration.harness.images import (
     BuiltImage,
     build_image,
@@ -29,13 +31,9 @@ from integration.harness.images import (
 )
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import RegistryServer
+from snapshotter.config import Config, RegistryConfig, RegistrySettings
 from snapshotter.errors import NotFound, Unavailable
-from snapshotter.registry import (
-    AccessDenied,
-    DigestMismatch,
-    RegistryClient,
-    RegistryHostConfig,
-)
+from snapshotter.registry import AccessDenied, DigestMismatch, RegistryClient, RetryPolicy
 from snapshotter.registry import mediatypes as mt
 
 T = TypeVar("T")
@@ -50,7 +48,7 @@ def run(coro: Awaitable[T]) -> T:
 
 
 def client_for(*hosts: str, **kwargs: object) -> RegistryClient:
-    config = {h: RegistryHostConfig(plain_http=True) for h in hosts}
+    config = {h: RegistryConfig(plain_http=True) for h in hosts}
     kwargs.setdefault("docker_config", NO_DOCKER_CONFIG)
     kwargs.setdefault("backoff", 0.02)
     return RegistryClient(config, **kwargs)  # type: ignore[arg-type]
@@ -389,26 +387,31 @@ def test_stream_counts_each_blob_once(proxy: CountingProxy, three_layer_image: B
 
 
 @pytest.mark.parametrize("mode", ["refuse", "hang", "error"])
-def test_outage_fails_within_bound_then_recovers(
+def test_outage_fails_naming_the_blob_then_recovers(
     proxy: CountingProxy, three_layer_image: BuiltImage, mode: str
 ) -> None:
     img = three_layer_image
     proxied = f"{proxy.host}/{img.repo}:{img.tag}"
     digest = img.layer_digests[0]
     blob = img.layer_blobs[0].read_bytes()
+    offset = [0.0]
 
     async def check() -> None:
-        async with client_for(proxy.host, timeout=0.5, retries=2) as client:
+        async with client_for(
+            proxy.host, timeout=0.5, retries=2, clock=lambda: time.monotonic() + offset[0]
+        ) as client:
             assert await client.read_range(proxied, digest, 0, 10) == blob[:10]
             proxy.pause(mode)
-            started = time.monotonic()
             with pytest.raises(Unavailable, match=f"image {proxied}: blob {digest}"):
                 await client.read_range(proxied, digest, 10, 10)
-            elapsed = time.monotonic() - started
+            # the breaker is open now: the next read fails at once, without a request
+            requests = proxy.total_requests
+            with pytest.raises(Unavailable, match=f"{proxy.host} is failing"):
+                await client.read_range(proxied, digest, 10, 10)
+            assert proxy.total_requests == requests
             proxy.resume()
+            offset[0] += client.policy.cooldown  # the cool-down passes: one probe goes out
             assert await client.read_range(proxied, digest, 10, 10) == blob[10:20]
-            # bound: (retries + 1) * (timeout + backoff cap), plus slack for a loaded machine
-            assert elapsed < 3 * (0.5 + 0.1) + 5
 
     run(check())
 
@@ -418,7 +421,7 @@ def test_mirror_serves_then_upstream_takes_over(
 ) -> None:
     img = three_layer_image
     hosts = {
-        img.registry_host: RegistryHostConfig(plain_http=True, mirrors=[f"http://{proxy.host}"]),
+        img.registry_host: RegistryConfig(plain_http=True, mirrors=(f"http://{proxy.host}",)),
     }
 
     async def check() -> None:
@@ -481,3 +484,138 @@ def test_tampered_and_truncated_blobs_from_a_real_registry(
                         pass
 
         run(check())
+
+
+# ---------------------------------------------------------------- containerd's hosts.toml
+
+
+def write_containerd_config(tmp_path: Path, hosts: dict[str, str]) -> Config:
+    """containerd's config.toml with a config_path of hosts.toml files, as clip.toml names it."""
+    certs = tmp_path / "certs.d"
+    for host, text in hosts.items():
+        (certs / host).mkdir(parents=True)
+        (certs / host / "hosts.toml").write_text(text)
+    path = tmp_path / "containerd.toml"
+    path.write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        f'  config_path = "{certs}"\n'
+    )
+    return Config(registry_settings=RegistrySettings(containerd_config=str(path)))
+
+
+def test_host_reachable_only_through_a_hosts_toml_mirror(
+    tmp_path: Path, registry: RegistryServer, three_layer_image: BuiltImage
+) -> None:
+    img = three_layer_image
+    # a registry name that resolves nowhere: only containerd's mirror entry reaches it
+    name = "clip-only.invalid:5000"
+    config = write_containerd_config(
+        tmp_path,
+        {name: f'[host."http://{registry.host}"]\n  capabilities = ["pull", "resolve"]\n'},
+    )
+    ref = f"{name}/{img.repo}:{img.tag}"
+    blob = img.layer_blobs[1].read_bytes()
+
+    async def check() -> None:
+        async with RegistryClient.from_config(config, docker_config=NO_DOCKER_CONFIG) as client:
+            image = await client.resolve(ref)
+            assert image.manifest_digest == img.manifest_digest
+            assert [d.digest for d in image.layers] == img.layer_digests
+            data = await client.read_range(image.pinned, img.layer_digests[1], 100, 5000)
+            assert data == blob[100:5100]
+            assert await client.blob_exists(image.pinned, img.layer_digests[1])
+
+    run(check())
+
+
+def test_hung_mirror_hands_over_to_the_registry(
+    tmp_path: Path, proxy: CountingProxy, registry: RegistryServer, three_layer_image: BuiltImage
+) -> None:
+    img = three_layer_image
+    config = write_containerd_config(
+        tmp_path,
+        {
+            registry.host: f'server = "http://{registry.host}"\n'
+            f'[host."http://{proxy.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        },
+    )
+    digest = img.layer_digests[0]
+    blob = img.layer_blobs[0].read_bytes()
+    policy = RetryPolicy(connect_timeout=0.5, response_timeout=0.5, operation_timeout=5.0)
+
+    async def check() -> None:
+        async with RegistryClient.from_config(config, docker_config=NO_DOCKER_CONFIG) as client:
+            client.policy = policy
+            assert await client.read_range(img.ref, digest, 0, 100) == blob[:100]
+            assert proxy.blob_requests(digest) == 1  # the mirror served it
+            proxy.pause("hang")
+            sent = []
+            for i in range(1, 5):
+                before = client.stats["requests"]
+                data = await client.read_range(img.ref, digest, i * 100, 100)
+                assert data == blob[i * 100 : (i + 1) * 100]
+                sent.append(client.stats["requests"] - before)
+            # three reads each lost one first-byte timeout to the mirror and went on to the
+            # registry at once; then the mirror's breaker was open and the fourth read went
+            # straight to the registry
+            assert sent == [2, 2, 2, 1]
+            assert client.breaker_state(proxy.host) == "open"
+            assert client.stats["retries"] == 0
+            proxy.resume()
+
+    run(check())
+
+
+def test_404_mirror_hands_over_at_once_and_optional_lookups_stop_there(
+    tmp_path: Path, proxy: CountingProxy, registry: RegistryServer, three_layer_image: BuiltImage
+) -> None:
+    img = three_layer_image
+    config = write_containerd_config(
+        tmp_path,
+        {
+            registry.host: f'server = "http://{registry.host}"\n'
+            f'[host."http://{proxy.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        },
+    )
+    digest = img.layer_digests[2]
+    blob = img.layer_blobs[2].read_bytes()
+
+    async def check() -> None:
+        async with RegistryClient.from_config(config, docker_config=NO_DOCKER_CONFIG) as client:
+            proxy.pause("notfound")
+            assert await client.read_range(img.ref, digest, 7, 70) == blob[7:77]
+            image = await client.resolve(img.ref)
+            assert image.manifest_digest == img.manifest_digest
+            # a tag that exists nowhere: the registry's 404 after the mirror's is the answer
+            with pytest.raises(NotFound, match=f"manifest nope not found on {registry.host}"):
+                await client.fetch_manifest(img.ref, "nope", optional=True)
+            assert await client.fetch_referrers(img.ref, img.manifest_digest, "x/y") is None
+            assert client.stats["retries"] == 0
+            assert client.breaker_state(proxy.host) == "closed"  # 404 is an answer
+            proxy.resume()
+
+    run(check())
+    assert proxy.total_requests >= 4  # the mirror was asked first every time
+
+
+# ---------------------------------------------------------------- clip pull's error line
+
+
+def test_clip_pull_tells_clip_unreachable_from_containerd_unreachable(
+    tmp_path: Path, three_layer_image: BuiltImage
+) -> None:
+    img = three_layer_image
+    dead_clip = tmp_path / "no-clip.sock"
+    with Containerd(tmp_path / "containerd", dead_clip, tmp_path / "clip-root") as containerd:
+        result = clip_pull(containerd.socket, "default", img.ref, timeout=120)
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("clip: clip (containerd's 'clip' snapshotter) is unreachable"), line
+    assert str(dead_clip) in line and f"layer {img.layer_digests[0]} of {img.ref}" in line
+    assert "Traceback" not in line and len(line.splitlines()) == 1
+
+    result = clip_pull(tmp_path / "no-containerd.sock", "default", img.ref, timeout=120)
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert line.startswith(f"clip: containerd at {tmp_path / 'no-containerd.sock'} is unreachable")
+    assert "Traceback" not in line

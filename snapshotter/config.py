@@ -35,8 +35,27 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """One ``[registry."HOST"]`` table: overrides over containerd's configuration for HOST
+    (the one definition of a host's settings; the registry client reads it directly)."""
+
     plain_http: bool = False
     mirrors: tuple[str, ...] = ()
+    skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """The ``[registry]`` table's own keys: where containerd's registry configuration is and
+    how long registry operations may take (docs/operations.md "Bounds" derives the bounds)."""
+
+    containerd_config: str = "/etc/containerd/config.toml"
+    connect_timeout_seconds: float = 2.0
+    response_timeout_seconds: float = 3.0
+    operation_timeout_seconds: float = 12.0
+    attempts: int = 3
+    failure_threshold: int = 3
+    cooldown_seconds: float = 10.0
+    redirect_ttl_seconds: float = 60.0
 
 
 #: The `[content_cache]` section is the content cache's own settings type (one definition).
@@ -79,6 +98,17 @@ class LayersConfig:
     max_compression_ratio: float = 250.0
 
 
+#: How remote layers are served: "erofs" (the kernel serves each layer from an EROFS image over
+#: the layer's stream), "fuse" (clip's FUSE tree serves every file operation), "auto" (erofs where
+#: the kernel mounts file-backed EROFS, else fuse; decided at start and logged).
+FS_MODES = ("auto", "erofs", "fuse")
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    mode: str = "auto"
+
+
 @dataclass(frozen=True)
 class DiskCacheConfig:
     dir: str = ""
@@ -86,16 +116,29 @@ class DiskCacheConfig:
 
 
 @dataclass(frozen=True)
+class CriConfig:
+    """The CRI image-service proxy (snapshotter/cri/, docs/deploy.md); off while the address
+    is empty."""
+
+    image_service_address: str = ""
+    containerd_cri_address: str = "/run/containerd/containerd.sock"
+    credential_ttl_seconds: float = 86400.0
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     registry: dict[str, RegistryConfig] = field(default_factory=dict)
+    registry_settings: RegistrySettings = field(default_factory=RegistrySettings)
     content_cache: ContentCacheConfig = field(default_factory=ContentCacheConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    fs: FsConfig = field(default_factory=FsConfig)
     disk_cache: DiskCacheConfig = field(default_factory=DiskCacheConfig)
     memory_cache: MemoryCacheConfig = field(default_factory=MemoryCacheConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
     background_fetch: BackgroundFetchConfig = field(default_factory=BackgroundFetchConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    cri: CriConfig = field(default_factory=CriConfig)
 
     def registry_for(self, host: str) -> RegistryConfig:
         return self.registry.get(host, RegistryConfig())
@@ -174,10 +217,21 @@ class _Loader:
             for mirror in section.mirrors:
                 if not re.match(r"^https?://[^/\s]+", mirror):
                     raise self.fail(f"{name}.mirrors", f"{mirror!r} is not an http(s) URL")
+        if isinstance(section, RegistrySettings):
+            for key in ("attempts", "failure_threshold"):
+                if getattr(section, key) < 1:
+                    raise self.fail(f"{name}.{key}", "expected a positive integer")
         if isinstance(section, ContentCacheConfig):
             self.check_content_cache(name, section)
         if isinstance(section, LayersConfig) and section.max_compression_ratio < 1:
             raise self.fail(f"{name}.max_compression_ratio", "expected a number of at least 1")
+        if isinstance(section, CriConfig):
+            for key in ("image_service_address", "containerd_cri_address"):
+                value = getattr(section, key)
+                if value and not value.startswith("/"):
+                    raise self.fail(f"{name}.{key}", f"{value!r}: expected an absolute socket path")
+        if isinstance(section, FsConfig) and section.mode not in FS_MODES:
+            raise self.fail(f"{name}.mode", f"expected one of {', '.join(FS_MODES)}")
         if isinstance(section, BackgroundFetchConfig):
             for key in ("bytes_per_second", "concurrency"):
                 if getattr(section, key) < 1:
@@ -196,19 +250,22 @@ class _Loader:
             "daemon": DaemonConfig,
             "content_cache": ContentCacheConfig,
             "fuse": FuseConfig,
+            "fs": FsConfig,
             "disk_cache": DiskCacheConfig,
             "memory_cache": MemoryCacheConfig,
             "layers": LayersConfig,
             "background_fetch": BackgroundFetchConfig,
             "telemetry": TelemetryConfig,
+            "cri": CriConfig,
         }
         out: dict[str, Any] = {}
         for name, raw in doc.items():
             if name == "registry":
-                out["registry"] = {
-                    host: self.registry(host, value)
-                    for host, value in self.table(name, raw).items()
-                }
+                table = self.table(name, raw)
+                hosts = {k: v for k, v in table.items() if isinstance(v, dict)}
+                own = {k: v for k, v in table.items() if not isinstance(v, dict)}
+                out["registry"] = {h: self.registry(h, value) for h, value in hosts.items()}
+                out["registry_settings"] = self.section(RegistrySettings, name, own)
             elif name in kinds:
                 out[name] = self.section(kinds[name], name, raw)
             else:

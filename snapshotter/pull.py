@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapshotter.containerd import ContainerdClient
-from snapshotter.errors import FailedPrecondition, InvalidArgument
+from snapshotter.errors import FailedPrecondition, InvalidArgument, Unavailable
 from snapshotter.registry import RegistryClient
 from snapshotter.registry.types import ResolvedImage
 from snapshotter.snapshots.remote import CRI_PREFIX, TARGET_LABEL
@@ -32,6 +32,8 @@ from snapshotter.snapshots.remote import CRI_PREFIX, TARGET_LABEL
 # containerd validates each label (key + value) against this size (labels.Validate).
 MAX_LABEL_BYTES = 4096
 LEASE_LIFETIME = datetime.timedelta(hours=1)
+# what gRPC says when containerd cannot connect to a proxy plugin's socket
+DIAL_FAILURES = ("connection error", "error while dialing", "Error while dialing", "dial unix")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class PullOptions:
     address: str = "/run/containerd/containerd.sock"
     namespace: str = "default"
     snapshotter: str = "clip"
-    platform: str = "linux/amd64"
+    platform: str = ""  # empty: this host's platform
 
 
 @dataclass
@@ -142,7 +144,7 @@ class Puller:
 
     async def run(self) -> PullResult:
         started = time.monotonic()
-        image = await self.registry.resolve(self.options.ref, self.options.platform)
+        image = await self.registry.resolve(self.options.ref, self.options.platform or None)
         name = str(image.ref)
         chains = chain_ids(diff_ids_of(image))
         result = PullResult(name=name, manifest_digest=image.manifest_digest)
@@ -203,7 +205,7 @@ class Puller:
             started = time.monotonic()
             layer.state = "resolving"
             self.on_progress(result)
-            if await self.containerd.stat_snapshot(self.options.snapshotter, layer.chain_id):
+            if await self._stat(image, name, layer):
                 layer.state = "present"
             else:
                 await self._prepare_one(image, name, layer, parent)
@@ -218,10 +220,41 @@ class Puller:
         key = f"extract-{time.time_ns()}-{secrets.token_urlsafe(8)} {layer.chain_id}"
         labels = layer_labels(image, name, layer.index, layer.chain_id)
         snapshotter = self.options.snapshotter
-        mounts = await self.containerd.prepare_snapshot(snapshotter, key, parent, labels)
+        try:
+            mounts = await self.containerd.prepare_snapshot(snapshotter, key, parent, labels)
+        except Unavailable as exc:
+            raise await self._who_failed(image, name, layer, exc) from None
         if mounts is not None:
             await self.containerd.remove_snapshot(snapshotter, key)
             raise FailedPrecondition(
                 f"snapshotter {snapshotter!r} did not serve layer {layer.digest} of {name} "
                 "lazily (it returned ordinary mounts): is it clip, with its layer provider on?"
             )
+
+    async def _stat(self, image: ResolvedImage, name: str, layer: LayerProgress) -> bool:
+        """Whether the layer's snapshot exists (containerd asks clip when it knows the key)."""
+        try:
+            found = await self.containerd.stat_snapshot(self.options.snapshotter, layer.chain_id)
+        except Unavailable as exc:
+            raise await self._who_failed(image, name, layer, exc) from None
+        return found is not None
+
+    async def _who_failed(
+        self, image: ResolvedImage, name: str, layer: LayerProgress, exc: Unavailable
+    ) -> Unavailable:
+        """containerd relays UNAVAILABLE both for itself and for the snapshotter behind it:
+        tell "containerd is unreachable" from "clip is unreachable" (containerd could not dial
+        clip's socket) from clip's own answer (e.g. the layer's registry is unreachable)."""
+        try:
+            await self.containerd.content_labels(image.config.digest)
+        except Unavailable:
+            return exc  # containerd itself does not answer: its message says so
+        details = str(exc).partition("): ")[2] or str(exc)
+        snapshotter = self.options.snapshotter
+        if any(mark in details for mark in DIAL_FAILURES):
+            return Unavailable(
+                f"clip (containerd's {snapshotter!r} snapshotter) is unreachable: containerd "
+                f"at {self.options.address} cannot reach its socket ({details}); is `clip serve` "
+                f"running? (layer {layer.digest} of {name})"
+            )
+        return Unavailable(f"layer {layer.digest} of {name}: {snapshotter}: {details}")

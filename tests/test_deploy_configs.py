@@ -12,6 +12,7 @@ paths, the runtime handler name and the image version appear in several of them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 from snapshotter import __version__
+from snapshotter.config import CriConfig, load
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"
@@ -521,6 +523,55 @@ def test_daemonset_mounts_host_paths_at_the_same_place() -> None:
         assert host_path == {"path": path, "type": host_type}
     assert mounts[ROOT].get("mountPropagation") == "Bidirectional"
     assert mounts[CLIP_CONFIG.rsplit("/", 1)[0]].get("readOnly") is True
+
+
+# --------------------------------------------------------------------------------------------
+# The CRI image service (kubelet's --image-service-endpoint)
+# --------------------------------------------------------------------------------------------
+
+CRI_SOCKET = "/run/clip/cri-image.sock"
+KUBELET_FLAG = f"--image-service-endpoint=unix://{CRI_SOCKET}"
+CRI_DOCS = [REPO / "README.md", REPO / "docs" / "deploy.md", UNIT, DAEMONSET_YAML,
+            CONFIG / "kubernetes" / "README.md"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CRI_DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_kubelet_flag_and_cri_socket_agree_everywhere(path: Path) -> None:
+    """Every place that tells an operator about the image service names the same socket, and
+    that socket sits in the directory the unit and the DaemonSet provide."""
+    text = path.read_text()
+    assert KUBELET_FLAG in text
+    endpoints = set(re.findall(r"--image-service-endpoint=(\S+?)[`\s]", text))
+    assert endpoints == {f"unix://{CRI_SOCKET}"}
+    for address in re.findall(r'image_service_address = "([^"]*)"', text):
+        assert address == CRI_SOCKET
+    assert Path(CRI_SOCKET).parent == Path(SOCKET).parent
+
+
+def test_clip_toml_documents_every_cri_key_at_its_default() -> None:
+    shipped = load(CONFIG / "clip.toml").cri
+    assert shipped == CriConfig()
+    assert set(_load_toml(CONFIG / "clip.toml")["cri"]) == {
+        f.name for f in dataclasses.fields(CriConfig)
+    }
+
+
+def test_daemonset_reaches_containerd_through_its_socket_directory() -> None:
+    """The proxy dials containerd's socket; mounting the directory (not the file) survives a
+    containerd restart, which replaces the socket file."""
+    directory = str(Path(CriConfig().containerd_cri_address).parent)
+    volumes = {v["name"]: v for v in _pod_spec()["volumes"]}
+    mounts = {m["mountPath"]: m for m in _clip_container()["volumeMounts"]}
+    assert volumes[mounts[directory]["name"]]["hostPath"] == {
+        "path": directory,
+        "type": "Directory",
+    }
+
+
+def test_unit_starts_before_kubelet() -> None:
+    """With the image service in use, kubelet's image calls need clip up first."""
+    unit = _parse_unit(UNIT.read_text())
+    assert "kubelet.service" in _unit_values(unit["Unit"], "Before")
 
 
 def test_runtimeclass_names_the_containerd_handler() -> None:

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -85,7 +86,7 @@ def test_layer_tree_equals_tar_extraction(lfs: LayerFS, tmp_path: Path) -> None:
 def test_mount_root_options_and_read_only(lfs: LayerFS, tmp_path: Path) -> None:
     _, layer_dir = attach(lfs, tmp_path, "one", [M("d", tarfile.DIRTYPE), M("d/f", data=b"x")])
     mnt = layer_dir.parent
-    assert os.listdir(mnt) == ["one"]
+    assert os.listdir(mnt) == ["blobs", "one"]
     assert mount_at(mnt) == ("fuse", "clip")
     mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
     opts = next(line.split()[5] for line in mountinfo if line.split()[4] == str(mnt))
@@ -115,7 +116,7 @@ def test_mount_root_options_and_read_only(lfs: LayerFS, tmp_path: Path) -> None:
     lfs.detach("one")
     with pytest.raises(NotFound):
         lfs.detach("one")
-    assert os.listdir(mnt) == []
+    assert os.listdir(mnt) == ["blobs"]
     assert not layer_dir.exists()
 
 
@@ -275,7 +276,7 @@ def test_stop_leaves_no_mount_even_after_loop_failure(tmp_path: Path) -> None:
         fs2 = LayerFS(DiskCache(root))
         fs2.start(mnt)
         try:
-            assert os.listdir(mnt) == []
+            assert os.listdir(mnt) == ["blobs"]
         finally:
             fs2.stop()
         assert not is_mounted(mnt)
@@ -311,7 +312,7 @@ def test_start_clears_mount_of_a_killed_predecessor(tmp_path: Path) -> None:
         fs = LayerFS(DiskCache(root))
         fs.start(mnt)
         try:
-            assert os.listdir(mnt) == []
+            assert os.listdir(mnt) == ["blobs"]
         finally:
             fs.stop()
         assert not is_mounted(mnt)
@@ -326,3 +327,31 @@ def test_start_refuses_a_foreign_mount(tmp_path: Path) -> None:
         with pytest.raises(Unavailable, match="already a tmpfs mount"):
             fs.start(mnt)
         assert mount_at(mnt) == ("tmpfs", "tmpfs")
+
+
+def test_blob_files_serve_each_layers_uncompressed_stream(lfs: LayerFS, tmp_path: Path) -> None:
+    """`<mount>/blobs/<layer id>` is the layer's whole tar stream, read through the read path."""
+    import gzip
+
+    blob, _ = attach(lfs, tmp_path, "rich", rich_members())
+    stream = gzip.decompress(blob.read_bytes())
+    assert lfs.mountpoint is not None
+    blobs = lfs.mountpoint / "blobs"
+    assert sorted(os.listdir(lfs.mountpoint)) == ["blobs", "rich"]
+    assert os.listdir(blobs) == ["rich"]
+    st = os.stat(blobs / "rich")
+    assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
+    assert st.st_size == len(stream)
+    assert (blobs / "rich").read_bytes() == stream
+    with open(blobs / "rich", "rb") as f:  # an unaligned read inside, and one past the end
+        f.seek(1000)
+        assert f.read(5000) == stream[1000:6000]
+        f.seek(len(stream) + 10)
+        assert f.read(100) == b""
+    with pytest.raises(OSError) as err:
+        os.open(blobs / "rich", os.O_WRONLY)
+    assert err.value.errno in (errno.EROFS, errno.EACCES)
+    with pytest.raises(FileNotFoundError):
+        os.stat(blobs / "missing")
+    lfs.detach("rich")
+    assert os.listdir(blobs) == []

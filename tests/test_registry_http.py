@@ -12,6 +12,7 @@ import hashlib
 import json
 import ssl
 import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,15 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from snapshotter.config import RegistryConfig
 from snapshotter.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from snapshotter.registry import (
     AccessDenied,
+    ContainerdRegistry,
     Credentials,
     DigestMismatch,
     RegistryClient,
-    RegistryHostConfig,
+    RegistryHosts,
 )
 from snapshotter.registry import mediatypes as mt
 
@@ -59,6 +62,7 @@ class Behaviour:
     cut_times: int = 0
     ignore_range: bool = False
     redirect_blobs_to: str | None = None
+    redirect_query: str = "sig=1"
     tamper: bool = False
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     token_requests: int = 0
@@ -191,7 +195,7 @@ class FakeRegistry:
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(self.blobs[digest]))})
         if self.b.redirect_blobs_to:
-            target = f"http://{self.b.redirect_blobs_to}/storage/{digest}?sig=1"
+            target = f"http://{self.b.redirect_blobs_to}/storage/{digest}?{self.b.redirect_query}"
             raise web.HTTPTemporaryRedirect(target)
         data = self.blobs[digest]
         if self.b.tamper:
@@ -257,7 +261,7 @@ def with_registry(
         reg.add_image("app:v1")
         async with Peer(reg.app) as peer:
             reg.host = peer.host
-            hosts = client_kwargs.pop("hosts", {peer.host: RegistryHostConfig(plain_http=True)})
+            hosts = client_kwargs.pop("hosts", {peer.host: RegistryConfig(plain_http=True)})
             client_kwargs.setdefault("backoff", 0.01)
             async with RegistryClient(
                 hosts, docker_config=Path("/nonexistent"), **client_kwargs
@@ -362,7 +366,7 @@ def test_bearer_token_with_docker_config_credentials(tmp_path: Path) -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "pw"}}}))
-        hosts = {reg.host: RegistryHostConfig(plain_http=True)}
+        hosts = {reg.host: RegistryConfig(plain_http=True)}
         async with RegistryClient(hosts, docker_config=config, backoff=0.01) as authed:
             assert (await authed.resolve(f"{reg.host}/app:v1")).layers[0].digest == BLOB_DIGEST
         with pytest.raises(AccessDenied, match=f"image {reg.host}/app:v1: access denied by token"):
@@ -371,11 +375,12 @@ def test_bearer_token_with_docker_config_credentials(tmp_path: Path) -> None:
     with_registry(scenario, Behaviour(token_auth=True, token_creds=("u", "pw")))
 
 
-def test_host_auth_override_beats_docker_config(tmp_path: Path) -> None:
+def test_containerd_configs_auth_beats_docker_config(tmp_path: Path) -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "bad"}}}))
-        hosts = {reg.host: RegistryHostConfig(plain_http=True, auth=Credentials("u", "pw"))}
+        containerd = ContainerdRegistry(auths={reg.host: Credentials("u", "pw")})
+        hosts = RegistryHosts({reg.host: RegistryConfig(plain_http=True)}, containerd)
         async with RegistryClient(hosts, docker_config=config, backoff=0.01) as authed:
             await authed.resolve(f"{reg.host}/app:v1")
 
@@ -399,7 +404,6 @@ def test_redirect_to_storage_keeps_range_and_drops_authorization() -> None:
 
         async def storage(request: web.Request) -> web.StreamResponse:
             storage_seen.append(dict(request.headers))
-            assert request.query["sig"] == "1"
             return await serve_bytes(request, reg.blobs[request.match_info["digest"]], Behaviour())
 
         app = web.Application()
@@ -458,7 +462,9 @@ def test_5xx_burst_is_retried() -> None:
 def test_5xx_beyond_retry_budget_is_unavailable() -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
         with pytest.raises(
-            Unavailable, match=r"app:v1: manifest v1 .* failed after 3 attempts: HTTP 502$"
+            Unavailable,
+            match=r"app:v1: manifest v1 failed after 3 attempts in .*s \(deadline .*s\): "
+            r"127\.0\.0\.1:\d+: HTTP 502$",
         ):
             await client.resolve(f"{reg.host}/app:v1")
         assert len(reg.b.seen) == 3
@@ -474,10 +480,12 @@ def test_other_4xx_is_failed_precondition() -> None:
     with_registry(scenario, Behaviour(fail_next=1, fail_status=400))
 
 
-def test_stalled_server_times_out_within_bound() -> None:
+def test_stalled_server_is_unavailable_naming_the_blob() -> None:
     async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
-        # the 30 s stall ends at the 0.3 s timeout of each of the two attempts
-        with pytest.raises(Unavailable, match=r"app:v1: blob .* after 2 attempts: .*timed out"):
+        with pytest.raises(
+            Unavailable, match=r"app:v1: blob .* failed after 2 attempts in .*s \(deadline .*s\): "
+            r".*timed out"
+        ):
             await client.read_range(f"{reg.host}/app:v1", BLOB_DIGEST, 0, 10)
 
     with_registry(scenario, Behaviour(stall_seconds=30), timeout=0.3, retries=1)
@@ -485,13 +493,15 @@ def test_stalled_server_times_out_within_bound() -> None:
 
 def test_connection_refused_is_unavailable() -> None:
     async def main() -> None:
-        hosts = {"127.0.0.1:9": RegistryHostConfig(plain_http=True)}
+        hosts = {"127.0.0.1:9": RegistryConfig(plain_http=True)}
         async with RegistryClient(
             hosts, docker_config=Path("/nonexistent"), retries=1, backoff=0.01
         ) as client:
             with pytest.raises(
                 Unavailable,
-                match=r"image 127\.0\.0\.1:9/x:y: manifest y from 127\.0\.0\.1:9 failed after 2 ",
+                match=r"image 127\.0\.0\.1:9/x:y: manifest y failed after 2 attempts in .*s "
+                r"\(deadline .*s\): "
+                r"127\.0\.0\.1:9: cannot connect",
             ):
                 await client.resolve("127.0.0.1:9/x:y")
 
@@ -547,13 +557,13 @@ def test_mirrors_tried_in_order_then_upstream() -> None:
         async with Peer(empty.app) as dead_mirror, Peer(served.app) as mirror:
             empty.host, served.host = dead_mirror.host, mirror.host
             hosts = {
-                reg.host: RegistryHostConfig(
+                reg.host: RegistryConfig(
                     plain_http=True,
-                    mirrors=["127.0.0.1:9", f"http://{dead_mirror.host}", mirror.host],
+                    mirrors=("127.0.0.1:9", f"http://{dead_mirror.host}", mirror.host),
                 )
             }
-            hosts[mirror.host] = RegistryHostConfig(plain_http=True)
-            hosts["127.0.0.1:9"] = RegistryHostConfig(plain_http=True)
+            hosts[mirror.host] = RegistryConfig(plain_http=True)
+            hosts["127.0.0.1:9"] = RegistryConfig(plain_http=True)
             async with RegistryClient(
                 hosts, docker_config=Path("/none"), retries=0, backoff=0.01
             ) as mirrored:
@@ -637,8 +647,254 @@ def test_tls_certificate_error_is_unavailable(tmp_path: Path) -> None:
             ):
                 with pytest.raises(Unavailable, match="set plain_http for this host"):
                     await client.resolve(f"{plain.host}/app:v1")
-            insecure = {peer.host: RegistryHostConfig(skip_verify=True)}
+            insecure = {peer.host: RegistryConfig(skip_verify=True)}
             async with RegistryClient(insecure, docker_config=Path("/none")) as client:
                 assert (await client.resolve(f"{peer.host}/app:v1")).layers
 
     run(main())
+
+
+# ---------------------------------------------------------------- redirect cache
+
+
+class Storage:
+    """Blob storage behind a registry's redirects: counts requests, can refuse the next ones."""
+
+    def __init__(self, reg: FakeRegistry) -> None:
+        self.reg = reg
+        self.seen: list[str | None] = []
+        self.refuse_next = 0
+        self.app = web.Application()
+        self.app.router.add_get("/storage/{digest}", self.get)
+
+    async def get(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(request.headers.get("Range"))
+        if self.refuse_next:
+            self.refuse_next -= 1
+            return web.Response(status=403, text="signature expired")
+        return await serve_bytes(request, self.reg.blobs[request.match_info["digest"]], Behaviour())
+
+
+class Clock:
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry_blob_gets(reg: FakeRegistry) -> int:
+    return sum(1 for m, p, _ in reg.b.seen if m == "GET" and p.endswith(BLOB_DIGEST))
+
+
+def with_storage(
+    scenario: Callable[[FakeRegistry, Storage, RegistryClient, Clock, Clock], Awaitable[None]],
+    behaviour: Behaviour | None = None,
+) -> None:
+    async def main() -> None:
+        reg = FakeRegistry(behaviour)
+        reg.add_image("app:v1")
+        storage = Storage(reg)
+        clock, wall = Clock(), Clock(1_700_000_000.0)
+        async with Peer(reg.app) as peer, Peer(storage.app) as store:
+            reg.host, reg.b.redirect_blobs_to = peer.host, store.host
+            hosts = {peer.host: RegistryConfig(plain_http=True)}
+            async with RegistryClient(
+                hosts, Path("/nonexistent"), clock=clock, wall_clock=wall
+            ) as client:
+                await scenario(reg, storage, client, clock, wall)
+
+    run(main())
+
+
+def test_redirect_is_reused_until_its_ttl_then_the_registry_is_asked_again() -> None:
+    async def scenario(
+        reg: FakeRegistry, storage: Storage, client: RegistryClient, clock: Clock, _: Clock
+    ) -> None:
+        ref = f"{reg.host}/app:v1"
+        for i in range(5):
+            assert await client.read_range(ref, BLOB_DIGEST, i * 100, 100) == BLOB[i * 100 :][:100]
+        assert registry_blob_gets(reg) == 2  # the 401 challenge, then with the token
+        assert len(storage.seen) == 5 and storage.seen[4] == "bytes=400-499"
+        assert client.stats["redirect_hits"] == 4
+        clock.now += client.policy.redirect_ttl - 1
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        assert registry_blob_gets(reg) == 2  # still valid
+        clock.now += 2
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        assert registry_blob_gets(reg) == 3  # expired: through the registry again
+
+    with_storage(scenario, Behaviour(token_auth=True))
+
+
+def test_redirect_refused_by_storage_goes_through_the_registry_again() -> None:
+    async def scenario(
+        reg: FakeRegistry, storage: Storage, client: RegistryClient, clock: Clock, _: Clock
+    ) -> None:
+        ref = f"{reg.host}/app:v1"
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        storage.refuse_next = 1
+        assert await client.read_range(ref, BLOB_DIGEST, 10, 10) == BLOB[10:20]
+        assert registry_blob_gets(reg) == 2 and len(storage.seen) == 3
+        await client.read_range(ref, BLOB_DIGEST, 20, 10)
+        assert registry_blob_gets(reg) == 2  # the fresh redirect is reused again
+        streamed = b"".join([c async for c in client.open_blob(ref, BLOB_DIGEST)])
+        assert streamed == BLOB and registry_blob_gets(reg) == 2
+
+    with_storage(scenario)
+
+
+def test_redirect_expiry_hint_in_the_signed_url_is_honoured() -> None:
+    async def scenario(
+        reg: FakeRegistry, storage: Storage, client: RegistryClient, clock: Clock, wall: Clock
+    ) -> None:
+        signed = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall.now))
+        reg.b.redirect_query = f"X-Amz-Date={signed}&X-Amz-Expires=30&X-Amz-Signature=x"
+        ref = f"{reg.host}/app:v1"
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        clock.now += 20  # within 30 s minus the safety margin
+        wall.now += 20
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        assert registry_blob_gets(reg) == 1
+        clock.now += 6  # past 30 s - 5 s: not used any more, although the TTL is 60 s
+        wall.now += 6
+        await client.read_range(ref, BLOB_DIGEST, 0, 10)
+        assert registry_blob_gets(reg) == 2
+
+    with_storage(scenario)
+
+
+def test_redirect_expiry_parsing() -> None:
+    from yarl import URL
+
+    from snapshotter.registry.client import redirect_expiry
+
+    amz = URL("https://s3/x?X-Amz-Date=20240101T000000Z&X-Amz-Expires=600")
+    assert redirect_expiry(amz) == 1704067200 + 600
+    goog = URL("https://gcs/x?X-Goog-Date=20240101T000000Z&X-Goog-Expires=60")
+    assert redirect_expiry(goog) == 1704067200 + 60
+    assert redirect_expiry(URL("https://cf/x?Expires=1704067800&Signature=s")) == 1704067800
+    assert redirect_expiry(URL("https://az/x?se=2024-01-01T00:10:00Z&sig=s")) == 1704067800
+    assert redirect_expiry(URL("https://plain/x?sig=1")) is None
+
+
+# ---------------------------------------------------------------- a real hung socket
+
+
+class HungServer:
+    """Accepts connections and reads requests; answers nothing until ``answering`` is set."""
+
+    def __init__(self) -> None:
+        self.answering = False
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.host = ""
+        self._release = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            self.requests += 1
+            if not self.answering:
+                await self._release.wait()
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> HungServer:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.host = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        assert self.server is not None
+        self.server.close()
+
+
+def test_hung_registry_socket_fails_with_the_configured_deadline_then_recovers() -> None:
+    from snapshotter.registry import RetryPolicy
+
+    policy = RetryPolicy(connect_timeout=0.2, response_timeout=0.3, operation_timeout=5.0)
+
+    async def main() -> None:
+        offset = [0.0]
+        async with HungServer() as hung:
+            ref = f"{hung.host}/app:v1"
+            async with RegistryClient(
+                {hung.host: RegistryConfig(plain_http=True)},
+                Path("/nonexistent"),
+                policy=policy,
+                clock=lambda: time.monotonic() + offset[0],
+            ) as client:
+                with pytest.raises(Unavailable) as err:
+                    await client.blob_exists(ref, BLOB_DIGEST)
+                message = str(err.value)
+                assert message.startswith(f"image {ref}: blob {BLOB_DIGEST} failed after 3 ")
+                assert "(deadline 5.0s)" in message and f"{hung.host}: timed out" in message
+                assert hung.requests == 3
+                with pytest.raises(Unavailable, match=f"{hung.host} is failing"):
+                    await client.blob_exists(ref, BLOB_DIGEST)
+                assert hung.requests == 3
+                hung.answering = True
+                offset[0] += policy.cooldown
+                assert await client.blob_exists(ref, BLOB_DIGEST) is True
+
+    run(main())
+
+
+# ---------------------------------------------------------------- the host's platform
+
+
+@pytest.mark.parametrize(
+    ("machine", "platform", "wanted"),
+    [("aarch64", "linux/arm64", "arm"), ("x86_64", "linux/amd64", "amd"),
+     ("armv7l", "linux/arm/v7", "arm7")],
+)  # fmt: skip
+def test_default_platform_is_the_hosts(
+    monkeypatch: pytest.MonkeyPatch, machine: str, platform: str, wanted: str
+) -> None:
+    import platform as platform_mod
+
+    from snapshotter.registry import host_platform
+
+    monkeypatch.setattr(platform_mod, "machine", lambda: machine)
+    assert str(host_platform()) == platform
+
+    async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
+        digests = {}
+        for tag, plat in (("amd", ("linux", "amd64", "")), ("arm", ("linux", "arm64", "v8")),
+                          ("arm7", ("linux", "arm", "v7"))):  # fmt: skip
+            digests[tag] = reg.add_image(f"multi:{tag}", platform=plat)[1]
+        reg.add_index("multi:latest", [(digests[t], p) for t, p in (
+            ("amd", ("linux", "amd64", "")), ("arm", ("linux", "arm64", "v8")),
+            ("arm7", ("linux", "arm", "v7")))])  # fmt: skip
+        image = await client.resolve(f"{reg.host}/multi")
+        assert image.manifest_digest == digests[wanted] and image.platform == platform
+
+    with_registry(scenario)
+
+
+# ---------------------------------------------------------------- the keychain hook
+
+
+def test_keychain_is_asked_first_for_the_images_own_credentials(tmp_path: Path) -> None:
+    from snapshotter.registry.reference import Reference
+
+    asked: list[tuple[str, str]] = []
+
+    class PullSecrets:
+        def credentials(self, image: Reference, host: str) -> Credentials | None:
+            asked.append((str(image), host))
+            return Credentials("u", "pw") if image.repository == "app" else None
+
+    async def scenario(reg: FakeRegistry, client: RegistryClient) -> None:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"auths": {reg.host: {"username": "u", "password": "bad"}}}))
+        hosts = {reg.host: RegistryConfig(plain_http=True)}
+        async with RegistryClient(hosts, config, keychain=PullSecrets()) as authed:
+            assert (await authed.resolve(f"{reg.host}/app:v1")).layers
+        assert asked and all(host == reg.host for _, host in asked)
+        assert asked[0][0] == f"{reg.host}/app:v1"
+
+    with_registry(scenario, Behaviour(token_auth=True, token_creds=("u", "pw")))

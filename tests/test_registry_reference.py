@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.registry import Credentials, DockerConfig, Platform, RegistryHostConfig
+from snapshotter.registry import Credentials, DockerConfig, Platform
 from snapshotter.registry.auth import normalize_auth_key, parse_challenge
 from snapshotter.registry.reference import Reference, parse_reference
 
@@ -173,29 +173,24 @@ def test_docker_config_credential_helper(tmp_path: Path, monkeypatch: pytest.Mon
     assert cfg.credentials("unknown.io") is None
 
 
-def test_host_config_from_mapping() -> None:
-    cfg = RegistryHostConfig.from_mapping(
-        "r:5000",
-        {"plain_http": True, "mirrors": ["http://m:1"], "username": "u", "password": "p"},
-    )
-    assert cfg.plain_http and cfg.mirrors == ["http://m:1"]
-    assert cfg.auth == Credentials("u", "p")
-    with pytest.raises(InvalidArgument, match=r"r:5000.*unknown settings \['bogus'\]"):
-        RegistryHostConfig.from_mapping("r:5000", {"bogus": 1})
-    with pytest.raises(InvalidArgument, match="mirrors must be a list"):
-        RegistryHostConfig.from_mapping("r:5000", {"mirrors": "m:1"})
-
-
 def test_hosts_from_config_with_a_plain_http_override() -> None:
     from snapshotter.config import RegistryConfig
-    from snapshotter.registry import hosts_from_config
+    from snapshotter.registry import HostEndpoint, hosts_from_config
 
     tables = {
         "mirrored:5000": RegistryConfig(plain_http=False, mirrors=("http://m:5000",)),
         "other:443": RegistryConfig(plain_http=True),
     }
     hosts = hosts_from_config(tables, plain_http_host="mirrored:5000")
-    assert hosts["mirrored:5000"].plain_http and hosts["mirrored:5000"].mirrors == ["http://m:5000"]
-    assert hosts["other:443"].plain_http and hosts["other:443"].mirrors == []
-    assert hosts_from_config(tables, plain_http_host="new:80")["new:80"].plain_http
-    assert not hosts_from_config(tables)["mirrored:5000"].plain_http
+    assert hosts.endpoints("mirrored:5000") == [
+        HostEndpoint("http", "m:5000", mirror=True),
+        HostEndpoint("http", "mirrored:5000"),
+    ]
+    assert hosts.endpoints("other:443") == [HostEndpoint("http", "other:443")]
+    assert hosts_from_config(tables, plain_http_host="new:80").endpoints("new:80")[0].scheme == (
+        "http"
+    )
+    assert hosts_from_config(tables).endpoints("mirrored:5000")[-1].scheme == "https"
+    assert hosts_from_config({}).endpoints("docker.io") == [
+        HostEndpoint("https", "registry-1.docker.io")
+    ]

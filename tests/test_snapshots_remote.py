@@ -40,6 +40,9 @@ class DirProvider:
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         self.released.append(lowerdir)
 
+    async def sweep(self) -> list[str]:
+        return []
+
 
 def cri_labels(chain_id: str, digest: str) -> dict[str, str]:
     return {

@@ -150,6 +150,8 @@ def test_cli_prints_a_report(served: ClipDaemon, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert out.startswith(f"clip {__version__} serving {served.root} on {served.socket}")
     assert f"fuse:          mounted at {served.root / 'mnt'}" in out
+    # clip serve's default [fs] mode is auto: on this kernel the kernel serves the layers
+    assert "layers served: by the kernel (EROFS images over the layer streams)" in out
     assert "content cache: none" in out
     assert "remote layers: 0" in out
 
@@ -167,6 +169,7 @@ def test_cli_json_has_every_field(served: ClipDaemon, capsys: pytest.CaptureFixt
         "detail": "",
     }
     assert data["fuse"]["mounted"] is True and data["layers"] == []
+    assert data["fuse"]["fs_mode"] == "erofs"
 
 
 @pytest.mark.parametrize("case", ["missing", "not-a-socket", "nobody-listens"])

@@ -95,10 +95,14 @@ class ClipDaemon:
         except grpc.RpcError:
             return False
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM by PID, wait, SIGKILL if needed; return the exit code."""
+    def stop(self, timeout: float = 30.0, keep_mounts: bool = False) -> int | None:
+        """SIGTERM by PID, wait, SIGKILL if needed; return the exit code. Unless
+        ``keep_mounts`` (a restart test), also unmount the layer mounts the daemon leaves."""
         proc, self.proc = self.proc, None
-        return stop_process(proc, timeout)
+        code = stop_process(proc, timeout)
+        if not keep_mounts:
+            self.unmount_leftovers()
+        return code
 
     def kill(self) -> None:
         """SIGKILL by PID (crash simulation)."""
@@ -109,6 +113,16 @@ class ClipDaemon:
 
     def log(self) -> str:
         return log_tail(self.log_path)
+
+    def unmount_leftovers(self) -> list[str]:
+        """Unmount (by path, deepest first) what a stopped daemon leaves under its root on
+        purpose: EROFS mounts of layers, which keep running containers' files readable across
+        a restart. Returns the paths it unmounted."""
+        prefix = str(self.root) + "/"
+        left = sorted((p for p in iter_mountpoints() if p.startswith(prefix)), reverse=True)
+        for path in left:
+            subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+        return left
 
     def __enter__(self) -> ClipDaemon:
         self.start()

@@ -61,15 +61,7 @@ class Containerd:
 
     def start(self, timeout: float = 30.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            CONFIG.format(
-                root=self.root,
-                state=self.state,
-                socket=self.socket,
-                clip_socket=self.clip_socket,
-                clip_root=self.clip_root,
-            )
-        )
+        self.config.write_text(self.config_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 ["containerd", "--config", str(self.config)],
@@ -86,6 +78,16 @@ class Containerd:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"containerd did not start: {self.log()}")
+
+    def config_text(self) -> str:
+        """The config file's text (a subclass may add tables, e.g. a CRI-enabled one)."""
+        return CONFIG.format(
+            root=self.root,
+            state=self.state,
+            socket=self.socket,
+            clip_socket=self.clip_socket,
+            clip_root=self.clip_root,
+        )
 
     def ctr(
         self, *args: str, namespace: str = "clip-e2e", check: bool = True, timeout: float = 300

@@ -4,7 +4,8 @@ Runs an aiohttp server on its own event loop in a background thread so synchrono
 drive containerd and ``ctr``) can use it. It counts requests and response-body bytes per blob
 digest and in total, and can simulate an outage: ``pause("refuse")`` closes the listening
 socket (connection refused), ``pause("hang")`` accepts requests but never answers until
-``resume()``, ``pause("error")`` answers 503.
+``resume()``, ``pause("error")`` answers 503, ``pause("notfound")`` answers 404 (a mirror
+that lacks everything).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ class CountingProxy:
         self._loop = None
 
     def pause(self, mode: str = "refuse") -> None:
-        """Simulate an outage: "refuse" (port closed), "hang" (never answers), "error" (503)."""
-        if mode not in ("refuse", "hang", "error"):
+        """Simulate an outage: "refuse" (port closed), "hang" (never answers), "error" (503),
+        "notfound" (404 for every request)."""
+        if mode not in ("refuse", "hang", "error", "notfound"):
             raise ValueError(f"unknown outage mode {mode!r}")
         self._mode = mode
         if mode == "refuse":
@@ -167,6 +169,10 @@ class CountingProxy:
             await self._resumed.wait()
         if self._mode == "error":
             return web.Response(status=503, text="outage simulated by CountingProxy")
+        if self._mode == "notfound":
+            with self._lock:
+                self.total_requests += 1
+            return web.Response(status=404, text="not on this mirror")
         match = BLOB_PATH.match(request.path)
         digest = match.group(1) if match else None
         with self._lock:

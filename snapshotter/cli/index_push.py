@@ -22,10 +22,11 @@ def register_push(sub: Any) -> None:
     push = sub.add_parser(
         "push",
         help="build an image's layer indexes and push them to its registry as an artifact",
-        description="Resolve IMAGE (linux/amd64), build the clip index of every layer (or take "
-        "it from --root's index store, with the start profiles recorded there) and push them "
-        "as an OCI artifact attached to the image manifest (referrers API subject, and the tag "
-        "sha256-<manifest hex>.clip). Nodes then find the indexes instead of building them.",
+        description="Resolve IMAGE (this host's platform), build the clip index of every layer "
+        "(or take it from --root's index store, with the start profiles recorded there) and "
+        "push them as an OCI artifact attached to the image manifest (referrers API subject, "
+        "and the tag sha256-<manifest hex>.clip). Nodes then find the indexes instead of "
+        "building them.",
         epilog="Example: clip index push --plain-http 127.0.0.1:5000/app:v1 --root /var/lib/clip",
     )
     push.add_argument("image", help="image reference (HOST/REPO:TAG or @sha256:...)")

@@ -11,12 +11,7 @@ from pathlib import Path
 from snapshotter import config as config_mod
 from snapshotter.containerd import ContainerdClient
 from snapshotter.pull import Puller, PullOptions, PullResult
-from snapshotter.registry import (
-    RegistryClient,
-    RegistryHostConfig,
-    hosts_from_config,
-    parse_reference,
-)
+from snapshotter.registry import RegistryClient, host_platform, parse_reference
 
 EPILOG = """\
 example:
@@ -43,10 +38,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--namespace", "-n", default="default", help="containerd namespace")
     parser.add_argument("--snapshotter", default="clip", help="proxy snapshotter name")
-    parser.add_argument("--platform", default="linux/amd64", help="os/arch[/variant]")
+    parser.add_argument(
+        "--platform", default="", help=f"os/arch[/variant] (default {host_platform()}, this host's)"
+    )
     parser.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
     parser.add_argument(
-        "--config", type=Path, help='clip TOML config ([registry."HOST"] tables apply)'
+        "--config",
+        type=Path,
+        help="clip TOML config: its [registry] table applies (containerd's registry "
+        'configuration, [registry."HOST"] overrides, timeouts)',
     )
     parser.add_argument(
         "--docker-config", type=Path, help="docker config.json with registry credentials"
@@ -54,10 +54,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
-def _hosts(args: argparse.Namespace) -> dict[str, RegistryHostConfig]:
-    """Registry host settings: the config file's tables, then --plain-http for REF's host."""
+def _registry(args: argparse.Namespace) -> RegistryClient:
+    """The registry client as the config file says, then --plain-http for REF's host."""
     plain_http_host = parse_reference(args.ref).registry if args.plain_http else None
-    return hosts_from_config(config_mod.load(args.config).registry, plain_http_host)
+    return RegistryClient.from_config(
+        config_mod.load(args.config),
+        plain_http_host=plain_http_host,
+        docker_config=args.docker_config,
+    )
 
 
 class _Reporter:
@@ -104,7 +108,7 @@ async def _pull(args: argparse.Namespace, reporter: _Reporter) -> PullResult:
         platform=args.platform,
     )
     async with (
-        RegistryClient(_hosts(args), docker_config=args.docker_config) as registry,
+        _registry(args) as registry,
         ContainerdClient(args.address, args.namespace) as containerd,
     ):
         return await Puller(options, registry, containerd, reporter).run()

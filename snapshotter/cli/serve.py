@@ -8,6 +8,9 @@ from pathlib import Path
 
 from snapshotter import config as config_mod
 from snapshotter import logs
+from snapshotter.cri.keychain import CriKeychain
+from snapshotter.cri.service import CriImageService
+from snapshotter.erofs.layers import ErofsLayers
 from snapshotter.remote import RemoteLayerProvider
 from snapshotter.service.daemon import Daemon
 from snapshotter.telemetry import TELEMETRY, TelemetryOptions
@@ -66,11 +69,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(cfg: config_mod.Config) -> None:
-    """The daemon with its remote layer provider (FUSE mount + registry) plugged in, and the
-    Prometheus endpoint on `[daemon] metrics_address` when set."""
-    provider = RemoteLayerProvider(cfg)
-    daemon = Daemon(cfg, provider)
+    """The daemon with its remote layer provider (FUSE mount + registry) served through
+    EROFS mounts (or its FUSE tree, by `[fs] mode`), the Prometheus endpoint on `[daemon]
+    metrics_address` and the CRI image-service proxy on `[cri] image_service_address` when set."""
+    cri = cfg.cri
+    keychain = CriKeychain(cri.credential_ttl_seconds) if cri.image_service_address else None
+    provider = RemoteLayerProvider(cfg, keychain=keychain)
+    layers = ErofsLayers(provider, Path(cfg.daemon.root), cfg.fs.mode)
+    daemon = Daemon(cfg, layers)
+    daemon.add_service(layers)
     daemon.add_service(provider)
+    if keychain is not None:  # [cri]: kubelet's pull secrets reach the provider's registry client
+        daemon.add_service(CriImageService(cfg, keychain))
     if cfg.daemon.metrics_address:
         daemon.add_service(MetricsService(cfg.daemon.metrics_address))
     await daemon.run()

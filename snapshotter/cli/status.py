@@ -28,6 +28,12 @@ examples:
 """
 
 
+_MODES = {
+    "erofs": "by the kernel (EROFS images over the layer streams)",
+    "fuse": "by clip's FUSE tree",
+}
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status",
@@ -116,6 +122,7 @@ def render(status: pb.GetStatusResponse) -> str:
         f"(pid {status.pid}, up {human_duration(status.uptime_seconds)})",
         f"snapshots:     {snaps.committed} committed, {snaps.active} active, {snaps.view} view",
         f"fuse:          {'mounted at ' + fuse.mountpoint if fuse.mounted else 'not mounted'}",
+        f"layers served: {_MODES.get(fuse.fs_mode, fuse.fs_mode or 'unknown')}",
         f"disk cache:    {human_bytes(disk.used_bytes)} used of {human_bytes(disk.limit_bytes)} "
         f"({disk.dir})",
         f"content cache: {tier_line}",

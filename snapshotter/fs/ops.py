@@ -1,7 +1,10 @@
 """pyfuse3 request handlers for the one clip mount.
 
-The mount root (inode 1) lists the attached layers; `<mount>/<layer id>/` is a layer's tree (see
-tree.py). Everything is read-only. Handlers never block the trio loop on the network: a read miss
+The mount root (inode 1) lists the attached layers and `blobs`; `<mount>/<layer id>/` is a
+layer's tree (see tree.py), and `<mount>/blobs/<layer id>` is the layer's whole uncompressed tar
+stream as one read-only file: what an EROFS image generated from the layer's index uses as its
+extra device, so that the kernel serves the tree and only missing stream bytes reach clip.
+Everything is read-only. Handlers never block the trio loop on the network: a read miss
 awaits the read path, which parks the task while other requests keep being served.
 
 An exception other than FUSEError escaping a handler would end pyfuse3's main loop (and with it
@@ -24,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 
 from snapshotter.errors import ClipError
-from snapshotter.fs.tree import IMMUTABLE_TIMEOUT, LayerTree, split_inode
+from snapshotter.fs.tree import IMMUTABLE_TIMEOUT, ORDINAL_MASK, SLOT_SHIFT, LayerTree, split_inode
 from snapshotter.index import EntryType
 from snapshotter.readpath import Layer, ReadPath
 
@@ -35,6 +38,13 @@ R = TypeVar("R")
 ROOT = pyfuse3.ROOT_INODE
 #: Layer directories come and go; detach invalidates them, this bounds any leftover.
 ROOT_ENTRY_TIMEOUT = 60.0
+#: What stat reports as a stream's preferred I/O size: a read-path block.
+BLOB_BLKSIZE = 1 << 20
+#: `<mount>/blobs`: the directory of layer streams (slot 0 is the mount root's own slot).
+BLOBS = "blobs"
+BLOBS_INODE = 2
+#: A layer's stream file is the last ordinal of its slot (no index has 2**40 - 1 entries).
+BLOB_ORDINAL = ORDINAL_MASK
 
 
 def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -100,11 +110,39 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
             raise pyfuse3.FUSEError(errno.ESTALE)
         return attached, ordinal
 
+    def _blob(self, inode: int) -> Attached | None:
+        """The layer whose stream file `inode` is, or None when it is not a stream file."""
+        slot, ordinal = split_inode(inode)
+        if ordinal != BLOB_ORDINAL or slot == 0:
+            return None
+        attached = self.by_slot.get(slot)
+        if attached is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return attached
+
+    def _blob_attrs(self, attached: Attached) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = (attached.tree.slot << SLOT_SHIFT) | BLOB_ORDINAL
+        a.st_mode = stat.S_IFREG | 0o444
+        a.st_nlink = 1
+        a.st_uid = a.st_gid = 0
+        a.st_size = attached.layer.size
+        a.st_blksize = BLOB_BLKSIZE
+        a.st_blocks = -(-a.st_size // 512)
+        a.entry_timeout = a.attr_timeout = ROOT_ENTRY_TIMEOUT
+        return a
+
+    def _blobs_attrs(self) -> pyfuse3.EntryAttributes:
+        a = self._root_attrs()
+        a.st_ino = BLOBS_INODE
+        a.st_nlink = 2
+        return a
+
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ROOT
         a.st_mode = stat.S_IFDIR | 0o755
-        a.st_nlink = 2 + len(self.by_name)
+        a.st_nlink = 3 + len(self.by_name)
         a.st_uid = a.st_gid = 0
         a.st_size = 0
         a.st_blksize = 4096
@@ -126,10 +164,21 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
         if parent_inode == ROOT:
             if sname in (".", ".."):
                 return self._root_attrs()
+            if sname == BLOBS:
+                return self._blobs_attrs()
             attached = self.by_name.get(sname)
             if attached is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._layer_root_attrs(attached)
+        if parent_inode == BLOBS_INODE:
+            if sname == ".":
+                return self._blobs_attrs()
+            if sname == "..":
+                return self._root_attrs()
+            attached = self.by_name.get(sname)
+            if attached is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._blob_attrs(attached)
         attached, dir_ordinal = self._resolve(parent_inode)
         tree = attached.tree
         if sname == ".":
@@ -147,6 +196,11 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT:
             return self._root_attrs()
+        if inode == BLOBS_INODE:
+            return self._blobs_attrs()
+        blob = self._blob(inode)
+        if blob is not None:
+            return self._blob_attrs(blob)
         attached, ordinal = self._resolve(inode)
         return attached.tree.attrs(ordinal)
 
@@ -176,7 +230,7 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
     # --- xattrs -----------------------------------------------------------------------------------
 
     def _xattrs(self, inode: int) -> dict[str, bytes]:
-        if inode == ROOT:
+        if inode in (ROOT, BLOBS_INODE) or self._blob(inode) is not None:
             return {}
         attached, ordinal = self._resolve(inode)
         return attached.tree.xattrs(ordinal)
@@ -198,8 +252,13 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         """Snapshot the listing: readdir offsets are positions in it, stable for the handle."""
         if inode == ROOT:
-            listing = _Listing(None, sorted((name, 0) for name in self.by_name))
+            names = [(BLOBS, BLOBS_INODE), *((name, 0) for name in self.by_name)]
+            listing = _Listing(None, sorted(names))
+        elif inode == BLOBS_INODE:
+            listing = _Listing(None, sorted((name, BLOB_ORDINAL) for name in self.by_name))
         else:
+            if self._blob(inode) is not None:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
             attached, ordinal = self._resolve(inode)
             if not attached.tree.is_dir(ordinal):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -214,10 +273,14 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
         for pos in range(start_id, len(listing.entries)):
             name, ordinal = listing.entries[pos]
             if listing.layer is None:
-                attached = self.by_name.get(name)
-                if attached is None:  # detached since opendir
-                    continue
-                attrs = self._layer_root_attrs(attached)
+                if ordinal == BLOBS_INODE:
+                    attrs = self._blobs_attrs()
+                else:
+                    attached = self.by_name.get(name)
+                    if attached is None:  # detached since opendir
+                        continue
+                    attrs = (self._blob_attrs(attached) if ordinal == BLOB_ORDINAL
+                             else self._layer_root_attrs(attached))
             else:
                 attrs = listing.layer.tree.attrs(ordinal)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, pos + 1):
@@ -232,6 +295,8 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if self._blob(inode) is not None:
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
         attached, ordinal = self._resolve(inode)
         if attached.tree.entry(ordinal).type != EntryType.FILE:
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -239,6 +304,12 @@ class ClipOperations(pyfuse3.Operations):  # type: ignore[misc]
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        blob = self._blob(fh)
+        if blob is not None:
+            size = min(size, blob.layer.size - off)
+            if size <= 0:
+                return b""
+            return await self.readpath.read(blob.layer, off, size)
         attached, ordinal = self._resolve(fh)
         e = attached.tree.entry(ordinal)
         if off >= e.size or size <= 0:

@@ -7,6 +7,9 @@
   real `NAME`, the real entry wins (tar order within one layer makes the whiteout moot).
 - Opaque markers `.wh..wh..opq` (and any other `.wh..wh.*` AUFS meta entry) are hidden; the
   directory holding an opaque marker carries `trusted.overlay.opaque = y`.
+- A hardlinked inode's owner is the last hardlink entry's uid/gid, as containerd's applier
+  leaves it (it lchowns each link entry's path, i.e. the shared inode); see
+  ``snapshotter.erofs.records.link_owners``. The EROFS image presents the same.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable
 
 import pyfuse3
 
+from snapshotter.erofs.records import link_owners
 from snapshotter.index import Entry, EntryType, LayerIndex
 
 SLOT_SHIFT = 40
@@ -59,6 +63,17 @@ class LayerTree:
         self.base = slot << SLOT_SHIFT
         # Decoding an entry costs more than building its attributes: keep the hot ones.
         self._entry: Callable[[int], Entry] = functools.lru_cache(maxsize=4096)(index.entry)
+        self._owners: dict[int, tuple[int, int]] | None = None
+
+    def owner(self, target: int, e: Entry) -> tuple[int, int]:
+        """(uid, gid) of the inode of entry ``target`` (``e``): its own unless hardlinks share
+        it, then the last link entry's. The links are found once per layer, on the first
+        hardlinked inode asked about."""
+        if e.nlink <= 1 or e.type == EntryType.DIR:
+            return e.uid, e.gid
+        if self._owners is None:
+            self._owners = link_owners(self.index)
+        return self._owners.get(target, (e.uid, e.gid))
 
     def inode(self, ordinal: int) -> int:
         return self.base | self.target(ordinal)
@@ -114,7 +129,9 @@ class LayerTree:
         a.generation = 0
         a.entry_timeout = IMMUTABLE_TIMEOUT
         a.attr_timeout = IMMUTABLE_TIMEOUT
-        if ordinal != 0 and is_whiteout(own.name):
+        whiteout = ordinal != 0 and is_whiteout(own.name)
+        if whiteout:  # its own owner and time, even if the entry is a hardlink
+            e = own
             a.st_mode = stat.S_IFCHR
             a.st_nlink = 1
             a.st_rdev = 0
@@ -125,8 +142,7 @@ class LayerTree:
             a.st_nlink = max(e.nlink, 1)
             a.st_rdev = os.makedev(e.devmajor, e.devminor)
             a.st_size = self._size(e)
-        a.st_uid = e.uid
-        a.st_gid = e.gid
+        a.st_uid, a.st_gid = (e.uid, e.gid) if whiteout else self.owner(target, e)
         a.st_blksize = BLKSIZE
         a.st_blocks = -(-a.st_size // 512)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns

@@ -726,6 +726,11 @@ encode_node(encoded *out, PyObject *node, PyObject *path, Py_ssize_t parent,
         if (failed)
             goto done;
     }
+    /* A hardlink's uoff is its own place in the stream (just after its header): the tar
+     * order of links, which decides the shared inode's owner (docs/erofs.md). */
+    if (etype == TYPE_HARDLINK
+        && int_field(member, s_uoff, 0, UINT64_MAX, member, error, &uoff) < 0)
+        goto done;
     if (etype == TYPE_FILE) {
         if (int_field(member, s_size, 0, UINT64_MAX, member, error, &size) < 0
             || int_field(member, s_uoff, 0, UINT64_MAX, member, error, &uoff) < 0)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,11 +25,13 @@ from snapshotter.registry.reference import DOCKER_HUB, DOCKER_HUB_AUTH_KEY, Refe
 
 @dataclass(frozen=True)
 class Credentials:
-    """A user/password pair, or an identity (refresh) token for the token server."""
+    """A user/password pair, an identity (refresh) token for the token server, or a registry
+    (bearer) token sent as it is. Secrets stay out of repr() so they never reach a log."""
 
     username: str = ""
-    password: str = ""
-    identity_token: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
 
     def basic_header(self) -> str:
         raw = f"{self.username}:{self.password}".encode()

@@ -1,33 +1,41 @@
 """The registry client: resolve images, read blobs (whole, streamed, by range), push.
 
-One ``aiohttp.ClientSession`` carries every request so connections are reused. Each request
-goes through the same steps: pick endpoints (mirrors first for pulls), authorize (cached bearer
-token or basic credentials, obtained on the first 401 challenge), follow redirects by hand so the
-``Authorization`` header never reaches another origin (blob storage behind a redirect has its own
-signed URL), retry transient failures (connection errors, timeouts, 408/429/5xx) a bounded number
-of times with exponential backoff, and map what is left to clip's typed errors with a message
-naming the image. A call therefore finishes within about ``(retries + 1) * (timeout + backoff)``.
+One ``aiohttp.ClientSession`` carries every request so connections are reused. Every public
+operation runs under one deadline (the caller's, else ``operation_timeout`` from now) and the
+one retry policy of :mod:`snapshotter.registry.policy`: a round tries the registry's endpoints
+in order (mirrors first, from containerd's configuration and clip.toml, see
+:mod:`snapshotter.registry.hosts`), skipping those whose circuit breaker is open and handing
+over at once when one times out, refuses, fails TLS or lacks the content; rounds are retried
+with backoff while attempts and time remain. Each request authorizes (cached bearer token or
+basic credentials, obtained on the first 401 challenge), follows redirects by hand so the
+``Authorization`` header never reaches another origin, and remembers where a blob GET was
+redirected (blob storage's signed URL) so later range reads of that blob go there directly
+until the URL expires or is refused. What is left is mapped to clip's typed errors with a
+message naming the image and the object.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import json
 import logging
-import random
 import ssl
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from snapshotter import __version__
+from snapshotter.config import Config, RegistryConfig
+from snapshotter.contentcache.breaker import CircuitBreaker
 from snapshotter.errors import ClipError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from snapshotter.registry import mediatypes as mt
 from snapshotter.registry.auth import (
@@ -38,71 +46,93 @@ from snapshotter.registry.auth import (
     parse_challenge,
 )
 from snapshotter.registry.errors import AccessDenied, DigestMismatch
+from snapshotter.registry.hosts import ContainerdRegistry, HostEndpoint, RegistryHosts
+from snapshotter.registry.policy import Clock, Deadline, RetryPolicy, Sleep, Transient, retrying
 from snapshotter.registry.reference import Reference, parse_reference
-from snapshotter.registry.types import (
-    Descriptor,
-    Platform,
-    RegistryHostConfig,
-    ResolvedImage,
-)
+from snapshotter.registry.types import Descriptor, Platform, ResolvedImage, host_platform
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_MANIFEST_BYTES = 8 << 20
 CHUNK = 1 << 20
+REDIRECT_MARGIN = 5.0  # seconds before a signed URL's stated expiry that we stop using it
 TRANSIENT = (aiohttp.ClientError, asyncio.TimeoutError)
 
 Body = bytes | Path | None
+Attempt = Callable[[HostEndpoint, Deadline], Awaitable[T]]
 
 
-@dataclass(frozen=True)
-class _Endpoint:
-    """Where to send requests for one registry: base URL and how to authenticate there."""
-
-    base: str  # scheme://host[:port][/prefix]
-    auth_key: str  # host name used for credential lookup
-    mirror: bool
-    skip_verify: bool
-
-    @property
-    def host(self) -> str:
-        return URL(self.base).raw_authority
-
-
-class _Transient(Exception):
-    """A failure worth retrying (connection, timeout, 5xx); carries the reason for the message."""
+@dataclass
+class _Redirect:
+    url: URL
+    until: float  # on the client's clock
 
 
 class RegistryClient:
-    """Async client for OCI distribution registries (see module docstring)."""
+    """Async client for OCI distribution registries (see module docstring).
+
+    ``hosts`` is a :class:`RegistryHosts` (containerd's configuration plus clip.toml
+    overrides) or just clip.toml's host tables. ``timeout``, ``retries`` and ``backoff``, when
+    given, override the policy's first-byte timeout, attempts (``retries + 1``) and backoff.
+    ``clock``, ``wall_clock`` and ``sleep`` are injectable for tests; deadlines passed to
+    operations are absolute times on ``clock``.
+    """
 
     def __init__(
         self,
-        hosts: Mapping[str, RegistryHostConfig] | None = None,
+        hosts: Mapping[str, RegistryConfig] | RegistryHosts | None = None,
         docker_config: Path | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
+        timeout: float | None = None,
+        retries: int | None = None,
         session: aiohttp.ClientSession | None = None,
         *,
-        backoff: float = 0.2,
+        backoff: float | None = None,
         keychain: Keychain | None = None,
+        policy: RetryPolicy | None = None,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self.hosts = dict(hosts or {})
-        self.timeout = timeout
-        self.retries = max(0, retries)
-        self.backoff = backoff
+        self.hosts = hosts if isinstance(hosts, RegistryHosts) else RegistryHosts(hosts)
+        self.policy = _tuned(policy or RetryPolicy(), timeout, retries, backoff)
+        self.clock = clock
         self.stats: Counter[str] = Counter()
-        self._docker = DockerConfig.load(docker_config)
         self.keychain = keychain
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._docker = DockerConfig.load(docker_config)
         self._session = session
         self._own_session = session is None
         self._creds: dict[str, Credentials | None] = {}
         self._tokens: dict[tuple[str, str], str] = {}
         self._basic: dict[tuple[str, str], str] = {}
         self._token_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._redirects: dict[tuple[str, str, str], _Redirect] = {}
+        self._ssl: dict[HostEndpoint, ssl.SSLContext | bool] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        plain_http_host: str | None = None,
+        docker_config: Path | None = None,
+        keychain: Keychain | None = None,
+    ) -> RegistryClient:
+        """A client as clip.toml says: containerd's registry configuration (from
+        ``[registry] containerd_config``), the ``[registry."HOST"]`` overrides, the policy."""
+        settings = config.registry_settings
+        path = Path(settings.containerd_config) if settings.containerd_config else None
+        hosts = RegistryHosts(config.registry, ContainerdRegistry.load(path))
+        if plain_http_host is not None:
+            hosts = hosts.with_plain_http(plain_http_host)
+        policy = RetryPolicy.from_settings(settings)
+        return cls(hosts, docker_config, policy=policy, keychain=keychain)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -134,18 +164,37 @@ class RegistryClient:
             self._own_session = True
         return self._session
 
+    def deadline(self, seconds: float | None = None) -> float:
+        """An absolute deadline ``seconds`` (default: the operation timeout) from now."""
+        return self.clock() + (self.policy.operation_timeout if seconds is None else seconds)
+
+    def breaker_state(self, host: str) -> str:
+        """The circuit state of an endpoint host (closed, open, half_open) for status/tests."""
+        found = [b.state for key, b in self._breakers.items() if URL(key).raw_authority == host]
+        return found[0] if found else "closed"
+
     # ------------------------------------------------------------ public API: pull
 
-    async def resolve(self, ref: str | Reference, platform: str = "linux/amd64") -> ResolvedImage:
-        """Manifest, config and layers of ``ref`` for ``platform`` (picked from an index)."""
+    async def resolve(
+        self,
+        ref: str | Reference,
+        platform: str | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> ResolvedImage:
+        """Manifest, config and layers of ``ref`` for ``platform`` (default: this host's),
+        picked from an index; one deadline covers every request."""
         r = parse_reference(ref)
-        want = Platform.parse(platform)
-        data, media_type, digest = await self.fetch_manifest(r)
+        want = Platform.parse(platform) if platform else host_platform()
+        deadline = self.deadline() if deadline is None else deadline
+        data, media_type, digest = await self.fetch_manifest(r, deadline=deadline)
         index_bytes = index_digest = None
         if media_type in mt.INDEXES:
             index_bytes, index_digest = data, digest
             chosen = _select_platform(r, json.loads(data), want)
-            data, media_type, digest = await self.fetch_manifest(r, chosen.digest)
+            data, media_type, digest = await self.fetch_manifest(
+                r, chosen.digest, deadline=deadline
+            )
             if media_type not in mt.MANIFESTS:
                 raise InvalidArgument(f"image {r}: index entry {chosen.digest} is {media_type}")
         manifest = _json_object(r, data, "manifest")
@@ -155,7 +204,9 @@ class RegistryClient:
             for i, d in enumerate(manifest.get("layers") or [])
         ]
         pinned = r.with_digest(digest)
-        config_bytes = await self.fetch_blob(pinned, config.digest, size=config.size)
+        config_bytes = await self.fetch_blob(
+            pinned, config.digest, size=config.size, deadline=deadline
+        )
         if index_bytes is None:
             _check_config_platform(r, config_bytes, want)
         return ResolvedImage(
@@ -173,49 +224,107 @@ class RegistryClient:
         )
 
     async def fetch_manifest(
-        self, ref: str | Reference, reference: str | None = None
+        self,
+        ref: str | Reference,
+        reference: str | None = None,
+        *,
+        deadline: float | None = None,
+        optional: bool = False,
     ) -> tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a manifest or index; a digest reference is verified."""
+        """(bytes, media type, digest) of a manifest or index; a digest reference is verified.
+
+        ``optional``: the manifest may well not exist (an index artifact's tag): a "not found"
+        from any endpoint is the answer (NotFound at once), not a failure to retry elsewhere.
+        """
         r = parse_reference(ref)
         reference = reference or r.reference
         what = f"manifest {reference}"
         path = f"/v2/{r.repository}/manifests/{reference}"
+        capability = "pull" if reference.startswith("sha256:") else "resolve"
         data, content_type = await self._pull_body(
-            r, what, path, headers={"Accept": mt.ACCEPT}, limit=MAX_MANIFEST_BYTES
+            r,
+            what,
+            path,
+            headers={"Accept": mt.ACCEPT},
+            limit=MAX_MANIFEST_BYTES,
+            deadline=deadline,
+            optional=optional,
+            capability=capability,
         )
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise DigestMismatch(f"image {r}: manifest {reference} has digest {digest}")
         return data, _manifest_media_type(r, data, content_type), digest
 
+    async def fetch_referrers(
+        self,
+        ref: str | Reference,
+        manifest_digest: str,
+        artifact_type: str,
+        *,
+        deadline: float | None = None,
+    ) -> bytes | None:
+        """The OCI referrers listing (an image index) of ``manifest_digest`` filtered by
+        ``artifact_type``; None when the registry has no referrers API or nothing there."""
+        r = parse_reference(ref)
+        path = f"/v2/{r.repository}/referrers/{manifest_digest}?artifactType={artifact_type}"
+        try:
+            body, content_type = await self._pull_body(
+                r,
+                f"referrers of {manifest_digest}",
+                path,
+                headers={"Accept": mt.OCI_INDEX},
+                limit=1 << 20,
+                deadline=deadline,
+                optional=True,
+            )
+        except NotFound:
+            return None
+        return body if content_type.startswith(mt.OCI_INDEX) else None
+
     async def fetch_blob(
-        self, ref: str | Reference, digest: str, *, size: int | None = None
+        self,
+        ref: str | Reference,
+        digest: str,
+        *,
+        size: int | None = None,
+        deadline: float | None = None,
     ) -> bytes:
         """A whole (small) blob, verified against its digest and, if given, its size."""
         r = parse_reference(ref)
         hasher = _hasher(r, digest)
-        data, _ = await self._pull_body(r, f"blob {digest}", f"/v2/{r.repository}/blobs/{digest}")
+        data, _ = await self._pull_body(
+            r, f"blob {digest}", _blob_path(r, digest), deadline=deadline, digest=digest
+        )
         hasher.update(data)
         _verify(r, digest, size, len(data), hasher.hexdigest())
         return data
 
     async def open_blob(
-        self, ref: str | Reference, digest: str, *, size: int | None = None
+        self,
+        ref: str | Reference,
+        digest: str,
+        *,
+        size: int | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[bytes]:
         """Stream a whole blob in chunks, verified at the end (digest, size).
 
-        A connection lost mid-stream resumes with a Range request from the bytes already
-        delivered, within the retry budget, so callers see one uninterrupted stream.
+        ``deadline`` bounds getting the stream going; then a stall longer than the first-byte
+        timeout breaks it, and a broken stream resumes with a Range request from the bytes
+        already delivered (each resume under a fresh operation deadline; it gives up after
+        ``attempts`` breaks with less than 1 MiB between them), so callers see one
+        uninterrupted stream.
         """
         r = parse_reference(ref)
-        path = f"/v2/{r.repository}/blobs/{digest}"
         hasher = _hasher(r, digest)
         received = failures = 0
         while True:
             headers = {"Range": f"bytes={received}-"} if received else {}
-            resp = await self._pull(
-                r, f"blob {digest}", path, headers=headers, ok=(200, 206), stream=True
+            resp = await self._blob_response(
+                r, digest, headers, (200, 206), stream=True, deadline=deadline
             )
+            deadline, resumed_at = None, received
             try:
                 skip = received if resp.status == 200 else 0
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -226,22 +335,30 @@ class RegistryClient:
                             continue
                     hasher.update(chunk)
                     received += len(chunk)
+                    if received - resumed_at >= CHUNK:
+                        failures = 0  # a stream that moves on may break now and then
                     self.stats["bytes"] += len(chunk)
                     yield chunk
                 break
             except TRANSIENT as exc:
                 failures += 1
-                if failures > self.retries:
+                if failures >= self.policy.attempts:
                     raise Unavailable(
                         f"image {r}: blob {digest} stream broke {failures} times: {_why(exc)}"
                     ) from None
-                await asyncio.sleep(self._delay(failures))
+                await self._sleep(self.policy.backoff * 2 ** (failures - 1))
             finally:
                 resp.release()
         _verify(r, digest, size, received, hasher.hexdigest())
 
     async def read_range(
-        self, ref: str | Reference, digest: str, offset: int, length: int
+        self,
+        ref: str | Reference,
+        digest: str,
+        offset: int,
+        length: int,
+        *,
+        deadline: float | None = None,
     ) -> bytes:
         """``length`` bytes of a blob from ``offset`` (fewer only at the blob's end)."""
         r = parse_reference(ref)
@@ -250,44 +367,60 @@ class RegistryClient:
         if length == 0:
             return b""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        path = f"/v2/{r.repository}/blobs/{digest}"
         what = f"blob {digest} range {offset}+{length}"
-        for attempt in range(self.retries + 1):
-            resp = await self._pull(r, what, path, headers=headers, ok=(200, 206))
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> bytes:
+            resp = await self._blob_attempt(r, ep, dl, digest, headers, (200, 206), False, what)
             try:
                 return await _range_body(r, what, resp, offset, length)
             except TRANSIENT as exc:
-                if attempt == self.retries:
-                    raise Unavailable(f"image {r}: {what}: {_why(exc)}") from None
-                await asyncio.sleep(self._delay(attempt + 1))
+                raise Transient(f"{ep.host}: {_why(exc)}") from None
             finally:
                 resp.release()
-        raise AssertionError("unreachable")
 
-    async def blob_exists(self, ref: str | Reference, digest: str) -> bool:
-        """Whether the repository has the blob (HEAD; 404 means no)."""
+        return await self._operation(r, what, "pull", deadline, attempt)
+
+    async def blob_exists(
+        self, ref: str | Reference, digest: str, *, deadline: float | None = None
+    ) -> bool:
+        """Whether the repository has the blob (HEAD; 404 from every endpoint means no)."""
         r = parse_reference(ref)
-        path = f"/v2/{r.repository}/blobs/{digest}"
-        resp = await self._pull(r, f"blob {digest}", path, method="HEAD", ok=(200, 404))
-        resp.release()
-        return resp.status == 200
+        what = f"blob {digest}"
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> bool:
+            resp = await self._request(r, what, ep, dl, "HEAD", _blob_path(r, digest), ok=(200,))
+            resp.release()
+            return True
+
+        try:
+            return await self._operation(r, what, "pull", deadline, attempt)
+        except NotFound:
+            return False
 
     # ------------------------------------------------------------ public API: push
 
     async def push_blob(
-        self, ref: str | Reference, data: bytes | Path, digest: str | None = None
+        self,
+        ref: str | Reference,
+        data: bytes | Path,
+        digest: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Descriptor:
         """Upload a blob (bytes or a file, sent monolithically) unless the registry has it."""
         r = parse_reference(ref)
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         digest = digest or _digest_of(data)
-        ep = self._endpoints(r, push=True)[0]
-        scope = f"repository:{r.repository}:pull,push"
-        blob_url = f"{ep.base}/v2/{r.repository}/blobs/{digest}"
-        resp = await self._request(r, f"blob {digest}", ep, "HEAD", blob_url, scope, ok=(200, 404))
-        resp.release()
-        if resp.status != 200:
-            await self._upload(r, ep, scope, data, digest, size)
+        what = f"blob {digest}"
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> None:
+            path = _blob_path(r, digest)
+            resp = await self._request(r, what, ep, dl, "HEAD", path, ok=(200, 404), push=True)
+            resp.release()
+            if resp.status != 200:
+                await self._upload(r, ep, dl, data, digest, size)
+
+        await self._operation(r, what, "push", deadline, attempt)
         return Descriptor("application/octet-stream", digest, size)
 
     async def push_manifest(
@@ -296,79 +429,182 @@ class RegistryClient:
         data: bytes,
         media_type: str,
         reference: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> str:
         """Put a manifest or index under ``reference`` (default: the ref's tag); its digest."""
         r = parse_reference(ref)
         reference = reference or r.reference
-        ep = self._endpoints(r, push=True)[0]
-        scope = f"repository:{r.repository}:pull,push"
-        url = f"{ep.base}/v2/{r.repository}/manifests/{reference}"
-        resp = await self._request(
-            r,
-            f"manifest {reference}",
-            ep,
-            "PUT",
-            url,
-            scope,
-            headers={"Content-Type": media_type},
-            data=data,
-            ok=(201,),
-        )
-        resp.release()
+        what = f"manifest {reference}"
+        path = f"/v2/{r.repository}/manifests/{reference}"
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> None:
+            headers = {"Content-Type": media_type}
+            resp = await self._request(
+                r, what, ep, dl, "PUT", path, headers=headers, data=data, ok=(201,), push=True
+            )
+            resp.release()
+
+        await self._operation(r, what, "push", deadline, attempt)
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
     async def _upload(
-        self, r: Reference, ep: _Endpoint, scope: str, data: bytes | Path, digest: str, size: int
+        self,
+        r: Reference,
+        ep: HostEndpoint,
+        dl: Deadline,
+        data: bytes | Path,
+        digest: str,
+        size: int,
     ) -> None:
-        start = f"{ep.base}/v2/{r.repository}/blobs/uploads/"
         what = f"blob {digest}"
-        resp = await self._request(r, what, ep, "POST", start, scope, ok=(202,))
+        path = f"/v2/{r.repository}/blobs/uploads/"
+        resp = await self._request(r, what, ep, dl, "POST", path, ok=(202,), push=True)
         resp.release()
         location = resp.headers.get("Location")
         if not location:
             raise FailedPrecondition(f"image {r}: registry {ep.host} gave no upload location")
         url = resp.url.join(URL(location)).update_query({"digest": digest})
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        resp = await self._request(
-            r, what, ep, "PUT", str(url), scope, headers=headers, data=data, ok=(201,)
-        )
+        scope = f"repository:{r.repository}:pull,push"
+        resp = await self._authorized(r, ep, dl, "PUT", url, scope, headers, data, False)
         resp.release()
+        if resp.status in RETRY_STATUSES:
+            raise Transient(f"{ep.host}: HTTP {resp.status}")
+        if resp.status != 201:
+            raise _status_error(r, what, ep, resp)
 
-    # ------------------------------------------------------------ endpoints and credentials
+    # ------------------------------------------------------------ credentials
 
-    def _host_config(self, host: str) -> RegistryHostConfig:
-        return self.hosts.get(host) or RegistryHostConfig()
-
-    def _endpoints(self, r: Reference, push: bool = False) -> list[_Endpoint]:
-        cfg = self._host_config(r.registry)
-        endpoints = [] if push else [self._mirror(m) for m in cfg.mirrors]
-        scheme = "http" if cfg.plain_http else "https"
-        endpoints.append(
-            _Endpoint(f"{scheme}://{r.endpoint_host}", r.registry, False, cfg.skip_verify)
-        )
-        return endpoints
-
-    def _mirror(self, mirror: str) -> _Endpoint:
-        if "://" in mirror:
-            url = URL(mirror.rstrip("/"))
-            cfg = self._host_config(url.raw_authority)
-            return _Endpoint(str(url), url.raw_authority, True, cfg.skip_verify)
-        cfg = self._host_config(mirror)
-        scheme = "http" if cfg.plain_http else "https"
-        return _Endpoint(f"{scheme}://{mirror}", mirror, True, cfg.skip_verify)
-
-    def _credentials(self, r: Reference, auth_key: str) -> Credentials | None:
-        """The image's own credentials (keychain), else the host's (config, docker config)."""
+    def _credentials(self, r: Reference, ep: HostEndpoint) -> Credentials | None:
+        """The image's own credentials (keychain), else the host's: containerd's
+        ``registry.configs`` auth, then docker's config.json."""
+        auth_key = ep.host if ep.mirror else r.registry
         if self.keychain is not None:
             found = self.keychain.credentials(r, auth_key)
             if found is not None:
                 return found
         if auth_key not in self._creds:
-            configured = self._host_config(auth_key).auth
+            configured = self.hosts.credentials(ep.host) or self.hosts.credentials(auth_key)
             self._creds[auth_key] = configured or self._docker.credentials(auth_key)
         return self._creds[auth_key]
 
-    # ------------------------------------------------------------ request machinery
+    # ------------------------------------------------------------ the one retry policy
+
+    async def _operation(
+        self,
+        r: Reference,
+        what: str,
+        capability: str,
+        deadline: float | None,
+        attempt: Attempt[T],
+        *,
+        optional: bool = False,
+    ) -> T:
+        """Run ``attempt`` against the endpoints under one deadline (see module docstring).
+
+        Within a round an endpoint that fails (transiently or with a definite answer such as
+        404) hands over to the next at once; one that answered definitely is not asked again.
+        The registry itself (the last endpoint) has the final word; a "not found" ends an
+        ``optional`` lookup at once.
+        """
+        started = self.clock()
+        dl = Deadline(self.deadline() if deadline is None else deadline, self.clock)
+        endpoints = self.hosts.endpoints(r.registry, capability)
+        if not endpoints:
+            raise FailedPrecondition(f"image {r}: no host of {r.registry} may {capability}")
+        if capability == "push":
+            endpoints = endpoints[:1]
+        answers: dict[HostEndpoint, ClipError] = {}
+        reasons: dict[HostEndpoint, str] = {}
+        rounds = 0
+
+        async def round_() -> T:
+            nonlocal rounds
+            rounds += 1
+            tried = False
+            for ep in endpoints:
+                if ep in answers:
+                    continue
+                breaker = self._breaker(ep)
+                if dl.expired() or not breaker.allow():
+                    if not dl.expired():
+                        reasons[ep] = (
+                            f"{ep.host} is failing, not asked for {breaker.retry_in():.0f}s more "
+                            f"(last error: {breaker.last_error})"
+                        )
+                    continue
+                tried = True
+                try:
+                    result = await attempt(ep, dl)
+                except Transient as exc:
+                    breaker.failure(str(exc))
+                    reasons[ep] = str(exc)
+                    log.debug("%s for %s from %s: %s", what, r, ep.host, exc)
+                    continue
+                except ClipError as exc:
+                    breaker.success()
+                    answers[ep] = exc
+                    reasons.pop(ep, None)
+                    continue
+                except BaseException:
+                    breaker.abandon()
+                    raise
+                breaker.success()
+                return result
+            return self._round_failed(r, what, endpoints, answers, reasons, tried, optional)
+
+        try:
+            return await retrying(round_, self.policy, dl, self._sleep, self._count_retry)
+        except Transient:
+            elapsed, budget = self.clock() - started, dl.at - started
+            answered = [f"{ep.host}: {type(a).__name__}" for ep, a in answers.items()]
+            why = "; ".join([*reasons.values(), *answered]) or "deadline passed"
+            raise Unavailable(
+                f"image {r}: {what} failed after {rounds} attempts in {elapsed:.1f}s "
+                f"(deadline {budget:.1f}s): {why}"
+            ) from None
+
+    def _round_failed(
+        self,
+        r: Reference,
+        what: str,
+        endpoints: list[HostEndpoint],
+        answers: Mapping[HostEndpoint, ClipError],
+        reasons: Mapping[HostEndpoint, str],
+        tried: bool,
+        optional: bool,
+    ) -> NoReturn:
+        """Nothing succeeded in this round: the final answer, or Transient for another."""
+        if endpoints[-1] in answers:
+            raise answers[endpoints[-1]]
+        if len(answers) == len(endpoints):
+            raise next(iter(answers.values()))
+        not_found = [a for a in answers.values() if isinstance(a, NotFound)]
+        if optional and not_found:
+            raise not_found[0]
+        if not tried:
+            why = "; ".join(reasons.values()) or "no time left before the deadline"
+            raise Unavailable(f"image {r}: {what}: {why}")
+        raise Transient("; ".join(reasons.values()))
+
+    def _count_retry(self) -> None:
+        self.stats["retries"] += 1
+
+    def _breaker(self, ep: HostEndpoint) -> CircuitBreaker:
+        key = f"{ep.scheme}://{ep.host}"
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = CircuitBreaker(
+                self.policy.failure_threshold,
+                self.policy.cooldown,
+                on_change=lambda state: log.info("registry host %s: circuit %s", key, state),
+                clock=self.clock,
+            )
+            self._breakers[key] = breaker
+        return breaker
+
+    # ------------------------------------------------------------ requests
 
     async def _pull_body(
         self,
@@ -378,196 +614,250 @@ class RegistryClient:
         *,
         headers: dict[str, str] | None = None,
         limit: int | None = None,
+        deadline: float | None = None,
+        optional: bool = False,
+        capability: str = "pull",
+        digest: str | None = None,
     ) -> tuple[bytes, str]:
-        """GET and read a whole body (and its Content-Type), retrying if the body breaks off."""
-        for attempt in range(self.retries + 1):
-            resp = await self._pull(r, what, path, headers=headers)
+        """GET a whole body (and its Content-Type) under one operation."""
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> tuple[bytes, str]:
+            if digest is not None:
+                resp = await self._blob_attempt(
+                    r, ep, dl, digest, headers or {}, (200,), False, what
+                )
+            else:
+                resp = await self._request(r, what, ep, dl, "GET", path, headers=headers)
             try:
                 if limit is not None and (resp.content_length or 0) > limit:
                     raise InvalidArgument(f"image {r}: {what} is larger than {limit} bytes")
                 data = await resp.read()
-                self.stats["bytes"] += len(data)
-                return data, resp.headers.get("Content-Type", "")
             except TRANSIENT as exc:
-                if attempt == self.retries:
-                    raise Unavailable(f"image {r}: {what}: {_why(exc)}") from None
-                await asyncio.sleep(self._delay(attempt + 1))
+                raise Transient(f"{ep.host}: {_why(exc)}") from None
             finally:
                 resp.release()
-        raise AssertionError("unreachable")
+            self.stats["bytes"] += len(data)
+            return data, resp.headers.get("Content-Type", "")
 
-    async def _pull(
+        return await self._operation(r, what, capability, deadline, attempt, optional=optional)
+
+    async def _blob_response(
         self,
         r: Reference,
-        what: str,
-        path: str,
+        digest: str,
+        headers: dict[str, str],
+        ok: tuple[int, ...],
         *,
-        method: str = "GET",
-        headers: dict[str, str] | None = None,
-        ok: tuple[int, ...] = (200,),
-        stream: bool = False,
+        stream: bool,
+        deadline: float | None,
     ) -> aiohttp.ClientResponse:
-        """A pull-side request: mirrors in order, then the registry; last error wins."""
-        endpoints = self._endpoints(r)
-        scope = f"repository:{r.repository}:pull"
-        for i, ep in enumerate(endpoints):
-            try:
-                return await self._request(
-                    r,
-                    what,
-                    ep,
-                    method,
-                    ep.base + path,
-                    scope,
-                    headers=headers,
-                    ok=ok,
-                    stream=stream,
-                )
-            except ClipError as exc:
-                if i == len(endpoints) - 1:
-                    raise
-                log.warning("mirror %s failed for %s (%s); trying next", ep.host, r, exc)
-        raise AssertionError("unreachable")
+        what = f"blob {digest}"
+
+        async def attempt(ep: HostEndpoint, dl: Deadline) -> aiohttp.ClientResponse:
+            return await self._blob_attempt(r, ep, dl, digest, headers, ok, stream, what)
+
+        return await self._operation(r, what, "pull", deadline, attempt)
+
+    async def _blob_attempt(
+        self,
+        r: Reference,
+        ep: HostEndpoint,
+        dl: Deadline,
+        digest: str,
+        headers: dict[str, str],
+        ok: tuple[int, ...],
+        stream: bool,
+        what: str,
+    ) -> aiohttp.ClientResponse:
+        """A blob GET: straight to the remembered storage URL while it is valid, else through
+        the registry (remembering where it redirects to)."""
+        key = (ep.api, r.repository, digest)
+        cached = self._redirects.get(key)
+        if cached is not None and self.clock() < cached.until:
+            resp = await self._direct(cached.url, headers, dl, stream)
+            if resp is not None and resp.status in ok:
+                self.stats["redirect_hits"] += 1
+                return resp
+            if resp is not None:
+                resp.release()
+        self._redirects.pop(key, None)
+        return await self._request(
+            r, what, ep, dl, "GET", _blob_path(r, digest), headers=headers, ok=ok, stream=stream,
+            remember=key,
+        )  # fmt: skip
+
+    async def _direct(
+        self, url: URL, headers: dict[str, str], dl: Deadline, stream: bool
+    ) -> aiohttp.ClientResponse | None:
+        """One request to a remembered storage URL; None when it cannot be reached."""
+        timeout = self.policy.request_timeout(dl.remaining(), stream=stream)
+        self.stats["requests"] += 1
+        try:
+            return await self._get_session().get(
+                url, headers=headers, allow_redirects=False, timeout=timeout
+            )
+        except (TimeoutError, aiohttp.ClientError, ssl.SSLError):
+            return None
 
     async def _request(
         self,
         r: Reference,
         what: str,
-        ep: _Endpoint,
+        ep: HostEndpoint,
+        dl: Deadline,
         method: str,
-        url: str,
-        scope: str,
+        path: str,
         *,
         headers: dict[str, str] | None = None,
         data: Body = None,
         ok: tuple[int, ...] = (200,),
         stream: bool = False,
+        push: bool = False,
+        remember: tuple[str, str, str] | None = None,
     ) -> aiohttp.ClientResponse:
-        """One logical request with auth, redirects and bounded retries; a response in ``ok``."""
-        reason = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.stats["retries"] += 1
-                await asyncio.sleep(self._delay(attempt))
-            try:
-                resp = await self._authorized(r, ep, method, url, scope, headers, data, stream)
-            except _Transient as exc:
-                reason = str(exc)
-                continue
-            if resp.status in ok:
-                return resp
-            resp.release()
-            if resp.status in RETRY_STATUSES:
-                reason = f"HTTP {resp.status}"
-                continue
-            raise _status_error(r, what, ep, resp)
-        raise Unavailable(
-            f"image {r}: {what} from {ep.host} failed after {self.retries + 1} attempts: {reason}"
+        """One request to one endpoint: auth and redirects; a response in ``ok``, a typed
+        error for a definite answer, or Transient."""
+        scope = f"repository:{r.repository}:pull" + (",push" if push else "")
+        url = _endpoint_url(ep, r, path)
+        resp = await self._authorized(
+            r, ep, dl, method, url, scope, headers, data, stream, remember
         )
+        if resp.status in ok:
+            return resp
+        resp.release()
+        if resp.status in RETRY_STATUSES:
+            raise Transient(f"{ep.host}: HTTP {resp.status}")
+        raise _status_error(r, what, ep, resp)
 
     async def _authorized(
         self,
         r: Reference,
-        ep: _Endpoint,
+        ep: HostEndpoint,
+        dl: Deadline,
         method: str,
-        url: str,
+        url: URL,
         scope: str,
         headers: dict[str, str] | None,
         data: Body,
         stream: bool,
+        remember: tuple[str, str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """Send with cached auth; on a 401 challenge obtain auth once and send again."""
-        used = self._auth_header(ep, scope)
-        resp = await self._send(r, ep, method, url, scope, headers, data, stream)
+        used = self._auth_header(r, ep, scope)
+        resp = await self._send(r, ep, dl, method, url, scope, headers, data, stream, remember)
         if resp.status != 401:
             return resp
         challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
         resp.release()
-        if not await self._authorize(r, ep, challenge, scope, used):
+        if not await self._authorize(r, ep, dl, challenge, scope, used):
             return resp
-        return await self._send(r, ep, method, url, scope, headers, data, stream)
+        return await self._send(r, ep, dl, method, url, scope, headers, data, stream, remember)
 
     async def _send(
         self,
         r: Reference,
-        ep: _Endpoint,
+        ep: HostEndpoint,
+        dl: Deadline,
         method: str,
-        url: str,
+        url: URL,
         scope: str,
         headers: dict[str, str] | None,
         data: Body,
         stream: bool,
+        remember: tuple[str, str, str] | None,
     ) -> aiohttp.ClientResponse:
-        """Send and follow redirects; Authorization is dropped when the origin changes."""
-        hdrs = dict(headers or {})
-        auth = self._auth_header(ep, scope)
+        """Send and follow redirects; Authorization and the host's configured headers are
+        dropped when the origin changes; a blob's final storage URL is remembered."""
+        hdrs = dict(ep.headers)
+        hdrs.update(headers or {})
+        auth = self._auth_header(r, ep, scope)
         if auth:
             hdrs["Authorization"] = auth
-        origin = URL(url).origin()
-        current = URL(url, encoded=True)
+        origin = url.origin()
+        current = url
         for _ in range(MAX_REDIRECTS + 1):
-            resp = await self._send_once(r, ep, method, current, hdrs, data, stream, origin)
+            same = current.origin() == origin
+            resp = await self._send_once(r, ep, dl, method, current, hdrs, data, stream, same)
             location = resp.headers.get("Location")
             if resp.status not in REDIRECT_STATUSES or not location:
+                if remember is not None and current.origin() != origin and resp.status < 300:
+                    self._remember(remember, current)
                 return resp
             resp.release()
             current = current.join(URL(location, encoded=True))
             if current.origin() != origin:
-                hdrs.pop("Authorization", None)
+                hdrs = {k: v for k, v in (headers or {}).items()}
             if resp.status == 303:
                 method, data = "GET", None
-        raise _Transient(f"more than {MAX_REDIRECTS} redirects")
+        raise Transient(f"{ep.host}: more than {MAX_REDIRECTS} redirects")
+
+    def _remember(self, key: tuple[str, str, str], url: URL) -> None:
+        """Keep a blob's storage URL until its stated expiry (minus a margin) or the TTL."""
+        ttl = self.policy.redirect_ttl
+        expires = redirect_expiry(url)
+        if expires is not None:
+            ttl = expires - self._wall() - REDIRECT_MARGIN
+        if ttl > 0:
+            self._redirects[key] = _Redirect(url, self.clock() + ttl)
 
     async def _send_once(
         self,
         r: Reference,
-        ep: _Endpoint,
+        ep: HostEndpoint,
+        dl: Deadline,
         method: str,
         url: URL,
         headers: dict[str, str],
         data: Body,
         stream: bool,
-        origin: URL,
+        same_origin: bool,
     ) -> aiohttp.ClientResponse:
-        if stream:
-            timeout = aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout)
-        else:
-            timeout = aiohttp.ClientTimeout(total=self.timeout)
-        verify = not (ep.skip_verify and url.origin() == origin)
+        if dl.expired():
+            raise Transient(f"{ep.host}: deadline passed")
+        timeout = self.policy.request_timeout(dl.remaining(), stream=stream)
+        try:
+            tls = self._ssl_for(ep) if same_origin else True
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {r}: {exc}") from None
         self.stats["requests"] += 1
+        session = self._get_session()
         try:
             if isinstance(data, Path):
                 with data.open("rb") as fh:
-                    return await self._get_session().request(
-                        method,
-                        url,
-                        headers=headers,
-                        data=fh,
-                        allow_redirects=False,
-                        timeout=timeout,
-                        ssl=verify,
-                    )
-            return await self._get_session().request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout,
-                ssl=verify,
-            )
+                    return await session.request(
+                        method, url, headers=headers, data=fh, allow_redirects=False,
+                        timeout=timeout, ssl=tls,
+                    )  # fmt: skip
+            return await session.request(
+                method, url, headers=headers, data=data, allow_redirects=False,
+                timeout=timeout, ssl=tls,
+            )  # fmt: skip
         except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
             raise Unavailable(
                 f"image {r}: TLS error talking to {url.raw_authority}: {_tls_why(exc)}"
             ) from None
         except TRANSIENT as exc:
-            raise _Transient(f"{url.raw_authority}: {_why(exc)}") from None
+            raise Transient(f"{url.raw_authority}: {_why(exc)}") from None
 
-    def _auth_header(self, ep: _Endpoint, scope: str) -> str | None:
-        return self._basic.get((ep.auth_key, scope)) or self._tokens.get((ep.auth_key, scope))
+    def _ssl_for(self, ep: HostEndpoint) -> ssl.SSLContext | bool:
+        """The endpoint's TLS settings (CA files, client certificates, skip_verify), built once."""
+        found = self._ssl.get(ep)
+        if found is None:
+            found = self._ssl[ep] = ep.ssl_context()
+        return found
+
+    def _auth_header(self, r: Reference, ep: HostEndpoint, scope: str) -> str | None:
+        key = (ep.host if ep.mirror else r.registry, scope)
+        return self._basic.get(key) or self._tokens.get(key)
 
     async def _authorize(
-        self, r: Reference, ep: _Endpoint, challenge: Challenge, scope: str, used: str | None
+        self,
+        r: Reference,
+        ep: HostEndpoint,
+        dl: Deadline,
+        challenge: Challenge,
+        scope: str,
+        used: str | None,
     ) -> bool:
         """Act on a 401 challenge: remember basic credentials or fetch a bearer token.
 
@@ -575,26 +865,30 @@ class RegistryClient:
         client) share one token request: whoever gets the lock second finds a token newer than
         the one it was refused with and just retries.
         """
-        creds = self._credentials(r, ep.auth_key)
+        creds = self._credentials(r, ep)
+        key = (ep.host if ep.mirror else r.registry, scope)
+        if creds is not None and creds.registry_token:  # a bearer token to send as it is
+            bearer = f"Bearer {creds.registry_token}"
+            self._tokens[key] = bearer
+            return bearer != used
         if challenge.scheme == "basic":
             if creds is None or creds.basic_header() == used:
                 return False
-            self._basic[(ep.auth_key, scope)] = creds.basic_header()
+            self._basic[key] = creds.basic_header()
             return True
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
             return False
-        key = (ep.auth_key, scope)
         async with self._token_locks.setdefault(key, asyncio.Lock()):
             if self._tokens.get(key) not in (None, used):
                 return True
-            token = await self._fetch_token(r, ep, challenge, scope, creds)
+            token = await self._fetch_token(r, dl, challenge, scope, creds)
             self._tokens[key] = f"Bearer {token}"
         return True
 
     async def _fetch_token(
         self,
         r: Reference,
-        ep: _Endpoint,
+        dl: Deadline,
         challenge: Challenge,
         scope: str,
         creds: Credentials | None,
@@ -602,7 +896,7 @@ class RegistryClient:
         params = challenge.params
         query = {"service": params.get("service", "")}
         query["scope"] = params.get("scope") or scope
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        timeout = self.policy.request_timeout(dl.remaining(), stream=False)
         session = self._get_session()
         try:
             if creds is not None and creds.identity_token:
@@ -625,7 +919,7 @@ class RegistryClient:
                         f"(HTTP {resp.status}) for {query['scope']}"
                     )
                 if resp.status in RETRY_STATUSES:
-                    raise _Transient(f"token server HTTP {resp.status}")
+                    raise Transient(f"token server HTTP {resp.status}")
                 if resp.status != 200:
                     raise FailedPrecondition(f"image {r}: token server answered HTTP {resp.status}")
                 body = await resp.json(content_type=None)
@@ -634,7 +928,7 @@ class RegistryClient:
                 f"image {r}: TLS error talking to token server: {_why(exc)}"
             ) from None
         except TRANSIENT as exc:
-            raise _Transient(f"token server: {_why(exc)}") from None
+            raise Transient(f"token server: {_why(exc)}") from None
         except ValueError:
             raise FailedPrecondition(f"image {r}: token server sent invalid JSON") from None
         token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
@@ -642,10 +936,58 @@ class RegistryClient:
             raise FailedPrecondition(f"image {r}: token server sent no token")
         return token
 
-    def _delay(self, attempt: int) -> float:
-        """Exponential backoff with jitter, capped so bounded retries stay bounded in time."""
-        base: float = min(self.backoff * (2 ** (attempt - 1)), 5.0)
-        return base * (0.5 + random.random() / 2)
+
+def _tuned(
+    policy: RetryPolicy, timeout: float | None, retries: int | None, backoff: float | None
+) -> RetryPolicy:
+    """The policy with the constructor's older knobs applied (when given)."""
+    changes: dict[str, Any] = {}
+    if timeout is not None:
+        changes["response_timeout"] = timeout
+        changes["connect_timeout"] = min(policy.connect_timeout, timeout)
+    if retries is not None:
+        changes["attempts"] = max(0, retries) + 1
+    if backoff is not None:
+        changes["backoff"] = backoff
+    return RetryPolicy(**{**policy.__dict__, **changes})
+
+
+def _blob_path(r: Reference, digest: str) -> str:
+    return f"/v2/{r.repository}/blobs/{digest}"
+
+
+def _endpoint_url(ep: HostEndpoint, r: Reference, path: str) -> URL:
+    """``path`` (written ``/v2/...``) under the endpoint's API root; a mirror also gets
+    ``ns=<registry>``, as containerd sends it."""
+    rest = path[3:] if path.startswith("/v2/") else path
+    url = URL(ep.api + rest, encoded=True)
+    return url.update_query(ns=r.registry) if ep.mirror else url
+
+
+def redirect_expiry(url: URL) -> float | None:
+    """The wall-clock time a signed storage URL stops working, when the URL says so:
+    S3 (``X-Amz-Date`` + ``X-Amz-Expires``), GCS (``X-Goog-Date`` + ``X-Goog-Expires``),
+    CloudFront and GCS v2 (``Expires``, epoch seconds), Azure SAS (``se``, ISO time)."""
+    q = {k.lower(): v for k, v in url.query.items()}
+    for prefix in ("x-amz-", "x-goog-"):
+        date, expires = q.get(prefix + "date"), q.get(prefix + "expires")
+        if date and expires and expires.isdigit():
+            try:
+                start = datetime.datetime.strptime(date, "%Y%m%dT%H%M%SZ")
+            except ValueError:
+                continue
+            return start.replace(tzinfo=datetime.UTC).timestamp() + int(expires)
+    if q.get("expires", "").isdigit():
+        return float(q["expires"])
+    if q.get("se"):
+        try:
+            when = datetime.datetime.fromisoformat(q["se"].replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return when.timestamp()
+    return None
 
 
 # ---------------------------------------------------------------- helpers
@@ -673,7 +1015,7 @@ def _tls_why(exc: BaseException) -> str:
 
 
 def _status_error(
-    r: Reference, what: str, ep: _Endpoint, resp: aiohttp.ClientResponse
+    r: Reference, what: str, ep: HostEndpoint, resp: aiohttp.ClientResponse
 ) -> ClipError:
     status, host = resp.status, ep.host
     if status in (401, 403):

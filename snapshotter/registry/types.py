@@ -1,81 +1,15 @@
-"""Value types of the registry client: host configuration, descriptors, resolved images."""
+"""Value types of the registry client: descriptors, resolved images, platforms."""
 
 from __future__ import annotations
 
+import platform as platform_mod
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from snapshotter.errors import InvalidArgument
-from snapshotter.registry.auth import Credentials
 from snapshotter.registry.reference import Reference
-
-
-@dataclass
-class RegistryHostConfig:
-    """How to reach one registry host (the key is the host as written in image refs).
-
-    ``mirrors`` are tried in order for pulls before the host itself; each is ``host[:port]``
-    (scheme from that host's own config, https by default) or a URL such as
-    ``http://mirror:5000`` or ``https://mirror/prefix``. Pushes always go to the host itself.
-    """
-
-    plain_http: bool = False
-    mirrors: list[str] = field(default_factory=list)
-    auth: Credentials | None = None
-    skip_verify: bool = False
-
-    @classmethod
-    def from_mapping(cls, host: str, data: Mapping[str, Any]) -> RegistryHostConfig:
-        """Build from a config-file table: plain_http, mirrors, username/password, skip_verify."""
-        known = {"plain_http", "mirrors", "username", "password", "identity_token", "skip_verify"}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidArgument(f"registry host {host}: unknown settings {sorted(unknown)}")
-        mirrors = data.get("mirrors", [])
-        if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
-            raise InvalidArgument(f"registry host {host}: mirrors must be a list of strings")
-        auth = None
-        if data.get("username") or data.get("identity_token"):
-            auth = Credentials(
-                username=str(data.get("username", "")),
-                password=str(data.get("password", "")),
-                identity_token=str(data.get("identity_token", "")),
-            )
-        return cls(
-            plain_http=bool(data.get("plain_http", False)),
-            mirrors=list(mirrors),
-            auth=auth,
-            skip_verify=bool(data.get("skip_verify", False)),
-        )
-
-
-class HostTable(Protocol):
-    """A config file's ``[registry."HOST"]`` table, as far as the client needs it."""
-
-    @property
-    def plain_http(self) -> bool: ...
-
-    @property
-    def mirrors(self) -> Sequence[str]: ...
-
-
-def hosts_from_config(
-    tables: Mapping[str, HostTable], plain_http_host: str | None = None
-) -> dict[str, RegistryHostConfig]:
-    """The client's host settings from the config's registry tables.
-
-    ``plain_http_host`` (a command's ``--plain-http`` for its image's registry) makes that host
-    talk HTTP, keeping any mirrors its table names.
-    """
-    hosts = {
-        host: RegistryHostConfig(plain_http=table.plain_http, mirrors=list(table.mirrors))
-        for host, table in tables.items()
-    }
-    if plain_http_host is not None:
-        hosts.setdefault(plain_http_host, RegistryHostConfig()).plain_http = True
-    return hosts
 
 
 @dataclass(frozen=True)
@@ -166,3 +100,11 @@ class Platform:
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def host_platform() -> Platform:
+    """This machine's platform (``linux/<arch>``), the default for every pull: an arm64 node
+    pulls arm64 images, as containerd does."""
+    machine = platform_mod.machine().lower()
+    arch, variant = {"armv7l": ("arm", "v7"), "armv6l": ("arm", "v6")}.get(machine, (machine, ""))
+    return Platform.normalize("linux", arch, variant)

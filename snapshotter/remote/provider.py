@@ -48,6 +48,7 @@ from snapshotter.fs.layerfs import LayerFS, is_mounted
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import Layer, ReadPolicy, Source
 from snapshotter.registry import RegistryClient, hosts_from_config
+from snapshotter.registry.auth import Keychain
 from snapshotter.registry.reference import SHA256_DIGEST
 from snapshotter.remote.background import BackgroundFetch
 from snapshotter.remote.build import LayerBounds
@@ -86,7 +87,15 @@ class RemoteLayerProvider:
 
     name = "remote-layers"
 
-    def __init__(self, config: Config, registry: RegistryClient | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keychain: Keychain | None = None,
+        registry: RegistryClient | None = None,
+    ) -> None:
+        """``keychain``: an image's own credentials, asked before the configured ones (the
+        pull secrets `clip serve`'s CRI image service keeps, see snapshotter/cri/).
+        ``registry``: the client to use instead of one built from the configuration."""
         self.config = config
         root = Path(config.daemon.root)
         self.mountpoint = root / "mnt"
@@ -96,7 +105,9 @@ class RemoteLayerProvider:
         )
         self.cache = DiskCache(root, directory=config.cache_dir(), budget=self.budget)
         self.content = open_content_cache(config.content_cache)
-        self.registry = registry or RegistryClient(hosts_from_config(config.registry))
+        self.registry = registry or RegistryClient(
+            hosts_from_config(config.registry), keychain=keychain
+        )
         self.bounds = LayerBounds(
             config.layers.max_layer_bytes, config.layers.max_compression_ratio
         )
@@ -151,7 +162,11 @@ class RemoteLayerProvider:
         await self.registry.close()
         await asyncio.to_thread(self.cache.close)
 
-    # the surface the EROFS layer builds on ----------------------------------------------------
+    async def sweep(self) -> list[str]:
+        """Attachments exist only while snapshots use them: nothing is left to sweep."""
+        return []
+
+    # what the EROFS mounts need (snapshotter.erofs.layers.LayerStreams) -----------------------
 
     def layer_name(self, digest: str) -> str:
         """Short directory/file name of a layer (`<mountpoint>/blobs/<name>`, lowerdirs)."""

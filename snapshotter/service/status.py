@@ -84,6 +84,7 @@ class ProviderStatus:
     cache_dir: str
     layers: list[LayerStatus] = field(default_factory=list)
     content_cache: TierHealth = field(default_factory=TierHealth)
+    fs_mode: str = "fuse"
 
 
 @runtime_checkable
@@ -145,6 +146,7 @@ class StatusService(pb_grpc.StatusServicer):
             fuse=pb.FuseMount(
                 mounted=bool(provider and provider.fuse_mounted),
                 mountpoint=provider.mountpoint if provider else "",
+                fs_mode=provider.fs_mode if provider else "",
             ),
         )
 

@@ -68,3 +68,8 @@ class LayerProvider(Protocol):
     async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
         """The snapshot of ``layer`` was removed: drop what was kept for it."""
         ...
+
+    async def sweep(self) -> list[str]:
+        """Drop what no snapshot uses any more (after restoring, and on Cleanup): e.g. a layer
+        mount left by a daemon that died between mounting and committing. Returns what went."""
+        ...

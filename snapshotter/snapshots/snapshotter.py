@@ -150,6 +150,7 @@ class Snapshotter:
                 record.remote_dir = lowerdir
                 with self.store.transaction():
                     self.store.save(record)
+        await self.provider.sweep()
 
     @staticmethod
     def _layer_of(record: Record) -> RemoteLayer:
@@ -258,6 +259,8 @@ class Snapshotter:
         orphans = self.layout.orphans(self.store.ids())
         await asyncio.to_thread(self.layout.discard_all, orphans)
         names = [p.name for p in orphans]
+        if self.provider is not None:
+            names += await self.provider.sweep()
         if names:
             log.info("cleanup removed %d directories: %s", len(names), ", ".join(names))
         return names

@@ -175,17 +175,21 @@ class FuseMount(_message.Message):
 
     MOUNTED_FIELD_NUMBER: _builtins.int
     MOUNTPOINT_FIELD_NUMBER: _builtins.int
+    FS_MODE_FIELD_NUMBER: _builtins.int
     mounted: _builtins.bool
     mountpoint: _builtins.str
+    fs_mode: _builtins.str
+    """how remote layers are served: "erofs" (kernel) or "fuse" (clip's tree)"""
     def __init__(
         self,
         *,
         mounted: _builtins.bool = ...,
         mountpoint: _builtins.str = ...,
+        fs_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mounted", b"mounted", "mountpoint", b"mountpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fs_mode", b"fs_mode", "mounted", b"mounted", "mountpoint", b"mountpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,194 @@
+"""ErofsLayers: one EROFS mount per layer over its stream, reference counted, restart-aware.
+
+The inner provider is a stand-in whose "FUSE stream file" and "cache file" are plain files
+holding the layer's uncompressed tar: what ErofsLayers does with them (write the image, mount,
+count users, unmount, keep or replace mounts found after a restart) is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fs_layers import M, index_layer, write_layer
+
+from snapshotter.erofs.layers import ErofsLayers
+from snapshotter.erofs.mount import unmount
+from snapshotter.errors import ClipError
+from snapshotter.fs.layerfs import mount_at
+from snapshotter.index import LayerIndex
+from snapshotter.snapshots.remote import RemoteLayer
+
+DIGEST = "sha256:" + "ab" * 32
+NAME = DIGEST[7:23]
+IMAGE_REF = "registry.test/app:1"
+
+
+class FakeStreams:
+    """The remote-layer provider as ErofsLayers sees it, counting attach/release pairs."""
+
+    def __init__(self, root: Path, index: LayerIndex, stream: bytes) -> None:
+        self.mountpoint = root / "mnt"
+        self.index = index
+        self.complete = False
+        self.users = 0
+        (self.mountpoint / "blobs").mkdir(parents=True)
+        (self.mountpoint / "blobs" / NAME).write_bytes(stream)
+        self.cache = root / "cache" / "data"
+        self.cache.parent.mkdir()
+        self.cache.write_bytes(stream)
+
+    async def prepare(self, layer: RemoteLayer) -> str:
+        self.users += 1
+        return str(self.mountpoint / NAME)
+
+    async def restore(self, layer: RemoteLayer, lowerdir: str) -> str:
+        return await self.prepare(layer)
+
+    async def release(self, layer: RemoteLayer, lowerdir: str) -> None:
+        self.users -= 1
+
+    async def sweep(self) -> list[str]:
+        return []
+
+    def index_of(self, digest: str) -> LayerIndex | None:
+        return self.index
+
+    def is_complete(self, digest: str) -> bool:
+        return self.complete
+
+    def cache_file(self, digest: str) -> Path:
+        return self.cache
+
+    def layer_name(self, digest: str) -> str:
+        return digest[7:23]
+
+
+LAYER = RemoteLayer("k", "", "sha256:" + "cd" * 32, IMAGE_REF, DIGEST)
+
+
+@pytest.fixture
+def streams(tmp_path: Path) -> Iterator[FakeStreams]:
+    members = [
+        M("etc", kind=tarfile.DIRTYPE, mode=0o755),
+        M("etc/hostname", data=b"clip\n"),
+        M("usr/bin/tool", data=os.urandom(300_000), mode=0o4755),
+    ]
+    blob = write_layer(tmp_path / "layer.tgz", members)
+    index = index_layer(blob, tmp_path / "layer.idx")
+    root = tmp_path / "root"
+    fake = FakeStreams(root, index, gzip.decompress(blob.read_bytes()))
+    try:
+        yield fake
+    finally:
+        unmount(root / "layers" / NAME)
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[int]:
+    """The device number of the file system at `path`, kept alive by an open descriptor, so a
+    new mount there (a new superblock) gets a different one."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+
+
+def test_one_mount_per_layer_counted_by_users(streams: FakeStreams, tmp_path: Path) -> None:
+    layers = ErofsLayers(streams, tmp_path / "root", "erofs")
+    target = tmp_path / "root" / "layers" / NAME
+    image = tmp_path / "root" / "erofs" / f"{NAME}.fuse.img"
+
+    async def scenario() -> None:
+        assert await layers.prepare(LAYER) == str(target)
+        assert await layers.prepare(LAYER) == str(target)
+        assert mount_at(target) == ("erofs", str(image))
+        assert (target / "etc/hostname").read_bytes() == b"clip\n"
+        assert os.stat(target / "usr/bin/tool").st_mode & 0o7777 == 0o4755
+        assert layers.mounted() == {DIGEST: target}
+        await layers.release(LAYER, str(target))
+        assert mount_at(target) is not None and streams.users == 1
+        await layers.release(LAYER, str(target))
+
+    asyncio.run(scenario())
+    assert mount_at(target) is None and streams.users == 0
+    assert not image.exists() and not target.exists()
+
+
+def test_complete_layer_mounts_over_the_cache_and_survives_a_restart(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    streams.complete = True
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.disk.img"))
+    # a new daemon restores the recorded snapshot: the mount over the cache file is kept
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        assert asyncio.run(restarted.restore(LAYER, str(target))) == str(target)
+        assert os.stat(target).st_dev == before
+    assert (target / "etc/hostname").read_bytes() == b"clip\n"
+
+
+def test_mount_over_a_stream_of_the_previous_daemon_is_replaced(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        asyncio.run(restarted.restore(LAYER, str(target)))
+        assert os.stat(target).st_dev != before
+    assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.fuse.img"))
+    assert (target / "etc/hostname").read_bytes() == b"clip\n"
+
+
+def test_a_failed_mount_names_the_layer_and_leaves_nothing(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    (streams.mountpoint / "blobs" / NAME).unlink()  # the stream file is gone
+    root = tmp_path / "root"
+    with pytest.raises(ClipError) as err:
+        asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    assert DIGEST in str(err.value) and IMAGE_REF in str(err.value)
+    assert streams.users == 0
+    assert mount_at(root / "layers" / NAME) is None
+    assert list((root / "erofs").glob("*.img")) == []
+
+
+def test_sweep_unmounts_layers_no_snapshot_uses(streams: FakeStreams, tmp_path: Path) -> None:
+    """A daemon died between mounting a layer and committing its snapshot: the next one's
+    restore finds no snapshot for that mount and sweeps it."""
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    assert asyncio.run(ErofsLayers(streams, root, "erofs").sweep()) == [f"layers/{NAME}"]
+    assert mount_at(target) is None and not target.exists()
+    assert list((root / "erofs").glob("*.img")) == []
+
+
+def test_fuse_mode_hands_out_the_fuse_tree(streams: FakeStreams, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    layers = ErofsLayers(streams, root, "fuse")
+    asyncio.run(layers.start())
+    assert asyncio.run(layers.prepare(LAYER)) == str(streams.mountpoint / NAME)
+    assert not (root / "layers").exists() and streams.users == 1
+    asyncio.run(layers.release(LAYER, str(streams.mountpoint / NAME)))
+    assert streams.users == 0
+
+
+def test_auto_mode_picks_erofs_on_this_kernel(streams: FakeStreams, tmp_path: Path) -> None:
+    """This machine's kernel (6.12+) mounts file-backed EROFS: auto must choose it."""
+    layers = ErofsLayers(streams, tmp_path / "root", "auto")
+    asyncio.run(layers.start())
+    assert layers.mode == "erofs"
+    assert list((tmp_path / "root" / "erofs").iterdir()) == []  # the probe cleaned up
