@@ -141,3 +141,18 @@ def test_memory_tier_is_bounded_lru() -> None:
     assert mem.get("d", 9) is None
     mem.drop_layer("d")
     assert mem.used == 0
+
+
+def test_peek_reads_presence_without_opening_a_released_layer(tmp_path: Path) -> None:
+    """Status and sharing look at released layers without locking them against eviction."""
+    disk = open_cache(tmp_path)
+    data = stream(3 * BS + 10)
+    writer = disk.layer(DIGEST).writer()
+    writer.write(0, data)
+    writer.finish()
+    assert disk.peek(DIGEST) == (len(data), [0, 1, 2, 3])  # open: its live record
+    disk.release(DIGEST)
+    assert disk.peek(DIGEST) == (len(data), [0, 1, 2, 3])  # released: the record on disk
+    assert disk.peek_complete(DIGEST, len(data)) and not disk.peek_complete(DIGEST, BS)
+    assert [e.digest for e in disk.evict(0, keep=())] == [DIGEST]  # nothing held it open
+    assert disk.peek(DIGEST) == (None, [])

@@ -568,22 +568,29 @@ class DiskCache:
         cache = self.layer(digest)
         return cache.size == size and cache.complete()
 
-    def peek_complete(self, digest: str, size: int) -> bool:
-        """Like `is_complete`, without opening (and so locking) a layer that is not open:
-        its presence record is read from disk. Blocking."""
+    def peek(self, digest: str) -> tuple[int | None, list[int]]:
+        """(stream size, present blocks) of a layer, without opening (and so locking) one
+        that is not open: its presence record is read from disk then. Blocking."""
         hexd = digest_hex(digest)
         with self._lock:
             cache = self._layers.get(hexd)
         if cache is not None:
-            return cache.size == size and cache.complete()
+            with cache._lock:
+                record = cache._record
+                return record.size, [b for b in range(len(record.bits) * 8) if record.test(b)]
         try:
             data = (self.directory / hexd / "present").read_bytes()
         except OSError:
-            return False
-        record = _Record.decode(data, self.block_size)
-        if record is None or record.size != size:
-            return False
-        return all(record.test(b) for b in range(-(-size // self.block_size)))
+            return None, []
+        found = _Record.decode(data, self.block_size)
+        if found is None:
+            return None, []
+        return found.size, [b for b in range(len(found.bits) * 8) if found.test(b)]
+
+    def peek_complete(self, digest: str, size: int) -> bool:
+        """Like `is_complete`, without opening (and so locking) a layer that is not open."""
+        known, blocks = self.peek(digest)
+        return known == size and set(range(-(-size // self.block_size))) <= set(blocks)
 
     def remove(self, digest: str) -> None:
         """Drop a layer's cached bytes (garbage collection of an unused layer)."""

@@ -2,7 +2,9 @@
 for a layer complete on disk, every block the ContentCache lacks.
 
 Runs on the asyncio loop (the ContentCache's home); file reads happen in worker threads on a
-descriptor of its own, so a layer released meanwhile is never read through a closed one.
+descriptor of its own, and a layer's cache is never opened for it (an open cache is locked
+against eviction), so a layer released meanwhile is neither read through a closed descriptor
+nor kept from eviction.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from snapshotter.cache import DiskCache
+from snapshotter.cache import DiskCache, digest_hex
 from snapshotter.contentcache import ContentCache, NoContentCache
 from snapshotter.remote.store import IndexStore
 
@@ -60,12 +62,12 @@ class Sharer:
     async def _upload_blocks(self, digest: str) -> int:
         """Queue every cached block the ContentCache lacks, keeping its put queue at most half
         full so no put is dropped for lack of room."""
-        cache = await asyncio.to_thread(self.cache.layer, digest)
-        size, bs = cache.size or 0, cache.block_size
-        path = cache.directory / "data"
+        # peeked, not opened: an open cache is locked, and a released layer must stay evictable
+        size, blocks = await asyncio.to_thread(self.cache.peek, digest)
+        bs, path = self.cache.block_size, self.cache.directory / digest_hex(digest) / "data"
         sent = 0
-        for block in range(cache.nblocks() or 0):
-            if not cache.has(block) or await self.content.exists(digest, block):
+        for block in blocks:
+            if size is None or await self.content.exists(digest, block):
                 continue
             while self.content.health().queued_bytes > self.room:
                 await asyncio.sleep(_QUEUE_POLL)
