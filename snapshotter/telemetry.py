@@ -173,6 +173,10 @@ class Telemetry:
         self._bytes = Counter(
             "clip_tier_read_bytes", "Bytes served by a tier", ["tier"], registry=reg
         )
+        self._fuse = Counter(
+            "clip_fuse_requests", "Requests clip's FUSE mount served, by operation", ["op"],
+            registry=reg,
+        )
         self._latency = Histogram(
             "clip_read_latency_seconds", "Read latency by the tier that served it", ["tier"],
             buckets=_LATENCY_BUCKETS, registry=reg,
@@ -224,6 +228,10 @@ class Telemetry:
         label = _tier(tier)
         self._hits.labels(label).inc(count)
         self._bytes.labels(label).inc(nbytes)
+
+    def fuse_request(self, op: str) -> None:
+        """One request served by the FUSE mount (the EROFS mode's point is to need few)."""
+        self._fuse.labels(op).inc()
 
     def tier_miss(self, tier: str, count: int = 1) -> None:
         self._misses.labels(_tier(tier)).inc(count)
