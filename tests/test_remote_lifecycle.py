@@ -64,7 +64,13 @@ class FakeRegistry:
         for i in range(0, len(data), 256 * 1024):
             yield data[i : i + 256 * 1024]
 
-    async def read_range(self, ref: str, digest: str, coff: int, length: int) -> bytes:
+    def deadline(self, seconds: float) -> float:
+        """The real client's absolute deadline; this fake has no time of its own."""
+        return seconds
+
+    async def read_range(
+        self, ref: str, digest: str, coff: int, length: int, *, deadline: float | None = None
+    ) -> bytes:
         self.ranges += 1
         self.range_started.set()
         await self.range_gate.wait()
