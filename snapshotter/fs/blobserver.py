@@ -90,7 +90,10 @@ class BlobServer:
         holder_socket: os.PathLike[str] | str,
         holder_pidfile: os.PathLike[str] | str | None = None,
     ) -> None:
-        self.mountpoint = Path(os.path.realpath(mountpoint))
+        # Resolve the parent only: resolving the mount point itself would stat the FUSE root,
+        # which waits for a server that may be this very process.
+        given = Path(mountpoint)
+        self.mountpoint = Path(os.path.realpath(given.parent)) / given.name
         self.holder_socket = Path(holder_socket)
         self.holder_pidfile = (
             Path(holder_pidfile) if holder_pidfile is not None
