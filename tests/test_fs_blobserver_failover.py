@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import select
 import signal
@@ -50,8 +51,6 @@ for line in sys.stdin:
 
 
 def sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
@@ -233,7 +232,8 @@ def test_holder_exits_when_the_mount_goes(rig: Rig) -> None:
     wait_exit(holder_pid)  # the held descriptor polled POLLERR: the holder left by itself
     assert not rig.sock.exists()
     assert fp.device_of_mount(rig.mnt) is None
-    assert not any(os.fspath(rig.mnt) in line for line in Path("/proc/mounts").read_text().splitlines())
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    assert not any(os.fspath(rig.mnt) in line for line in mounts)
 
 
 def test_mount_without_server_and_holder_fails_clean(rig: Rig) -> None:
