@@ -3,7 +3,8 @@
 `python tests/fs_blobserver_child.py MOUNTPOINT SOCKET [--stall-from OFFSET] NAME:SIZE...`
 serves each blob with `pattern(name, size)` bytes. Reads at or past --stall-from never complete
 (the test kills this process while a reader waits on one). Reports on stdout, one line each:
-`ready resumed=<True|False>` once serving, `stalled <name> <offset> <size>` when a read stalls.
+`ready resumed=<True|False>` once serving, `stalled <name> <offset> <size>` when a read stalls,
+`resent <count>` on the way out (requests the kernel resent to this server).
 SIGTERM cancels the server the way the daemon does (no unmount).
 """
 
@@ -51,6 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
             print(f"ready resumed={server.resumed}", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
+    print(f"resent {server.resent}", flush=True)
 
 
 def main() -> None:

@@ -213,6 +213,7 @@ def test_blocked_read_completes_after_failover(rig: Rig, how: str) -> None:
     reader.stdin.close()  # type: ignore[union-attr]
     reader.wait()  # its close is a FLUSH: a server must be there to answer it
     new.send_signal(signal.SIGTERM)
+    assert int(expect(new, "resent").split()[1]) >= 1  # the blocked read came back as a resend
     new.wait()
     # the real shutdown: nothing mounted, the holder gone
     holder.release(rig.sock)

@@ -100,6 +100,7 @@ class BlobServer:
             else self.holder_socket.with_suffix(".pid")
         )
         self.resumed = False  # whether the last run() took over a live session
+        self.resent = 0  # requests the kernel resent to this server (read by a dead one)
         self.params: fp.InitParams | None = None
         self._lock = threading.Lock()
         self._by_name: dict[str, Blob] = {}
@@ -295,6 +296,8 @@ class BlobServer:
 
     def _dispatch(self, req: fp.Request, nursery: trio.Nursery) -> None:
         op = req.opcode
+        if req.unique & fp.UNIQUE_RESEND:
+            self.resent += 1
         if op == fp.READ:
             nursery.start_soon(self._read, req)
         elif op in (fp.FORGET, fp.BATCH_FORGET):

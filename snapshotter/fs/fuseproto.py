@@ -81,7 +81,6 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
 HAS_RESEND = 1 << 39
-REQUEST_TIMEOUT = 1 << 42
 
 # Set in `unique` of a request the kernel re-queued after FUSE_NOTIFY_RESEND.
 UNIQUE_RESEND = 1 << 63
