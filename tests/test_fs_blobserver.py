@@ -196,13 +196,12 @@ def test_remove_answers_enoent(paths: Paths) -> None:
             server.remove("kept")
             assert server.names() == []
             with pytest.raises(OSError) as err:
-                await trio.to_thread.run_sync(os.pread, kept_fd, 4096, 0)
+                await trio.to_thread.run_sync(os.pread, kept_fd[0], 4096, 0)
             assert err.value.errno == errno.ESTALE
-            await trio.to_thread.run_sync(os.close, kept_fd)  # a close is a FLUSH request
+            await trio.to_thread.run_sync(os.close, kept_fd[0])  # a close is a FLUSH request
 
     def check(server: BlobServer, gone: Path) -> None:
-        nonlocal kept_fd
-        kept_fd = os.open(kept, os.O_RDONLY)
+        kept_fd.append(os.open(kept, os.O_RDONLY))
         fd = os.open(gone, os.O_RDONLY)
         try:
             assert gone.stat().st_size == len(data)
@@ -217,7 +216,7 @@ def test_remove_answers_enoent(paths: Paths) -> None:
         finally:
             os.close(fd)
 
-    kept_fd = -1
+    kept_fd: list[int] = []
     trio.run(main)
 
 

@@ -60,6 +60,7 @@ class Rig:
 
     root: Path
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)
 
     @property
     def mnt(self) -> Path:
@@ -84,6 +85,7 @@ class Rig:
             stdout=subprocess.PIPE, text=True, start_new_session=True, env=_env(),
         )
         self.procs.append(proc)
+        self.servers.append(proc)
         return proc
 
     def reader(self, path: Path) -> subprocess.Popen[str]:
@@ -100,8 +102,8 @@ class Rig:
     def cleanup(self) -> None:
         """Servers first, then the holder: with the last /dev/fuse descriptor closed the kernel
         aborts the connection, so readers blocked on it return; then readers, then the mount."""
-        for proc in self.procs:
-            if proc.args[1] == os.fspath(CHILD) and proc.poll() is None:
+        for proc in self.servers:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         holder.release(self.sock)

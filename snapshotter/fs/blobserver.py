@@ -203,10 +203,10 @@ class BlobServer:
 
     def unmount(self) -> None:
         """The real shutdown: detach the mount and let the holder go (open files then fail)."""
+        holder.release(self.holder_socket)
         current = fp.device_of_mount(self.mountpoint)
         if current is not None and current[0] == fp.FSTYPE:
             lazy_unmount(self.mountpoint)
-        holder.release(self.holder_socket)
 
     def _open_session(self) -> int:
         """The /dev/fuse descriptor to serve: the holder's if it serves our mount, else new."""

@@ -54,11 +54,14 @@ def _call(
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(f"fuse holder: nothing listens on {path}") from exc
         message = json.dumps(request).encode()
-        if fd is None:
-            sock.send(message)
-        else:
-            socket.send_fds(sock, [message], [fd])
-        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        try:
+            if fd is None:
+                sock.send(message)
+            else:
+                socket.send_fds(sock, [message], [fd])
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        except OSError as exc:  # it exited meanwhile (the mount went away), or hangs
+            raise Unavailable(f"fuse holder at {path} did not answer: {exc}") from exc
     if not data:
         raise Unavailable(f"fuse holder at {path} closed the connection")
     reply: dict[str, Any] = json.loads(data)
