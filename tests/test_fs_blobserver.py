@@ -14,6 +14,8 @@ import os
 import select
 import signal
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,5 +288,60 @@ def test_second_run_takes_over_the_session(paths: Paths) -> None:
                 2 * MiB : 3 * MiB]
             assert await trio.to_thread.run_sync(read_all, path) == data
             await trio.to_thread.run_sync(os.close, fd)
+
+    trio.run(main)
+
+
+# A reader whose SIGUSR1 handler raises, so the interrupted read is not retried (PEP 475).
+INTERRUPTED_READER = """
+import os, signal, sys
+class Stop(Exception):
+    pass
+def stop(signum, frame):
+    raise Stop()
+signal.signal(signal.SIGUSR1, stop)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)  # direct: a synchronous READ request
+try:
+    os.pread(fd, 65536, 0)
+    print("read", flush=True)
+except Stop:
+    print("interrupted", flush=True)
+except OSError as exc:
+    print(f"error {exc.errno}", flush=True)
+"""
+
+
+def test_interrupt_cancels_the_read(paths: Paths) -> None:
+    async def main() -> None:
+        entered = trio.Event()
+        cancelled = trio.Event()
+
+        async def stuck(name: str, offset: int, size: int) -> bytes:
+            entered.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+            raise AssertionError("unreachable")
+
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("stuck", MiB, stuck)
+        async with serving(server):
+            reader = await trio.lowlevel.open_process(
+                [sys.executable, "-c", INTERRUPTED_READER, os.fspath(path)],
+                stdout=subprocess.PIPE,
+            )
+            try:
+                await entered.wait()  # the reader's READ is in the callback
+                reader.send_signal(signal.SIGUSR1)  # -> FUSE_INTERRUPT for that request
+                await cancelled.wait()  # the server cancelled the callback's task
+                assert reader.stdout is not None
+                out = await reader.stdout.receive_some()
+                assert out.decode().strip() == "interrupted"  # the read returned EINTR
+                assert await reader.wait() == 0
+            finally:
+                if reader.returncode is None:
+                    reader.kill()
+                    await reader.wait()
 
     trio.run(main)

@@ -106,6 +106,7 @@ class BlobServer:
         self._by_name: dict[str, Blob] = {}
         self._by_ino: dict[int, Blob] = {}
         self._fd: int | None = None
+        self._fd_lock = threading.Lock()
         self._serving_thread: int | None = None
         self._epoch = 0
         self._inflight: dict[int, trio.CancelScope] = {}
@@ -159,16 +160,21 @@ class BlobServer:
         return self.mountpoint / BLOBS_DIR / name
 
     def _invalidate(self, name: str) -> None:
-        fd = self._fd
-        if fd is None:
-            return
+        # A duplicate of the descriptor: run() may close its own meanwhile, and a write to a
+        # closed number could land in whatever file reused it.
+        with self._fd_lock:
+            if self._fd is None:
+                return
+            fd = os.dup(self._fd)
         raw = name.encode()
         body = fp.NOTIFY_INVAL_ENTRY_OUT.pack(BLOBS_INO, len(raw), 0) + raw + b"\0"
         try:
             os.writev(fd, [fp.notify_header(fp.NOTIFY_INVAL_ENTRY, len(body)), body])
         except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("blob server: cannot invalidate %s: %s", name, exc)
+        finally:
+            os.close(fd)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -196,7 +202,8 @@ class BlobServer:
                     raise Unavailable(self._failure)
                 task_status.started()
         finally:
-            self._fd = None
+            with self._fd_lock:
+                self._fd = None
             self._serving_thread = None
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
