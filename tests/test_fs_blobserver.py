@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound
+from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
 from snapshotter.fs.blobserver import BlobServer, ReadFn, blob_inode
@@ -345,3 +345,16 @@ def test_interrupt_cancels_the_read(paths: Paths) -> None:
                     await reader.wait()
 
     trio.run(main)
+
+
+def test_a_mount_point_that_is_a_file_is_refused(paths: Paths) -> None:
+    paths.mnt.write_text("not a directory")
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        with pytest.raises(Unavailable) as err:
+            await server.run()
+        assert str(paths.mnt) in str(err.value)
+
+    trio.run(main)
+    assert not paths.sock.exists()  # no holder was left behind

@@ -248,14 +248,24 @@ class BlobServer:
                 raise Unavailable(f"blob server: {self.mountpoint} is already a {current[0]} mount")
             log.warning("blob server: clearing a stale mount at %s", self.mountpoint)
             lazy_unmount(self.mountpoint)
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        holder.spawn(self.holder_socket, self.holder_pidfile)
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Unavailable(f"blob server: cannot mount at {self.mountpoint}: {exc}") from exc
+        try:
+            holder.spawn(self.holder_socket, self.holder_pidfile)
+        except BaseException:
+            os.close(fd)
+            raise
         try:
             fp.mount(fd, self.mountpoint)
             self._epoch = int(time.time())
             # Handed over before INIT: a daemon dying from here on leaves a session to resume.
             holder.put(self.holder_socket, fd, self._state())
+        except OSError as exc:
+            os.close(fd)
+            raise Unavailable(f"blob server: cannot mount {self.mountpoint}: {exc}") from exc
         except BaseException:
             os.close(fd)
             raise

@@ -242,7 +242,7 @@ def mount(fd: int, mountpoint: Path) -> None:
     )
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"fuse: cannot mount {mountpoint}: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err), os.fspath(mountpoint))
 
 
 def connection_of_fd(fd: int) -> int | None:
