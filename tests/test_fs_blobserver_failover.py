@@ -266,3 +266,20 @@ def test_mount_without_server_and_holder_fails_clean(rig: Rig) -> None:
     again = rig.server()
     assert expect(again, "ready") == "ready resumed=False"
     assert rig.blob().read_bytes()[:4096] == data[:4096]
+
+
+def test_holder_command_line(rig: Rig) -> None:
+    cmd = [sys.executable, "-m", "snapshotter.fs.holder", "--socket", os.fspath(rig.sock),
+           "--pidfile", os.fspath(rig.pidfile)]
+    first = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    pid = rig.holder_pid()
+    assert "snapshotter.fs.holder" in _cmdline(pid)
+    assert os.getsid(pid) != os.getsid(0) and os.getpgid(pid) != os.getpgid(0)
+    assert holder.running(rig.sock) and holder.get(rig.sock) is None  # holds nothing yet
+    second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
+    assert second.returncode == 1
+    assert second.stderr.count("\n") == 1 and "already listens" in second.stderr
+    holder.release(rig.sock)  # returns once the holder has exited
+    assert not _cmdline(pid)
+    assert not rig.sock.exists() and not rig.pidfile.exists()

@@ -26,7 +26,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from snapshotter.errors import Unavailable
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 1 << 16
-_UCRED = struct.Struct("<iII")  # struct ucred: pid uid gid
 _CLIENT_TIMEOUT = 5.0
 
 
@@ -49,22 +47,12 @@ def _call(
     path: Path, request: dict[str, Any], fd: int | None = None
 ) -> tuple[dict[str, Any], int | None]:
     """One request/reply exchange with the holder; returns (reply, received fd or None)."""
-    reply, received, _pid = _exchange(path, request, fd)
-    return reply, received
-
-
-def _exchange(
-    path: Path, request: dict[str, Any], fd: int | None
-) -> tuple[dict[str, Any], int | None, int]:
-    """`_call`, plus the holder's pid (from the socket's peer credentials)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(_CLIENT_TIMEOUT)
         try:
             sock.connect(os.fspath(path))
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unavailable(f"fuse holder: nothing listens on {path}") from exc
-        pid = _UCRED.unpack(creds)[0]
         message = json.dumps(request).encode()
         try:
             if fd is None:
@@ -81,7 +69,7 @@ def _exchange(
         for received in fds:
             os.close(received)
         raise Unavailable(f"fuse holder at {path}: {reply.get('error', 'request refused')}")
-    return reply, (fds[0] if fds else None), pid
+    return reply, (fds[0] if fds else None)
 
 
 def put(path: Path, fd: int, state: dict[str, Any]) -> None:
@@ -105,11 +93,11 @@ def release(path: Path) -> None:
     """Tell the holder to close its descriptor and exit (a real shutdown); returns once it has
     exited, so a holder started next never races the old one's exit. No-op if none runs."""
     try:
-        _reply, _fd, pid = _exchange(path, {"op": "exit"}, None)
+        reply, _fd = _call(path, {"op": "exit"})
     except Unavailable:
         return
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = os.pidfd_open(int(reply["pid"]))
     except ProcessLookupError:
         return
     try:
@@ -210,7 +198,7 @@ class Holder:
             return {"ok": True, "state": self.held.state}, self.held.fd
         if op == "exit":
             self.done = True
-            return {"ok": True}, None
+            return {"ok": True, "pid": os.getpid()}, None
         if op == "ping":
             return {"ok": True, "holding": self.held is not None}, None
         return {"ok": False, "error": f"unknown request {op!r}"}, None
