@@ -9,6 +9,8 @@ synchronisation is on events set by the read callbacks, never on sleeps.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import select
@@ -358,3 +360,40 @@ def test_a_mount_point_that_is_a_file_is_refused(paths: Paths) -> None:
 
     trio.run(main)
     assert not paths.sock.exists()  # no holder was left behind
+
+
+def test_an_erofs_image_reads_its_chunks_from_a_blob(paths: Paths, tmp_path: Path) -> None:
+    """The use the blob files exist for: an EROFS image, mounted file-backed, whose chunk-based
+    files point into a blob on this mount (`device=`). mkfs.erofs (erofs-utils) builds the image
+    and its blob device from a directory."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    big = os.urandom(3 * MiB + 123)
+    (src / "big").write_bytes(big)
+    (src / "sub" / "small").write_text("hello\n")
+    image, blob_file = tmp_path / "image.erofs", tmp_path / "blob"
+    subprocess.run(["mkfs.erofs", "--chunksize=4096", f"--blobdev={blob_file}", os.fspath(image),
+                    os.fspath(src)], check=True, capture_output=True)
+    blob = blob_file.read_bytes()
+    sizes: list[int] = []
+    target = tmp_path / "erofs"
+    target.mkdir()
+
+    def mount_and_read(device: Path) -> tuple[bytes, str]:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        rc = libc.mount(os.fsencode(image), os.fsencode(target), b"erofs",
+                        ctypes.c_ulong(fp.MS_RDONLY), f"device={device}".encode())
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        try:
+            return (target / "big").read_bytes(), (target / "sub" / "small").read_text()
+        finally:
+            lazy_unmount(target)
+
+    async def main() -> tuple[bytes, str]:
+        server = BlobServer(paths.mnt, paths.sock)
+        device = server.add("layer", len(blob), memory(blob, sizes))
+        async with serving(server):
+            return await trio.to_thread.run_sync(mount_and_read, device)
+
+    assert trio.run(main) == (big, "hello\n")
+    assert sizes and sum(sizes) <= len(blob)  # the file data came through the blob server
