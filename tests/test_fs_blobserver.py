@@ -1,0 +1,399 @@
+"""BlobServer on a real /dev/fuse mount, served in this process: the bytes of each blob through
+normal file I/O, large reads arriving as large requests, slow reads not holding up others,
+removal, read-only answers, read errors, and a second run() taking over its own session.
+
+File I/O runs in worker threads (trio.to_thread) while the server answers on the trio thread;
+synchronisation is on events set by the read callbacks, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import select
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from snapshotter.fs import fuseproto as fp
+from snapshotter.fs import holder
+from snapshotter.fs.blobserver import BlobServer, ReadFn, blob_inode
+from snapshotter.fs.layerfs import lazy_unmount
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+@dataclass
+class Paths:
+    mnt: Path
+    sock: Path
+
+    @property
+    def pidfile(self) -> Path:
+        return self.sock.with_suffix(".pid")
+
+
+def _wait_exit(pid: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Iterator[Paths]:
+    p = Paths(tmp_path / "mnt", tmp_path / "holder.sock")
+    try:
+        yield p
+    finally:
+        holder.release(p.sock)
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            pid = int(p.pidfile.read_text())
+            if b"snapshotter.fs.holder" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+                _wait_exit(pid)
+        if fp.device_of_mount(p.mnt) is not None:
+            lazy_unmount(p.mnt)
+    assert fp.device_of_mount(p.mnt) is None
+
+
+def memory(data: bytes, sizes: list[int] | None = None) -> ReadFn:
+    async def read(name: str, offset: int, size: int) -> bytes:
+        if sizes is not None:
+            sizes.append(size)
+        return data[offset : offset + size]
+
+    return read
+
+
+@contextlib.asynccontextmanager
+async def serving(server: BlobServer) -> AsyncIterator[BlobServer]:
+    """Run `server` for the body, then shut down for real and check nothing is left."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
+    pid = int(server.holder_pidfile.read_text())
+    server.unmount()
+    await trio.to_thread.run_sync(_wait_exit, pid)
+    assert fp.device_of_mount(server.mountpoint) is None
+
+
+def read_all(path: Path, chunk: int = MiB) -> bytes:
+    out = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(chunk):
+            out += block
+    return bytes(out)
+
+
+def test_serves_blobs_in_large_reads(paths: Paths) -> None:
+    data = os.urandom(32 * MiB)
+    small = os.urandom(5000)
+    sizes: list[int] = []
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("sha256-aa", len(data), memory(data, sizes))
+        server.add("small", len(small), memory(small))
+        async with serving(server):
+            await trio.to_thread.run_sync(check, path)
+            assert server.params is not None and server.params.max_pages == 256
+
+    def check(path: Path) -> None:
+        assert path == paths.mnt / "blobs" / "sha256-aa"
+        assert read_all(path) == data
+        assert read_all(paths.mnt / "blobs" / "small") == small
+        assert sorted(os.listdir(paths.mnt)) == ["blobs"]
+        assert sorted(os.listdir(paths.mnt / "blobs")) == ["sha256-aa", "small"]
+        st = path.stat()
+        assert (st.st_mode, st.st_uid, st.st_gid, st.st_size) == (
+            stat.S_IFREG | 0o444, 0, 0, len(data))
+        assert st.st_ino == blob_inode("sha256-aa")
+
+    trio.run(main)
+    # the sequential read arrived as large requests: nearly every byte in reads >= 512 KiB
+    assert sum(sizes) == len(data)
+    assert sum(s for s in sizes if s >= 512 * KiB) >= 0.9 * len(data), sizes
+    assert len(sizes) <= 40, sizes
+
+
+def test_slow_reads_do_not_hold_up_a_fast_one(paths: Paths) -> None:
+    slow_data = os.urandom(32 * MiB)
+    fast_data = os.urandom(4 * MiB)
+
+    async def main() -> None:
+        release = trio.Event()
+        both_waiting = trio.Event()
+        waiting: set[int] = set()
+
+        async def slow(name: str, offset: int, size: int) -> bytes:
+            waiting.add(offset // (16 * MiB))
+            if len(waiting) == 2:
+                both_waiting.set()
+            await release.wait()
+            return slow_data[offset : offset + size]
+
+        def pread(path: Path, offset: int, size: int) -> bytes:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+
+        server = BlobServer(paths.mnt, paths.sock)
+        slow_path = server.add("slow", len(slow_data), slow)
+        fast_path = server.add("fast", len(fast_data), memory(fast_data))
+        results: dict[int, bytes] = {}
+
+        async def slow_reader(offset: int) -> None:
+            results[offset] = await trio.to_thread.run_sync(pread, slow_path, offset, MiB)
+
+        async with serving(server), trio.open_nursery() as readers:
+            for offset in (0, 16 * MiB):
+                readers.start_soon(slow_reader, offset)
+            await both_waiting.wait()  # two reads of the slow blob are in the callback
+            assert await trio.to_thread.run_sync(read_all, fast_path) == fast_data
+            assert not results  # the fast blob was read while both slow reads waited
+            release.set()
+        assert results == {0: slow_data[:MiB], 16 * MiB: slow_data[16 * MiB : 17 * MiB]}
+
+    trio.run(main)
+
+
+def test_remove_answers_enoent(paths: Paths) -> None:
+    data = os.urandom(2 * MiB)
+
+    kept = paths.mnt / "blobs" / "kept"
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        gone = server.add("gone", len(data), memory(data))
+        server.add("kept", len(data), memory(data))
+        with pytest.raises(AlreadyExists):
+            server.add("kept", 1, memory(data))
+        with pytest.raises(InvalidArgument):
+            server.add("../escape", 1, memory(data))
+        async with serving(server):
+            await trio.to_thread.run_sync(check, server, gone)
+            with pytest.raises(NotFound):
+                server.remove("gone")
+            # on the serving thread the invalidation is handed to a helper thread
+            server.remove("kept")
+            assert server.names() == []
+            with pytest.raises(OSError) as err:
+                await trio.to_thread.run_sync(os.pread, kept_fd[0], 4096, 0)
+            assert err.value.errno == errno.ESTALE
+            await trio.to_thread.run_sync(os.close, kept_fd[0])  # a close is a FLUSH request
+
+    def check(server: BlobServer, gone: Path) -> None:
+        kept_fd.append(os.open(kept, os.O_RDONLY))
+        fd = os.open(gone, os.O_RDONLY)
+        try:
+            assert gone.stat().st_size == len(data)
+            # from another thread remove() returns once the kernel dropped its entry
+            server.remove("gone")
+            with pytest.raises(FileNotFoundError):
+                gone.stat()
+            assert os.listdir(paths.mnt / "blobs") == ["kept"]
+            with pytest.raises(OSError) as err:
+                os.pread(fd, 4096, MiB)
+            assert err.value.errno == errno.ESTALE  # a file opened before the removal
+        finally:
+            os.close(fd)
+
+    kept_fd: list[int] = []
+    trio.run(main)
+
+
+def test_read_only_and_no_xattrs(paths: Paths) -> None:
+    data = os.urandom(MiB)
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("blob", len(data), memory(data))
+        async with serving(server):
+            await trio.to_thread.run_sync(check, path)
+
+    def check(path: Path) -> None:
+        with pytest.raises(OSError) as err:
+            os.open(path, os.O_WRONLY)
+        assert err.value.errno == errno.EROFS
+        with pytest.raises(OSError) as err:
+            os.mkdir(paths.mnt / "blobs" / "new")
+        assert err.value.errno == errno.EROFS
+        assert os.listxattr(path) == []
+        with pytest.raises(OSError) as err:
+            os.getxattr(path, "user.x")
+        assert err.value.errno == errno.ENODATA
+        vfs = os.statvfs(paths.mnt)
+        assert vfs.f_blocks == len(data) // 4096 and vfs.f_namemax == 255
+        assert os.access(path, os.R_OK) and not os.access(path, os.W_OK)
+
+    trio.run(main)
+
+
+def test_read_errors_reach_the_reader(paths: Paths) -> None:
+    async def failing(name: str, offset: int, size: int) -> bytes:
+        raise OSError(errno.EHOSTUNREACH, "registry unreachable")
+
+    async def short(name: str, offset: int, size: int) -> bytes:
+        return b"x"
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        bad = server.add("bad", MiB, failing)
+        trunc = server.add("short", MiB, short)
+        async with serving(server):
+            for path in (bad, trunc):
+                with pytest.raises(OSError):
+                    await trio.to_thread.run_sync(read_all, path)
+
+    trio.run(main)
+
+
+def test_second_run_takes_over_the_session(paths: Paths) -> None:
+    data = os.urandom(4 * MiB)
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("blob", len(data), memory(data))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            assert not server.resumed
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+            nursery.cancel_scope.cancel()
+        # the mount outlived run(); a new server object (as after a restart) takes it over
+        again = BlobServer(paths.mnt, paths.sock)
+        again.add("blob", len(data), memory(data))
+        async with serving(again):
+            assert again.resumed
+            assert await trio.to_thread.run_sync(os.pread, fd, MiB, 2 * MiB) == data[
+                2 * MiB : 3 * MiB]
+            assert await trio.to_thread.run_sync(read_all, path) == data
+            await trio.to_thread.run_sync(os.close, fd)
+
+    trio.run(main)
+
+
+# A reader whose SIGUSR1 handler raises, so the interrupted read is not retried (PEP 475).
+INTERRUPTED_READER = """
+import os, signal, sys
+class Stop(Exception):
+    pass
+def stop(signum, frame):
+    raise Stop()
+signal.signal(signal.SIGUSR1, stop)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)  # direct: a synchronous READ request
+try:
+    os.pread(fd, 65536, 0)
+    print("read", flush=True)
+except Stop:
+    print("interrupted", flush=True)
+except OSError as exc:
+    print(f"error {exc.errno}", flush=True)
+"""
+
+
+def test_interrupt_cancels_the_read(paths: Paths) -> None:
+    async def main() -> None:
+        entered = trio.Event()
+        cancelled = trio.Event()
+
+        async def stuck(name: str, offset: int, size: int) -> bytes:
+            entered.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled.set()
+            raise AssertionError("unreachable")
+
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("stuck", MiB, stuck)
+        async with serving(server):
+            reader = await trio.lowlevel.open_process(
+                [sys.executable, "-c", INTERRUPTED_READER, os.fspath(path)],
+                stdout=subprocess.PIPE,
+            )
+            try:
+                await entered.wait()  # the reader's READ is in the callback
+                reader.send_signal(signal.SIGUSR1)  # -> FUSE_INTERRUPT for that request
+                await cancelled.wait()  # the server cancelled the callback's task
+                assert reader.stdout is not None
+                out = await reader.stdout.receive_some()
+                assert out.decode().strip() == "interrupted"  # the read returned EINTR
+                assert await reader.wait() == 0
+            finally:
+                if reader.returncode is None:
+                    reader.kill()
+                    await reader.wait()
+
+    trio.run(main)
+
+
+def test_a_mount_point_that_is_a_file_is_refused(paths: Paths) -> None:
+    paths.mnt.write_text("not a directory")
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock)
+        with pytest.raises(Unavailable) as err:
+            await server.run()
+        assert str(paths.mnt) in str(err.value)
+
+    trio.run(main)
+    assert not paths.sock.exists()  # no holder was left behind
+
+
+def test_an_erofs_image_reads_its_chunks_from_a_blob(paths: Paths, tmp_path: Path) -> None:
+    """The use the blob files exist for: an EROFS image, mounted file-backed, whose chunk-based
+    files point into a blob on this mount (`device=`). mkfs.erofs (erofs-utils) builds the image
+    and its blob device from a directory."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    big = os.urandom(3 * MiB + 123)
+    (src / "big").write_bytes(big)
+    (src / "sub" / "small").write_text("hello\n")
+    image, blob_file = tmp_path / "image.erofs", tmp_path / "blob"
+    subprocess.run(["mkfs.erofs", "--chunksize=4096", f"--blobdev={blob_file}", os.fspath(image),
+                    os.fspath(src)], check=True, capture_output=True)
+    blob = blob_file.read_bytes()
+    sizes: list[int] = []
+    target = tmp_path / "erofs"
+    target.mkdir()
+
+    def mount_and_read(device: Path) -> tuple[bytes, str]:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        rc = libc.mount(os.fsencode(image), os.fsencode(target), b"erofs",
+                        ctypes.c_ulong(fp.MS_RDONLY), f"device={device}".encode())
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        try:
+            return (target / "big").read_bytes(), (target / "sub" / "small").read_text()
+        finally:
+            lazy_unmount(target)
+
+    async def main() -> tuple[bytes, str]:
+        server = BlobServer(paths.mnt, paths.sock)
+        device = server.add("layer", len(blob), memory(blob, sizes))
+        async with serving(server):
+            return await trio.to_thread.run_sync(mount_and_read, device)
+
+    assert trio.run(main) == (big, "hello\n")
+    assert sizes and sum(sizes) <= len(blob)  # the file data came through the blob server
