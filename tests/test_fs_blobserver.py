@@ -9,22 +9,25 @@ synchronisation is on events set by the read callbacks, never on sleeps.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import gzip
 import os
 import select
 import signal
 import stat
 import subprocess
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
+from fs_layers import M, index_layer, write_layer
 
+from snapshotter.erofs import write_image
+from snapshotter.erofs.mount import mount_image, unmount
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
@@ -363,31 +366,27 @@ def test_a_mount_point_that_is_a_file_is_refused(paths: Paths) -> None:
 
 
 def test_an_erofs_image_reads_its_chunks_from_a_blob(paths: Paths, tmp_path: Path) -> None:
-    """The use the blob files exist for: an EROFS image, mounted file-backed, whose chunk-based
-    files point into a blob on this mount (`device=`). mkfs.erofs (erofs-utils) builds the image
-    and its blob device from a directory."""
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
+    """The use the blob files exist for: clip's EROFS image of a layer, mounted file-backed,
+    whose files point into the layer's tar stream served as a blob on this mount (`device=`)."""
     big = os.urandom(3 * MiB + 123)
-    (src / "big").write_bytes(big)
-    (src / "sub" / "small").write_text("hello\n")
-    image, blob_file = tmp_path / "image.erofs", tmp_path / "blob"
-    subprocess.run(["mkfs.erofs", "--chunksize=4096", f"--blobdev={blob_file}", os.fspath(image),
-                    os.fspath(src)], check=True, capture_output=True)
-    blob = blob_file.read_bytes()
+    layer = write_layer(tmp_path / "layer.tgz", [
+        M("sub", kind=tarfile.DIRTYPE, mode=0o755),
+        M("big", data=big),
+        M("sub/small", data=b"hello\n"),
+    ])
+    image = tmp_path / "image.erofs"
+    write_image(index_layer(layer, tmp_path / "layer.idx"), image)
+    blob = gzip.decompress(layer.read_bytes())
     sizes: list[int] = []
     target = tmp_path / "erofs"
     target.mkdir()
 
     def mount_and_read(device: Path) -> tuple[bytes, str]:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        rc = libc.mount(os.fsencode(image), os.fsencode(target), b"erofs",
-                        ctypes.c_ulong(fp.MS_RDONLY), f"device={device}".encode())
-        assert rc == 0, os.strerror(ctypes.get_errno())
+        mount_image(image, device, target)
         try:
             return (target / "big").read_bytes(), (target / "sub" / "small").read_text()
         finally:
-            lazy_unmount(target)
+            unmount(target)
 
     async def main() -> tuple[bytes, str]:
         server = BlobServer(paths.mnt, paths.sock)
