@@ -36,7 +36,7 @@ import trio
 
 from snapshotter.fs import holder
 from snapshotter.fs.fuseproto import device_of_mount
-from snapshotter.fs.layerfs import lazy_unmount
+from snapshotter.fs.mounts import lazy_unmount
 
 MiB = 1 << 20
 IMPLS = ("blobserver", "pyfuse3", "pyfuse3-ra1m")

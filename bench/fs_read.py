@@ -22,8 +22,8 @@ from pathlib import Path
 
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache
-from snapshotter.fs import LayerFS, is_mounted
-from snapshotter.fs.layerfs import lazy_unmount
+from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.mounts import is_mounted, lazy_unmount
 from snapshotter.index import IndexBuildOptions, LayerIndex, build_index
 from snapshotter.readpath import FileSource, ReadPolicy
 

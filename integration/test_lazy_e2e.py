@@ -37,7 +37,7 @@ from integration.harness.mounts import Mounter
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import RegistryServer
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
-from snapshotter.fs.layerfs import mount_at
+from snapshotter.fs.mounts import mount_at
 from snapshotter.pull import chain_ids
 
 pytestmark = pytest.mark.slow

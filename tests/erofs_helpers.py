@@ -19,7 +19,7 @@ from fs_layers import M, Node, index_layer, write_layer
 
 from snapshotter.erofs import write_image
 from snapshotter.erofs.mount import mount_image, unmount
-from snapshotter.fs.layerfs import is_mounted
+from snapshotter.fs.mounts import is_mounted
 from snapshotter.index import LayerIndex
 from snapshotter.index import format as fmt
 

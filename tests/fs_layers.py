@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshotter.fs.layerfs import is_mounted, lazy_unmount
+from snapshotter.fs.mounts import is_mounted, lazy_unmount
 from snapshotter.index import IndexBuildOptions, LayerIndex, build_index
 
 #: A valid VFS_CAP_REVISION_2 blob: cap_net_bind_service permitted + effective.

@@ -21,7 +21,7 @@ from fs_layers import M, index_layer, write_layer
 from snapshotter.erofs.layers import ErofsLayers
 from snapshotter.erofs.mount import unmount
 from snapshotter.errors import ClipError
-from snapshotter.fs.layerfs import mount_at
+from snapshotter.fs.mounts import mount_at
 from snapshotter.index import LayerIndex
 from snapshotter.snapshots.remote import RemoteLayer
 
@@ -37,6 +37,7 @@ class FakeStreams:
         self.mountpoint = root / "mnt"
         self.index = index
         self.complete = False
+        self.resumed = False
         self.users = 0
         (self.mountpoint / "blobs").mkdir(parents=True)
         (self.mountpoint / "blobs" / NAME).write_bytes(stream)
@@ -56,6 +57,12 @@ class FakeStreams:
 
     async def sweep(self) -> list[str]:
         return []
+
+    def serve_blobs(self, holder: Path) -> None:
+        self.holder = holder
+
+    def session_resumed(self) -> bool:
+        return self.resumed
 
     def index_of(self, digest: str) -> LayerIndex | None:
         return self.index
@@ -136,6 +143,20 @@ def test_complete_layer_mounts_over_the_cache_and_survives_a_restart(
         assert asyncio.run(restarted.restore(LAYER, str(target))) == str(target)
         assert os.stat(target).st_dev == before
     assert (target / "etc/hostname").read_bytes() == b"clip\n"
+
+
+def test_mount_over_a_resumed_stream_session_is_kept(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    """The previous daemon's FUSE session was taken over: its stream files still work."""
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    streams.resumed = True
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        asyncio.run(restarted.restore(LAYER, str(target)))
+        assert os.stat(target).st_dev == before
 
 
 def test_mount_over_a_stream_of_the_previous_daemon_is_replaced(

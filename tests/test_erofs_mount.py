@@ -44,7 +44,8 @@ from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache
 from snapshotter.erofs import write_image
 from snapshotter.erofs.mount import MountError, mount_image, probe_file_backed, unmount
-from snapshotter.fs import LayerFS, is_mounted
+from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.mounts import is_mounted
 from snapshotter.readpath import FileSource, ReadPolicy
 
 

@@ -32,7 +32,7 @@ from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavail
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
 from snapshotter.fs.blobserver import BlobServer, ReadFn, blob_inode
-from snapshotter.fs.layerfs import lazy_unmount
+from snapshotter.fs.mounts import lazy_unmount
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -27,7 +27,7 @@ from fs_blobserver_child import pattern
 
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
-from snapshotter.fs.layerfs import lazy_unmount
+from snapshotter.fs.mounts import lazy_unmount
 
 MiB = 1 << 20
 CHILD = Path(__file__).with_name("fs_blobserver_child.py")

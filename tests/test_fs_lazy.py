@@ -18,7 +18,8 @@ from fs_layers import M, index_layer, mounted, pattern, write_layer
 
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache, LayerCache
-from snapshotter.fs import LayerFS, is_mounted
+from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.mounts import is_mounted
 from snapshotter.index import IndexBuildOptions, LayerIndex, build_index
 from snapshotter.readpath import FileSource, ReadPolicy
 

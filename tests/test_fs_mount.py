@@ -32,8 +32,8 @@ from fs_layers import (
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from snapshotter.fs import LayerFS, is_mounted
-from snapshotter.fs.layerfs import mount_at
+from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.mounts import is_mounted, mount_at
 from snapshotter.readpath import FileSource, ReadPolicy
 
 
@@ -285,7 +285,7 @@ def test_stop_leaves_no_mount_even_after_loop_failure(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from snapshotter.cache import DiskCache
-from snapshotter.fs import LayerFS
+from snapshotter.fs.layerfs import LayerFS
 fs = LayerFS(DiskCache(sys.argv[1]))
 fs.start(sys.argv[2])
 print("ready", flush=True)

@@ -7,6 +7,7 @@ over the generated stub that sends the ``containerd-namespace`` metadata like co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,13 +116,16 @@ class ClipDaemon:
         return log_tail(self.log_path)
 
     def unmount_leftovers(self) -> list[str]:
-        """Unmount (by path, deepest first) what a stopped daemon leaves under its root on
-        purpose: EROFS mounts of layers, which keep running containers' files readable across
-        a restart. Returns the paths it unmounted."""
+        """Undo what a stopped daemon leaves under its root on purpose so running containers
+        survive a restart: EROFS mounts of layers and the stream mount whose FUSE session a
+        holder process keeps. Unmounts by path (deepest first, lazily: nothing may touch a
+        FUSE mount nobody serves), then stops the holder by the PID in its pidfile. Returns the
+        paths it unmounted."""
         prefix = str(self.root) + "/"
         left = sorted((p for p in iter_mountpoints() if p.startswith(prefix)), reverse=True)
         for path in left:
             subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+        stop_pidfile(self.root / "fuse-holder.pid")
         return left
 
     def __enter__(self) -> ClipDaemon:
@@ -212,6 +216,27 @@ class SnapshotsClient:
 
     def cleanup(self) -> None:
         self.stub.Cleanup(pb.CleanupRequest(snapshotter="clip"), metadata=self.metadata)
+
+
+def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> None:
+    """SIGTERM the process a pidfile names (if it still runs), SIGKILL it after ``timeout``."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def iter_mountpoints() -> Iterator[str]:

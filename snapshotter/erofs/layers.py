@@ -14,9 +14,11 @@ still works without the previous daemon. The device is:
   fetches. Lookups, getattr, readdir, open and xattrs never reach clip, only stream reads.
 
 One mount per layer digest, shared by every snapshot of that layer (reference counted); the
-last release unmounts it and removes its image. A restart finds mounts of complete layers still
-in place and keeps them; any other mount at a layer's path (over a FUSE file of the previous
-daemon, whose connection is gone) is detached and mounted anew for new snapshots.
+last release unmounts it and removes its image. A restart keeps the mounts it finds over
+complete cache files, and those over stream files when the stream mount's FUSE session was
+taken over from the previous daemon (its holder kept it: running containers never noticed);
+any other mount at a layer's path (its FUSE connection died with the holder) is detached and
+mounted anew for new snapshots.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Protocol
 from snapshotter.erofs import write_image
 from snapshotter.erofs.mount import mount_image, probe_file_backed, unmount
 from snapshotter.errors import ClipError, FailedPrecondition, Unavailable
-from snapshotter.fs.layerfs import mount_at
+from snapshotter.fs.mounts import mount_at
 from snapshotter.index import LayerIndex
 from snapshotter.service.status import ProviderStatus
 from snapshotter.snapshots.remote import LayerProvider, RemoteLayer
@@ -79,6 +81,10 @@ class LayerStreams(Protocol):
 
     def status(self) -> ProviderStatus: ...
 
+    def serve_blobs(self, holder: Path) -> None: ...
+
+    def session_resumed(self) -> bool: ...
+
 
 class StreamProvider(LayerProvider, LayerStreams, Protocol):
     """A remote-layer provider that attaches layer streams to the FUSE mount."""
@@ -103,7 +109,11 @@ class ErofsLayers:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def start(self, daemon: object = None) -> None:
+        """Settle the mode; in EROFS mode the inner provider's stream mount then outlives
+        restarts through a holder process (its socket: ``<root>/fuse-holder.sock``)."""
         self.mode = await asyncio.to_thread(choose_mode, self.mode, self.images)
+        if self.mode == "erofs":
+            self.inner.serve_blobs(self.images.parent / "fuse-holder.sock")
 
     async def stop(self) -> None:
         """Layer mounts stay: running containers keep reading them (see the module doc)."""
@@ -183,9 +193,12 @@ class ErofsLayers:
         digest = layer.digest
         target, device = self._target(digest), self._device(digest)
         image = self._image(digest, device)
-        if restoring and device != self._blob(digest) and _serves(target, image):
-            log.info("layer %s of %s: kept its EROFS mount over the complete cache file",
-                     digest, layer.image_ref)
+        over_fuse = device == self._blob(digest)
+        if restoring and _serves(target, image) and (
+            not over_fuse or self.inner.session_resumed()
+        ):
+            log.info("layer %s of %s: kept its EROFS mount over %s", digest, layer.image_ref,
+                     "the FUSE stream (session resumed)" if over_fuse else "the disk cache")
             return
         index = self.inner.index_of(digest)
         if index is None:

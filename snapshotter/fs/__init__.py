@@ -1,6 +1,6 @@
-"""The FUSE layer filesystem: one mount, one subdirectory per attached remote layer."""
+"""clip's FUSE mount: `layerfs` (the daemon's handle), `ops`/`tree` (the FUSE-tree mode),
+`blobserver`/`fuseproto`/`holder` (the EROFS mode's stream mount, which outlives restarts),
+`mounts` (the mount table).
 
-from snapshotter.fs.layerfs import MOUNT_OPTIONS, LayerFS, clear_stale_mount, is_mounted
-from snapshotter.fs.tree import LayerTree
-
-__all__ = ["MOUNT_OPTIONS", "LayerFS", "LayerTree", "clear_stale_mount", "is_mounted"]
+Nothing is imported here: `python -m snapshotter.fs.holder` must not load the daemon's modules.
+"""

@@ -21,6 +21,7 @@ request on an inode it does not know ESTALE (see docs/restarts.md).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -39,7 +40,7 @@ import trio
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
-from snapshotter.fs.layerfs import lazy_unmount
+from snapshotter.fs.mounts import lazy_unmount
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ BLOBS_INO = 2
 _BLOB_VALID = 3600
 _DIR_VALID = 1
 _READAHEAD_KIB = 1024
+#: How long a read of an unknown inode waits for a restarting daemon's `restored()` (seconds).
+RESTORE_WAIT = 60.0
 _BATCH = 64  # requests read per wake-up before letting started reads run
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:+-]{0,254}$")
 
@@ -89,7 +92,13 @@ class BlobServer:
         mountpoint: os.PathLike[str] | str,
         holder_socket: os.PathLike[str] | str,
         holder_pidfile: os.PathLike[str] | str | None = None,
+        *,
+        wait_for_restore: bool = False,
     ) -> None:
+        """``wait_for_restore``: a read of an inode this server does not know (a blob a
+        restarted daemon has not re-added yet) waits for `restored()` — at most
+        ``RESTORE_WAIT`` seconds — before it answers ESTALE, so reads the kernel resends
+        after a restart do not fail while the daemon is still restoring its layers."""
         # Resolve the parent only: resolving the mount point itself would stat the FUSE root,
         # which waits for a server that may be this very process.
         given = Path(mountpoint)
@@ -112,6 +121,9 @@ class BlobServer:
         self._inflight: dict[int, trio.CancelScope] = {}
         self._ready = trio.Event()
         self._failure: str | None = None
+        self._wait_for_restore = wait_for_restore
+        self._restored = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     # --- the blob table ---------------------------------------------------------------------------
 
@@ -185,6 +197,10 @@ class BlobServer:
         Cancellation leaves the mount and the holder alone: the next run, in this process or a
         new one, resumes the session. `unmount()` is the real shutdown.
         """
+        self._restored = trio.Event()
+        if not self._wait_for_restore:
+            self._restored.set()
+        self._token = trio.lowlevel.current_trio_token()
         fd = await trio.to_thread.run_sync(self._open_session)
         self._fd = fd
         self._serving_thread = threading.get_ident()
@@ -207,6 +223,15 @@ class BlobServer:
             self._serving_thread = None
             trio.lowlevel.notify_closing(fd)
             os.close(fd)
+
+    def restored(self) -> None:
+        """Every blob of a restart is added again: unknown inodes answer ESTALE from now on.
+        Any thread but the serving one (which may set ``_restored`` itself)."""
+        token = self._token
+        if token is None:
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(self._restored.set, trio_token=token)
 
     def unmount(self) -> None:
         """The real shutdown: detach the mount and let the holder go (open files then fail)."""
@@ -384,6 +409,10 @@ class BlobServer:
     async def _read(self, req: fp.Request) -> None:
         _fh, offset, size, *_ = fp.READ_IN.unpack_from(req.body)
         blob = self._by_ino.get(req.nodeid)
+        if blob is None and not self._restored.is_set():
+            with trio.move_on_after(RESTORE_WAIT):
+                await self._restored.wait()
+            blob = self._by_ino.get(req.nodeid)
         if blob is None:
             self._reply(req.unique, errno.ESTALE, b"")
             return

@@ -8,14 +8,18 @@ read, then invalidate the kernel's dentry for a removed layer.
 `stop()` always leaves no mount behind: it ends the FUSE loop, lets pyfuse3 unmount, and if the
 mount point is still mounted (the loop died, a previous process crashed) detaches it lazily.
 `start()` likewise clears a stale clip mount left by a crashed predecessor.
+
+In EROFS mode (`serve_blobs`) the kernel serves every layer's tree and the mount only carries
+`blobs/<layer id>`, the layers' streams. Then the mount is served by `BlobServer`, which speaks
+the FUSE protocol itself so that its session can outlive this process: a holder process keeps
+the `/dev/fuse` descriptor, and `stop()` with layers still attached leaves the session to it
+(containers keep reading; their reads wait), so the next daemon takes it over, has the kernel
+resend what was in flight, and serves on (docs/restarts.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import logging
 import os
 import re
@@ -28,6 +32,8 @@ import trio
 from snapshotter.bridge import Bridge
 from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from snapshotter.fs.blobserver import BlobServer
+from snapshotter.fs.mounts import clear_stale_mount, is_mounted, lazy_unmount
 from snapshotter.fs.ops import Attached, ClipOperations
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index import LayerIndex
@@ -37,7 +43,6 @@ log = logging.getLogger(__name__)
 
 MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
-_MNT_DETACH = 2
 _START_TIMEOUT = 30.0
 _FLUSH_PERIOD = 2.0
 
@@ -65,6 +70,14 @@ class LayerFS:
         self._error: BaseException | None = None
         self._next_slot = 1
         self._lock = threading.Lock()
+        self._holder: Path | None = None
+        self.server: BlobServer | None = None
+        self._stop_blobs: trio.Event | None = None
+
+    def serve_blobs(self, holder: Path) -> None:
+        """Serve only the layers' streams, through a `BlobServer` whose session the holder at
+        socket `holder` keeps across restarts (call before `start`)."""
+        self._holder = holder
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -72,9 +85,17 @@ class LayerFS:
         """Mount at `mountpoint` and serve from a new thread; returns once the mount is live."""
         if self._thread is not None:
             raise AlreadyExists(f"fuse: already mounted at {self.mountpoint}")
-        mp = Path(os.path.realpath(mountpoint))
-        clear_stale_mount(mp)
-        mp.mkdir(parents=True, exist_ok=True)
+        given = Path(mountpoint)
+        if self._holder is not None:
+            # never stat the mount itself: a session kept for us waits for its server (us)
+            mp = Path(os.path.realpath(given.parent)) / given.name
+            self.server = BlobServer(mp, self._holder, wait_for_restore=True)
+            if not is_mounted(mp):
+                mp.mkdir(parents=True, exist_ok=True)
+        else:
+            mp = Path(os.path.realpath(given))
+            clear_stale_mount(mp)
+            mp.mkdir(parents=True, exist_ok=True)
         self.mountpoint = mp
         ready = threading.Event()
         self._error = None
@@ -88,6 +109,16 @@ class LayerFS:
             raise Unavailable(f"fuse: cannot mount {mp}: {error or 'timed out'}")
 
     def _serve(self, mp: Path, ready: threading.Event) -> None:
+        if self.server is not None:
+            try:
+                trio.run(self._trio_blobs, self.server, ready)
+            except BaseException as exc:
+                log.exception("fuse: blob server failed")
+                self._error = exc
+            finally:
+                ready.set()
+                self._token = None
+            return
         try:
             pyfuse3.init(self.ops, str(mp), set(self.options))
         except Exception as exc:
@@ -119,6 +150,35 @@ class LayerFS:
             if self.bridge is not None:
                 self.bridge.unbind_trio()
 
+    async def _trio_blobs(self, server: BlobServer, ready: threading.Event) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop_blobs = trio.Event()
+        if self.bridge is not None:
+            self.bridge.bind_trio()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.readpath.bind(nursery)
+                nursery.start_soon(self._flush_caches)
+                await nursery.start(server.run)
+                ready.set()
+                await self._stop_blobs.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.bridge is not None:
+                self.bridge.unbind_trio()
+
+    def restored(self) -> None:
+        """The daemon re-attached every layer it restores: requests for streams it does not
+        serve now fail instead of waiting (blob-server mode; any thread but the FUSE one)."""
+        if self.server is not None:
+            self.server.restored()
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this mount's session was taken over from a previous daemon (blob-server
+        mode): EROFS mounts over its stream files then still work."""
+        return self.server is not None and self.server.resumed
+
     async def _flush_caches(self) -> None:
         """Make blocks fetched by misses durable soon, not only at the next miss or at stop, so
         a daemon killed with SIGKILL loses at most the last couple of seconds of fetches."""
@@ -137,12 +197,20 @@ class LayerFS:
         if thread is not None:
             if token is not None and thread.is_alive():
                 with contextlib.suppress(trio.RunFinishedError):
-                    trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+                    if self.server is not None and self._stop_blobs is not None:
+                        trio.from_thread.run_sync(self._stop_blobs.set, trio_token=token)
+                    else:
+                        trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
             thread.join(_START_TIMEOUT)
             if thread.is_alive():
                 log.error("fuse: loop thread did not stop; detaching the mount")
         self._thread = None
-        if self.mountpoint is not None and is_mounted(self.mountpoint):
+        if self.server is not None and self.ops.by_name:
+            log.info("fuse: %d layer stream(s) attached: the session stays with its holder for "
+                     "the next daemon", len(self.ops.by_name))
+        elif self.server is not None:
+            self.server.unmount()
+        elif self.mountpoint is not None and is_mounted(self.mountpoint):
             lazy_unmount(self.mountpoint)
         for name in list(self.ops.by_name):
             self.ops.remove(name)
@@ -167,6 +235,13 @@ class LayerFS:
             slot = self._next_slot
             self._next_slot += 1
             self.ops.add(Attached(LayerTree(layer_id, slot, index), layer))
+        if self.server is not None:
+            read = self.readpath.read
+
+            async def stream(name: str, offset: int, size: int) -> bytes:
+                return await read(layer, offset, size)
+
+            self.server.add(layer_id, layer.size, stream)
         return self.mountpoint / layer_id
 
     def detach(self, layer_id: str) -> Layer:
@@ -179,7 +254,10 @@ class LayerFS:
         attached = self.ops.remove(layer_id)
         if attached is None:
             raise NotFound(f"fuse: layer {layer_id} is not attached")
-        if self.running:
+        if self.server is not None:
+            with contextlib.suppress(NotFound):
+                self.server.remove(layer_id)
+        elif self.running:
             with contextlib.suppress(OSError):  # not in the kernel's cache
                 pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
         return attached.layer
@@ -191,52 +269,3 @@ class LayerFS:
         if self.mountpoint is None or layer_id not in self.ops.by_name:
             raise NotFound(f"fuse: layer {layer_id} is not attached")
         return self.mountpoint / layer_id
-
-
-# --- mount table helpers ----------------------------------------------------------------------
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_at(path: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the topmost mount at `path` in this namespace, or None."""
-    target = os.fspath(path)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                tail = fields[fields.index("-") + 1 :]
-                found = (tail[0], _unescape(tail[1]))
-    return found
-
-
-def is_mounted(path: Path) -> bool:
-    return mount_at(path) is not None
-
-
-def lazy_unmount(path: Path) -> None:
-    """umount2(path, MNT_DETACH): works even when the FUSE server is gone."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(os.fsencode(path), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            raise Unavailable(f"fuse: cannot unmount {path}: {os.strerror(err)}")
-
-
-def clear_stale_mount(path: Path) -> None:
-    """Detach a clip FUSE mount left at `path` by a crashed predecessor.
-
-    Anything else mounted there is an operator's mount: refuse instead of removing it.
-    """
-    for _ in range(8):
-        current = mount_at(path)
-        if current is None:
-            return
-        if current != ("fuse", "clip"):
-            raise Unavailable(f"fuse: {path} is already a {current[0]} mount of {current[1]}")
-        log.warning("fuse: clearing a stale clip mount at %s", path)
-        lazy_unmount(path)
-    raise Unavailable(f"fuse: cannot clear the stale mount at {path}")

@@ -44,7 +44,8 @@ from snapshotter.errors import (
     Unavailable,
     quoted,
 )
-from snapshotter.fs.layerfs import LayerFS, is_mounted
+from snapshotter.fs.layerfs import LayerFS
+from snapshotter.fs.mounts import is_mounted
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import Layer, ReadPolicy, Source
 from snapshotter.registry import RegistryClient
@@ -124,6 +125,7 @@ class RemoteLayerProvider:
         self._users: dict[str, int] = {}
         self._refs: dict[str, str] = {}  # digest -> image ref it is read from (for status)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._holder: Path | None = None
 
     # BackgroundService --------------------------------------------------------------------
 
@@ -134,6 +136,8 @@ class RemoteLayerProvider:
         memory = MemoryTier(self.config.memory_cache.limit_bytes)
         self.fs = LayerFS(self.cache, self.bridge, policy, memory,
                           allow_other=self.config.fuse.allow_other)
+        if self._holder is not None:
+            self.fs.serve_blobs(self._holder)
         self.fs.readpath.content = self.content
         self.background = BackgroundFetch(
             self.fs.readpath, self.config.background_fetch, self.budget, self._fetched
@@ -161,8 +165,21 @@ class RemoteLayerProvider:
         await asyncio.to_thread(self.cache.close)
 
     async def sweep(self) -> list[str]:
-        """Attachments exist only while snapshots use them: nothing is left to sweep."""
+        """Attachments exist only while snapshots use them: nothing is left to sweep. Called
+        once the restored layers are attached again: a stream served to nobody now fails."""
+        if self.fs is not None:
+            await asyncio.to_thread(self.fs.restored)
         return []
+
+    def serve_blobs(self, holder: Path) -> None:
+        """EROFS mode: the FUSE mount serves only the layers' streams, and its session outlives
+        this daemon through the holder at socket `holder` (call before `start`)."""
+        self._holder = holder
+
+    def session_resumed(self) -> bool:
+        """Whether the stream mount was taken over from a previous daemon, so that EROFS mounts
+        over its files still work."""
+        return self.fs is not None and self.fs.resumed
 
     # what the EROFS mounts need (snapshotter.erofs.layers.LayerStreams) -----------------------
 
