@@ -42,13 +42,16 @@ from snapshotter.pull import chain_ids
 
 pytestmark = pytest.mark.slow
 
-BINARIES = ("/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/usr/bin/sha256sum", "/bin/dd")
+BINARIES = (
+    "/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/usr/bin/sha256sum", "/bin/dd", "/bin/sleep"
+)
 # Random bytes: as large as the issue asks and more, so that the runtime binaries every run
 # reads (~1 MB compressed) stay well under the 10% laziness bound.
 BIG_SIZE = 128 * 1024 * 1024
 MANY = 10_000
 NAMESPACE = "clip-lazy"
 READ_TIMEOUT = 5.0
+LATE_MIB = 100
 # A capability set (VFS_CAP_REVISION_2, CAP_NET_BIND_SERVICE permitted+effective).
 CAP_NET_BIND = bytes.fromhex("0100000200040000000000000000000000000000")
 
@@ -111,6 +114,7 @@ class LazyImage:
     image: BuiltImage
     top_chain: str
     big_sha_middle: str
+    big_sha_late: str  # of MiB LATE_MIB of big.bin, which no other test reads
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +129,13 @@ def lazy_image(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServe
     with open(work / "tree1" / "big.bin", "rb") as big:
         big.seek(32 * 1024 * 1024)
         middle = hashlib.sha256(big.read(1024 * 1024)).hexdigest()
+        big.seek(LATE_MIB * 1024 * 1024)
+        late = hashlib.sha256(big.read(1024 * 1024)).hexdigest()
     shutil.rmtree(work / "tree1")
     oci = build_image(layers, work / "oci", cmd=["/bin/sh"])
     image = push_image(oci, registry.host, "clip/lazy", "v1")
     diff_ids = [_diff_id(blob) for blob in image.layer_blobs]
-    return LazyImage(image, chain_ids(diff_ids)[-1], middle)
+    return LazyImage(image, chain_ids(diff_ids)[-1], middle, late)
 
 
 def _diff_id(blob: Path) -> str:
@@ -516,3 +522,47 @@ def test_unpullable_refs_fail_with_clear_messages(
     for result in (wrong, missing):
         assert "Traceback" not in result.stderr
     assert node.committed() == []
+
+
+@pytest.mark.parametrize("how", ["TERM", "KILL"])
+@pytest.mark.parametrize("layers", ["partial", "complete"])
+def test_a_running_container_reads_through_a_restart(
+    lazy_image: LazyImage, registry: RegistryServer, node_factory: object, tmp_path: Path,
+    layers: str, how: str,
+) -> None:
+    """A container keeps running and reading while `clip serve` is stopped (SIGTERM) or killed
+    (SIGKILL) and started again: what it read before still reads while no daemon runs, and
+    bytes never fetched before come after the restart — over EROFS mounts of complete layers
+    (the disk cache file) and of partly fetched ones (the stream mount's FUSE session, which a
+    holder keeps and the new daemon takes over)."""
+    image = lazy_image.image
+    seeded = _seeded_indexes(image, tmp_path / "indexes") if layers == "partial" else None
+    node = node_factory([registry.host], f"survive-{layers}-{how}", seeded)  # type: ignore[operator]
+    node.pull(image.ref)
+    node.containerd.run(
+        "-d", "--snapshotter", "clip", image.ref, "survivor", "/bin/sleep", "100000",
+        namespace=NAMESPACE, timeout=300,
+    )  # fmt: skip
+
+    def in_container(tag: str, script: str) -> str:
+        return node.containerd.ctr(
+            "task", "exec", "--exec-id", tag, "survivor", "/bin/sh", "-c", script,
+            namespace=NAMESPACE, timeout=120,
+        ).stdout  # fmt: skip
+
+    read_early = "cat /data/hello.txt && dd if=/big.bin bs=1M skip=32 count=1 status=none"
+    early = in_container("before", read_early + " | sha256sum")
+    assert early.split()[-2] == lazy_image.big_sha_middle
+    if how == "TERM":
+        node.clip.stop(keep_mounts=True)
+    else:
+        node.clip.kill()
+    # no daemon: what the container read before still reads (disk cache or page cache)
+    during = in_container("during", read_early + " | sha256sum")
+    assert during == early
+    node.clip.start()
+    node.wait_until_reachable()
+    late = in_container("after", f"dd if=/big.bin bs=1M skip={LATE_MIB} count=1 | sha256sum")
+    assert late.split()[0] == lazy_image.big_sha_late
+    # the new daemon took the stream mount's session over instead of mounting a new one
+    assert "blob server: resuming the session" in node.clip.log_path.read_text()
