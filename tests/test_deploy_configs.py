@@ -218,9 +218,10 @@ def _check_unit_structure(unit: dict[str, list[tuple[str, str]]]) -> None:
     assert SOCKET.startswith("/run/" + _unit_value(service, "RuntimeDirectory") + "/")
     assert "/var/lib/" + _unit_value(service, "StateDirectory") == ROOT
     assert _unit_value(service, "Restart") == "on-failure"
-    # SIGTERM to clip alone so it can unmount; SIGKILL to the whole cgroup if it hangs.
-    assert _unit_value(service, "KillMode") == "mixed"
-    assert any(f"{ROOT}/mnt" in cmd for cmd in _unit_values(service, "ExecStopPost"))
+    # Only clip serve is signalled: the holder of the stream mount's FUSE session must survive a
+    # restart, and nothing may unmount <root>/mnt after a stop (running containers read it).
+    assert _unit_value(service, "KillMode") == "process"
+    assert not any(f"{ROOT}/mnt" in cmd for cmd in _unit_values(service, "ExecStopPost"))
     nofile = _unit_value(service, "LimitNOFILE")
     assert nofile == "infinity" or int(nofile) >= 65536
     assert "multi-user.target" in _unit_values(unit["Install"], "WantedBy")
@@ -283,7 +284,7 @@ def test_systemd_analyze_verify_catches_a_bad_key(tmp_path: Path) -> None:
         return
     root = _verify_root(tmp_path)
     unit = root / "etc/systemd/system" / UNIT.name
-    unit.write_text(unit.read_text().replace("KillMode=mixed", "KillMode=mixd"))
+    unit.write_text(unit.read_text().replace("KillMode=process", "KillMode=proces"))
     done = subprocess.run(
         [analyze, "verify", "--man=no", f"--root={root}", UNIT.name],
         capture_output=True,
