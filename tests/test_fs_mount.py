@@ -355,3 +355,19 @@ def test_blob_files_serve_each_layers_uncompressed_stream(lfs: LayerFS, tmp_path
         os.stat(blobs / "missing")
     lfs.detach("rich")
     assert os.listdir(blobs) == []
+
+
+@pytest.mark.parametrize("allow_other", [True, False])
+def test_allow_other_is_the_configured_mount_option(tmp_path: Path, allow_other: bool) -> None:
+    """`[fuse] allow_other` reaches the mount (it was documented and ignored)."""
+    root = tmp_path / "root"
+    fs = LayerFS(DiskCache(root), allow_other=allow_other)
+    with mounted(root / "mnt"):
+        try:
+            fs.start(root / "mnt")
+            mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+            line = next(x for x in mountinfo if x.split()[4] == str(root / "mnt"))
+            super_options = line.split(" - ")[1].split()[2].split(",")
+            assert ("allow_other" in super_options) == allow_other
+        finally:
+            fs.stop()

@@ -100,11 +100,8 @@ def blobs() -> dict[str, tuple[str, bytes, bytes]]:
 
 
 def config(root: Path, **sections: Any) -> Config:
-    return Config(
-        daemon=DaemonConfig(root=str(root), address=str(root / "clip.sock")),
-        background_fetch=BackgroundFetchConfig(enabled=False),
-        **sections,
-    )
+    sections.setdefault("background_fetch", BackgroundFetchConfig(enabled=False))
+    return Config(daemon=DaemonConfig(root=str(root), address=str(root / "clip.sock")), **sections)
 
 
 def layer(digest: str, key: str = "k") -> RemoteLayer:
@@ -331,3 +328,42 @@ def test_no_room_for_the_index_is_resource_exhausted(
         assert not provider.cache_file(digest).parent.exists()
 
     run(tmp_path / "root", {digest: blob}, body)
+
+
+def test_background_fetch_completes_a_lazily_attached_layer(tmp_path: Path, blobs: Any) -> None:
+    digest, blob, content = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)  # indexed elsewhere: nothing of it on this node yet
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        assert provider.background is not None
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        provider.background.on_complete = lambda _: loop.call_soon_threadsafe(done.set)
+        path = await provider.prepare(layer(digest))
+        await done.wait()  # the trio task the prepare started filled the whole layer
+        assert provider.is_complete(digest) and fake.ranges > 0
+        ranges = fake.ranges
+        assert await read(path) == content
+        assert fake.ranges == ranges  # served from disk
+        await provider.release(layer(digest), path)
+
+    run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
+
+
+def test_release_cancels_a_running_background_fetch(tmp_path: Path, blobs: Any) -> None:
+    digest, blob, _ = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        fake.range_gate.clear()
+        path = await provider.prepare(layer(digest))
+        await fake.range_started.wait()  # the background fetch waits on the registry
+        await provider.release(layer(digest), path)  # returns: the fetch was cancelled
+        fake.range_gate.set()
+
+    run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
+    cache = DiskCache(root).layer(digest)
+    assert cache.present_blocks() == 0
+    cache.close()
