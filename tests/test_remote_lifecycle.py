@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -367,3 +368,37 @@ def test_release_cancels_a_running_background_fetch(tmp_path: Path, blobs: Any) 
     cache = DiskCache(root).layer(digest)
     assert cache.present_blocks() == 0
     cache.close()
+
+
+def test_a_prepare_cancelled_while_attaching_leaves_no_user_behind(
+    tmp_path: Path, blobs: Any
+) -> None:
+    digest, blob, content = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        assert provider.fs is not None
+        attaching, proceed = threading.Event(), threading.Event()
+        original = provider.fs.attach
+
+        def gated(*args: Any) -> Path:
+            attaching.set()
+            proceed.wait()
+            return original(*args)
+
+        provider.fs.attach = gated  # type: ignore[method-assign]
+        gone = asyncio.create_task(provider.prepare(layer(digest)))
+        await asyncio.to_thread(attaching.wait)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        proceed.set()
+        provider.fs.attach = original  # type: ignore[method-assign]
+        path = await provider.prepare(layer(digest))  # waits for the attach lock
+        await provider.release(layer(digest), path)  # the one real user goes...
+        while provider.status().layers:  # ...and the cancelled one is undone (its own task)
+            await asyncio.sleep(0)
+        assert not provider.fs.ops.by_name
+
+    run(root, {digest: blob}, body)
