@@ -373,7 +373,7 @@ def test_release_cancels_a_running_background_fetch(tmp_path: Path, blobs: Any) 
 def test_a_prepare_cancelled_while_attaching_leaves_no_user_behind(
     tmp_path: Path, blobs: Any
 ) -> None:
-    digest, blob, content = blobs["a"]
+    digest, blob, _ = blobs["a"]
     root = tmp_path / "root"
     seed_index(root, digest, blob)
 
@@ -396,6 +396,7 @@ def test_a_prepare_cancelled_while_attaching_leaves_no_user_behind(
         proceed.set()
         provider.fs.attach = original  # type: ignore[method-assign]
         path = await provider.prepare(layer(digest))  # waits for the attach lock
+        assert (await asyncio.to_thread(os.listdir, path)) == ["f"]
         await provider.release(layer(digest), path)  # the one real user goes...
         while provider.status().layers:  # ...and the cancelled one is undone (its own task)
             await asyncio.sleep(0)
