@@ -171,6 +171,10 @@ class Telemetry:
         hits = Counter("clip_tier_hits", "Reads served by a tier", ["tier"], registry=reg)
         misses = Counter("clip_tier_misses", "Reads a tier missed", ["tier"], registry=reg)
         nbytes = Counter("clip_tier_read_bytes", "Bytes served by a tier", ["tier"], registry=reg)
+        self._fuse = Counter(
+            "clip_fuse_requests", "Requests clip's FUSE mount served, by operation", ["op"],
+            registry=reg,
+        )
         latency = Histogram(
             "clip_read_latency_seconds", "Read latency by the tier that served it", ["tier"],
             buckets=_LATENCY_BUCKETS, registry=reg,
@@ -227,6 +231,10 @@ class Telemetry:
         label = _tier(tier)
         self._hits[label].inc(count)
         self._bytes[label].inc(nbytes)
+
+    def fuse_request(self, op: str) -> None:
+        """One request served by the FUSE mount (the EROFS mode's point is to need few)."""
+        self._fuse.labels(op).inc()
 
     def tier_miss(self, tier: str, count: int = 1) -> None:
         self._misses[_tier(tier)].inc(count)

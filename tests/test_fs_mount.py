@@ -342,7 +342,9 @@ def test_blob_files_serve_each_layers_uncompressed_stream(lfs: LayerFS, tmp_path
     st = os.stat(blobs / "rich")
     assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
     assert st.st_size == len(stream)
+    reads_before = _fuse_requests("read")
     assert (blobs / "rich").read_bytes() == stream
+    assert _fuse_requests("read") > reads_before  # counted for clip_fuse_requests_total
     with open(blobs / "rich", "rb") as f:  # an unaligned read inside, and one past the end
         f.seek(1000)
         assert f.read(5000) == stream[1000:6000]
@@ -355,6 +357,13 @@ def test_blob_files_serve_each_layers_uncompressed_stream(lfs: LayerFS, tmp_path
         os.stat(blobs / "missing")
     lfs.detach("rich")
     assert os.listdir(blobs) == []
+
+
+def _fuse_requests(op: str) -> float:
+    from snapshotter.telemetry import TELEMETRY
+
+    value = TELEMETRY.registry.get_sample_value("clip_fuse_requests_total", {"op": op})
+    return value or 0.0
 
 
 @pytest.mark.parametrize("allow_other", [True, False])

@@ -57,7 +57,7 @@ class FakeRegistry:
     async def resolve(self, ref: str) -> Any:
         raise NotFound(f"{ref}: no manifest in the fake registry")
 
-    async def open_blob(self, ref: str, digest: str) -> AsyncIterator[bytes]:
+    async def open_blob(self, ref: str, digest: str, **_: Any) -> AsyncIterator[bytes]:
         self.opened += 1
         self.streaming.set()
         await self.blob_gate.wait()
@@ -65,13 +65,18 @@ class FakeRegistry:
         for i in range(0, len(data), 256 * 1024):
             yield data[i : i + 256 * 1024]
 
-    async def read_range(self, ref: str, digest: str, coff: int, length: int) -> bytes:
+    def deadline(self, seconds: float | None = None) -> float:
+        return asyncio.get_running_loop().time() + (seconds or 12.0)
+
+    async def read_range(
+        self, ref: str, digest: str, coff: int, length: int, *, deadline: float | None = None
+    ) -> bytes:
         self.ranges += 1
         self.range_started.set()
         await self.range_gate.wait()
         return self.blobs[digest][coff : coff + length]
 
-    async def blob_exists(self, ref: str, digest: str) -> bool:
+    async def blob_exists(self, ref: str, digest: str, *, deadline: float | None = None) -> bool:
         return digest in self.blobs
 
     async def close(self) -> None:

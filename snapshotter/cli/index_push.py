@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter import config as config_mod
-from snapshotter.registry import RegistryClient, hosts_from_config
+from snapshotter.registry import RegistryClient
 from snapshotter.registry.reference import parse_reference
 from snapshotter.remote.artifact import PushResult, push_indexes
 
@@ -51,6 +51,6 @@ def _push(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> PushResult:
     plain_http_host = parse_reference(args.image).registry if args.plain_http else None
-    hosts = hosts_from_config(config_mod.load(args.config).registry, plain_http_host)
-    async with RegistryClient(hosts) as client:
+    config = config_mod.load(args.config)
+    async with RegistryClient.from_config(config, plain_http_host=plain_http_host) as client:
         return await push_indexes(client, args.image, args.root)

@@ -30,6 +30,7 @@ from snapshotter.errors import ClipError
 from snapshotter.fs.tree import IMMUTABLE_TIMEOUT, ORDINAL_MASK, SLOT_SHIFT, LayerTree, split_inode
 from snapshotter.index import EntryType
 from snapshotter.readpath import Layer, ReadPath
+from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,12 @@ BLOB_ORDINAL = ORDINAL_MASK
 
 
 def _guard(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Count the request; map every unexpected error to EIO (see the module docstring)."""
+    op = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        TELEMETRY.fuse_request(op)
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:

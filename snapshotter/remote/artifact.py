@@ -90,7 +90,9 @@ async def find_artifact(
     data = await _from_referrers(client, r, manifest_digest)
     if data is None:
         try:
-            data, _, _ = await client.fetch_manifest(r, artifact_tag(manifest_digest))
+            data, _, _ = await client.fetch_manifest(
+                r, artifact_tag(manifest_digest), optional=True
+            )
         except NotFound:
             TELEMETRY.index_fetch("registry", "miss")
             return None
@@ -108,15 +110,12 @@ async def _from_referrers(
     client: RegistryClient, r: Reference, manifest_digest: str
 ) -> bytes | None:
     """The artifact manifest through the OCI referrers API; None when unsupported or absent."""
-    path = f"/v2/{r.repository}/referrers/{manifest_digest}?artifactType={ARTIFACT_TYPE}"
     try:
-        body, ctype = await client._pull_body(  # the client has no public raw GET
-            r, "referrers", path, headers={"Accept": mt.OCI_INDEX}, limit=1 << 20
-        )
-        listing = json.loads(body)
+        body = await client.fetch_referrers(r, manifest_digest, ARTIFACT_TYPE)
+        listing = json.loads(body) if body is not None else None
     except (ClipError, ValueError):
         return None
-    if not isinstance(listing, dict) or not ctype.startswith(mt.OCI_INDEX):
+    if not isinstance(listing, dict):
         return None
     for entry in listing.get("manifests") or []:
         if isinstance(entry, dict) and entry.get("artifactType") == ARTIFACT_TYPE:

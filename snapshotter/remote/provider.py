@@ -47,7 +47,7 @@ from snapshotter.errors import (
 from snapshotter.fs.layerfs import LayerFS, is_mounted
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import Layer, ReadPolicy, Source
-from snapshotter.registry import RegistryClient, hosts_from_config
+from snapshotter.registry import RegistryClient
 from snapshotter.registry.auth import Keychain
 from snapshotter.registry.reference import SHA256_DIGEST
 from snapshotter.remote.background import BackgroundFetch
@@ -105,9 +105,7 @@ class RemoteLayerProvider:
         )
         self.cache = DiskCache(root, directory=config.cache_dir(), budget=self.budget)
         self.content = open_content_cache(config.content_cache)
-        self.registry = registry or RegistryClient(
-            hosts_from_config(config.registry), keychain=keychain
-        )
+        self.registry = registry or RegistryClient.from_config(config, keychain=keychain)
         self.bounds = LayerBounds(
             config.layers.max_layer_bytes, config.layers.max_compression_ratio
         )
@@ -291,11 +289,14 @@ class RemoteLayerProvider:
         return error
 
     def _source(self, ref: str, digest: str) -> Source:
-        registry = self.registry
+        registry, budget = self.registry, self.config.fuse.read_timeout_seconds
 
         async def source(coff: int, length: int) -> bytes:
+            # the registry's own retries end with the read's budget ([fuse] read_timeout_seconds)
             try:
-                data = await registry.read_range(ref, digest, coff, length)
+                data = await registry.read_range(
+                    ref, digest, coff, length, deadline=registry.deadline(budget)
+                )
             except ClipError:
                 TELEMETRY.registry_request("range", "error")
                 raise
