@@ -168,19 +168,22 @@ class Telemetry:
 
     def _instruments(self) -> None:
         reg = self.registry
-        self._hits = Counter("clip_tier_hits", "Reads served by a tier", ["tier"], registry=reg)
-        self._misses = Counter("clip_tier_misses", "Reads a tier missed", ["tier"], registry=reg)
-        self._bytes = Counter(
-            "clip_tier_read_bytes", "Bytes served by a tier", ["tier"], registry=reg
-        )
+        hits = Counter("clip_tier_hits", "Reads served by a tier", ["tier"], registry=reg)
+        misses = Counter("clip_tier_misses", "Reads a tier missed", ["tier"], registry=reg)
+        nbytes = Counter("clip_tier_read_bytes", "Bytes served by a tier", ["tier"], registry=reg)
         self._fuse = Counter(
             "clip_fuse_requests", "Requests clip's FUSE mount served, by operation", ["op"],
             registry=reg,
         )
-        self._latency = Histogram(
+        latency = Histogram(
             "clip_read_latency_seconds", "Read latency by the tier that served it", ["tier"],
             buckets=_LATENCY_BUCKETS, registry=reg,
         )
+        # one child per tier, made once: `labels()` per record costs more than the record
+        self._hits = {t: hits.labels(t) for t in TIERS}
+        self._misses = {t: misses.labels(t) for t in TIERS}
+        self._bytes = {t: nbytes.labels(t) for t in TIERS}
+        self._latency = {t: latency.labels(t) for t in TIERS}
         m = self.meter_provider.get_meter("clip")
         self._inflate = m.create_histogram(
             "clip.inflate.duration", unit="s", description="Seconds spent inflating layer bytes"
@@ -226,19 +229,19 @@ class Telemetry:
     def tier_hit(self, tier: str, nbytes: int, count: int = 1) -> None:
         """`count` reads (blocks) served by `tier`, `nbytes` bytes in total."""
         label = _tier(tier)
-        self._hits.labels(label).inc(count)
-        self._bytes.labels(label).inc(nbytes)
+        self._hits[label].inc(count)
+        self._bytes[label].inc(nbytes)
 
     def fuse_request(self, op: str) -> None:
         """One request served by the FUSE mount (the EROFS mode's point is to need few)."""
         self._fuse.labels(op).inc()
 
     def tier_miss(self, tier: str, count: int = 1) -> None:
-        self._misses.labels(_tier(tier)).inc(count)
+        self._misses[_tier(tier)].inc(count)
 
     def read_latency(self, seconds: float, tier: str) -> None:
         """One read's latency, labelled with the lowest tier that took part in it."""
-        self._latency.labels(_tier(tier)).observe(seconds)
+        self._latency[_tier(tier)].observe(seconds)
 
     def inflate(self, seconds: float, nbytes: int, compression: str) -> None:
         attrs = {"compression": compression}

@@ -364,3 +364,19 @@ def _fuse_requests(op: str) -> float:
 
     value = TELEMETRY.registry.get_sample_value("clip_fuse_requests_total", {"op": op})
     return value or 0.0
+
+
+@pytest.mark.parametrize("allow_other", [True, False])
+def test_allow_other_is_the_configured_mount_option(tmp_path: Path, allow_other: bool) -> None:
+    """`[fuse] allow_other` reaches the mount (it was documented and ignored)."""
+    root = tmp_path / "root"
+    fs = LayerFS(DiskCache(root), allow_other=allow_other)
+    with mounted(root / "mnt"):
+        try:
+            fs.start(root / "mnt")
+            mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+            line = next(x for x in mountinfo if x.split()[4] == str(root / "mnt"))
+            super_options = line.split(" - ")[1].split()[2].split(",")
+            assert ("allow_other" in super_options) == allow_other
+        finally:
+            fs.stop()

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ class FakeRegistry:
     async def resolve(self, ref: str) -> Any:
         raise NotFound(f"{ref}: no manifest in the fake registry")
 
-    async def open_blob(self, ref: str, digest: str) -> AsyncIterator[bytes]:
+    async def open_blob(self, ref: str, digest: str, **_: Any) -> AsyncIterator[bytes]:
         self.opened += 1
         self.streaming.set()
         await self.blob_gate.wait()
@@ -64,9 +65,8 @@ class FakeRegistry:
         for i in range(0, len(data), 256 * 1024):
             yield data[i : i + 256 * 1024]
 
-    def deadline(self, seconds: float) -> float:
-        """The real client's absolute deadline; this fake has no time of its own."""
-        return seconds
+    def deadline(self, seconds: float | None = None) -> float:
+        return asyncio.get_running_loop().time() + (seconds or 12.0)
 
     async def read_range(
         self, ref: str, digest: str, coff: int, length: int, *, deadline: float | None = None
@@ -76,7 +76,7 @@ class FakeRegistry:
         await self.range_gate.wait()
         return self.blobs[digest][coff : coff + length]
 
-    async def blob_exists(self, ref: str, digest: str) -> bool:
+    async def blob_exists(self, ref: str, digest: str, *, deadline: float | None = None) -> bool:
         return digest in self.blobs
 
     async def close(self) -> None:
@@ -106,11 +106,8 @@ def blobs() -> dict[str, tuple[str, bytes, bytes]]:
 
 
 def config(root: Path, **sections: Any) -> Config:
-    return Config(
-        daemon=DaemonConfig(root=str(root), address=str(root / "clip.sock")),
-        background_fetch=BackgroundFetchConfig(enabled=False),
-        **sections,
-    )
+    sections.setdefault("background_fetch", BackgroundFetchConfig(enabled=False))
+    return Config(daemon=DaemonConfig(root=str(root), address=str(root / "clip.sock")), **sections)
 
 
 def layer(digest: str, key: str = "k") -> RemoteLayer:
@@ -337,3 +334,77 @@ def test_no_room_for_the_index_is_resource_exhausted(
         assert not provider.cache_file(digest).parent.exists()
 
     run(tmp_path / "root", {digest: blob}, body)
+
+
+def test_background_fetch_completes_a_lazily_attached_layer(tmp_path: Path, blobs: Any) -> None:
+    digest, blob, content = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)  # indexed elsewhere: nothing of it on this node yet
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        assert provider.background is not None
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        provider.background.on_complete = lambda _: loop.call_soon_threadsafe(done.set)
+        path = await provider.prepare(layer(digest))
+        await done.wait()  # the trio task the prepare started filled the whole layer
+        assert provider.is_complete(digest) and fake.ranges > 0
+        ranges = fake.ranges
+        assert await read(path) == content
+        assert fake.ranges == ranges  # served from disk
+        await provider.release(layer(digest), path)
+
+    run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
+
+
+def test_release_cancels_a_running_background_fetch(tmp_path: Path, blobs: Any) -> None:
+    digest, blob, _ = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        fake.range_gate.clear()
+        path = await provider.prepare(layer(digest))
+        await fake.range_started.wait()  # the background fetch waits on the registry
+        await provider.release(layer(digest), path)  # returns: the fetch was cancelled
+        fake.range_gate.set()
+
+    run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
+    cache = DiskCache(root).layer(digest)
+    assert cache.present_blocks() == 0
+    cache.close()
+
+
+def test_a_prepare_cancelled_while_attaching_leaves_no_user_behind(
+    tmp_path: Path, blobs: Any
+) -> None:
+    digest, blob, _ = blobs["a"]
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        assert provider.fs is not None
+        attaching, proceed = threading.Event(), threading.Event()
+        original = provider.fs.attach
+
+        def gated(*args: Any) -> Path:
+            attaching.set()
+            proceed.wait()
+            return original(*args)
+
+        provider.fs.attach = gated  # type: ignore[method-assign]
+        gone = asyncio.create_task(provider.prepare(layer(digest)))
+        await asyncio.to_thread(attaching.wait)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        proceed.set()
+        provider.fs.attach = original  # type: ignore[method-assign]
+        path = await provider.prepare(layer(digest))  # waits for the attach lock
+        assert (await asyncio.to_thread(os.listdir, path)) == ["f"]
+        await provider.release(layer(digest), path)  # the one real user goes...
+        while provider.status().layers:  # ...and the cancelled one is undone (its own task)
+            await asyncio.sleep(0)
+        assert not provider.fs.ops.by_name
+
+    run(root, {digest: blob}, body)

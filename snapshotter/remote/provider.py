@@ -323,9 +323,19 @@ class RemoteLayerProvider:
         return source
 
     async def _attach(self, layer: RemoteLayer, index: LayerIndex) -> str:
-        # shielded: once started, an attach completes and is counted even if the Prepare goes
+        """Attach and count one user. Shielded: a started attach always completes; if the
+        Prepare went away meanwhile, that user is released again once it has (no snapshot
+        will ever release it), so the count keeps matching the snapshots."""
         task = asyncio.create_task(self._attach_locked(layer, index))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._undo_attach(done, layer.digest))
+            raise
+
+    def _undo_attach(self, done: asyncio.Task[str], digest: str) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._spawn(self._release(digest))
 
     async def _attach_locked(self, layer: RemoteLayer, index: LayerIndex) -> str:
         fs = self.fs
