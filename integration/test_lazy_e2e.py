@@ -185,11 +185,13 @@ class Node:
 
 def _clip_config(path: Path, hosts: list[str], fs_mode: str) -> Path:
     tables = "".join(f'[registry."{h}"]\nplain_http = true\n\n' for h in hosts)
-    # No background fetch: these tests measure what reads alone fetch (docs/cluster.md).
+    # No background fetch: these tests measure what reads alone fetch (docs/cluster.md). No
+    # start profiles either: a layer recording one is served over its stream file even when
+    # complete (tests/test_erofs_layers.py), and these tests check complete layers over disk.
     path.write_text(
         f"{tables}[fuse]\nread_timeout_seconds = {READ_TIMEOUT}\n\n"
         f'[fs]\nmode = "{fs_mode}"\n\n'
-        "[background_fetch]\nenabled = false\n"
+        "[background_fetch]\nenabled = false\nprofile_seconds = 0\n"
     )
     return path
 

@@ -37,6 +37,7 @@ class FakeStreams:
         self.mountpoint = root / "mnt"
         self.index = index
         self.complete = False
+        self.recording = False
         self.resumed = False
         self.users = 0
         (self.mountpoint / "blobs").mkdir(parents=True)
@@ -69,6 +70,9 @@ class FakeStreams:
 
     def is_complete(self, digest: str) -> bool:
         return self.complete
+
+    def recording_profile(self, digest: str) -> bool:
+        return self.recording
 
     def cache_file(self, digest: str) -> Path:
         return self.cache
@@ -213,3 +217,14 @@ def test_auto_mode_picks_erofs_on_this_kernel(streams: FakeStreams, tmp_path: Pa
     asyncio.run(layers.start())
     assert layers.mode == "erofs"
     assert list((tmp_path / "root" / "erofs").iterdir()) == []  # the probe cleaned up
+
+
+def test_a_complete_layer_recording_its_start_profile_mounts_over_the_stream(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    """Reads of the cache file never reach clip: while the start profile is recorded the
+    layer's reads must go through the stream file, complete or not."""
+    streams.complete = streams.recording = True
+    root = tmp_path / "root"
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    assert mount_at(root / "layers" / NAME) == ("erofs", str(root / "erofs" / f"{NAME}.fuse.img"))

@@ -9,7 +9,9 @@ device it is mounted over, so a restart can tell from the mount table whether a 
 still works without the previous daemon. The device is:
 
 - the disk-cache file itself when the whole stream is on disk: the kernel then reads the
-  layer with no daemon in the path, and the mount outlives any restart of clip;
+  layer with no daemon in the path, and the mount outlives any restart of clip — unless the
+  layer is recording its start profile (none was known: this node's first reads become the
+  profile other nodes prefetch), since reads of the cache file never reach clip;
 - otherwise ``<mountpoint>/blobs/<layer>``, the FUSE file whose missing bytes the read path
   fetches. Lookups, getattr, readdir, open and xattrs never reach clip, only stream reads.
 
@@ -74,6 +76,8 @@ class LayerStreams(Protocol):
     def index_of(self, digest: str) -> LayerIndex | None: ...
 
     def is_complete(self, digest: str) -> bool: ...
+
+    def recording_profile(self, digest: str) -> bool: ...
 
     def cache_file(self, digest: str) -> Path: ...
 
@@ -184,7 +188,7 @@ class ErofsLayers:
         return self.layers / self.inner.layer_name(digest)
 
     def _device(self, digest: str) -> Path:
-        if self.inner.is_complete(digest):
+        if self.inner.is_complete(digest) and not self.inner.recording_profile(digest):
             return self.inner.cache_file(digest)
         return self._blob(digest)
 

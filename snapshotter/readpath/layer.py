@@ -100,6 +100,11 @@ class Layer:
         self.profile = set()
         self.profile_until = time.monotonic() + seconds
 
+    @property
+    def recording_profile(self) -> bool:
+        """Whether this node's first reads are being recorded as the layer's start profile."""
+        return self.profile is not None and time.monotonic() < self.profile_until
+
     def note(self, blocks: range) -> None:
         """Foreground reads touched `blocks` (kept while a start profile is recorded)."""
         if self.profile is not None and time.monotonic() < self.profile_until:

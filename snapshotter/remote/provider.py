@@ -202,6 +202,13 @@ class RemoteLayerProvider:
         index = self.index_of(digest)
         return index is not None and self.cache.peek_complete(digest, index.uncompressed_size)
 
+    def recording_profile(self, digest: str) -> bool:
+        """Whether the attached layer is recording its start profile from this node's reads
+        (no profile was known for it): its reads must then reach the read path."""
+        fs = self.fs
+        attached = fs.ops.by_name.get(layer_id(digest)) if fs is not None else None
+        return attached is not None and attached.layer.recording_profile
+
     def cache_file(self, digest: str) -> Path:
         """The disk-cache file holding the layer's uncompressed stream (sparse until complete)."""
         return self.cache.directory / digest_hex(digest) / "data"
@@ -391,8 +398,8 @@ class RemoteLayerProvider:
         profile = await asyncio.to_thread(
             self.indexes.profile, layer.digest, layer.cache.block_size
         )
-        if profile is None:
-            seconds = self.config.background_fetch.profile_seconds
+        seconds = self.config.background_fetch.profile_seconds
+        if profile is None and seconds > 0:
             layer.record_profile(seconds)
             self._spawn(self._save_profile(layer, seconds))
         fs, background, bridge = self.fs, self.background, self.bridge
