@@ -148,6 +148,10 @@ class Config:
         return Path(self.disk_cache.dir or Path(self.daemon.root) / "cache")
 
 
+#: Durations where 0 means "none" rather than an error.
+_MAY_BE_ZERO = (".profile_seconds",)
+
+
 class _Loader:
     """Converts one parsed TOML document into a Config, naming every fault."""
 
@@ -186,7 +190,10 @@ class _Loader:
                 raise self.fail(key, f"expected an integer, got {value!r}")
             return value
         if isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if key.endswith(_MAY_BE_ZERO):
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise self.fail(key, f"expected a number >= 0, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise self.fail(key, f"expected a positive number, got {value!r}")
             return float(value)
         if isinstance(default, tuple):
