@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,13 @@ from integration.harness.cri import (
     build_pause_image,
     read_cri_log,
 )
-from integration.harness.images import BuiltImage, build_image, make_layer_tar, push_image
+from integration.harness.images import (
+    BuiltImage,
+    build_image,
+    host_rootfs_tree,
+    make_layer_tar,
+    push_image,
+)
 from integration.harness.registry import RegistryServer
 from snapshotter.api.cri.runtime.v1 import api_pb2 as cri
 from snapshotter.config import Config, load, with_overrides
@@ -119,12 +126,15 @@ def _basic_auth() -> cri.AuthConfig:
     return cri.AuthConfig(username=USER, password=SECRET)
 
 
-def _run_and_read(client: CriClient, node: Node, name: str, command: list[str]) -> str:
-    """Run a host-network pod with one container; its stdout once it has exited."""
+def _run_and_read(
+    client: CriClient, node: Node, name: str, command: list[str], ref: str | None = None
+) -> str:
+    """Run a host-network pod with one container (of ``ref``, by default the node's private
+    image); its stdout once it has exited."""
     sandbox = client.host_network_sandbox(name, node.logs / name)
     pod = client.run_pod(sandbox)
     try:
-        container = client.create_container(pod, sandbox, "app", node.image.ref, command)
+        container = client.create_container(pod, sandbox, "app", ref or node.image.ref, command)
         client.start_container(container)
         status = client.wait_exited(container)
         assert status.exit_code == 0, f"{status.reason}: {status.message}"
@@ -232,3 +242,64 @@ def test_published_indexes_of_a_private_image_are_read_with_the_pull_secret(
         if entry.get("msg") == "index resolved"
     }
     assert sources == {digest: "registry" for digest in node.image.layer_digests}
+
+
+def _wait_until_containerd_redials(node: Node, timeout: float = 60.0) -> None:
+    """containerd redials a restarted proxy snapshotter with gRPC's backoff: wait for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ls = node.containerd.ctr(
+            "snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE, check=False
+        )
+        if ls.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"containerd did not reach the restarted clip within {timeout} s")
+
+
+def _exec(client: CriClient, container: str, *command: str) -> str:
+    """ExecSync in a running container (CRI's `kubectl exec`): its stdout; fails on non-zero."""
+    req = cri.ExecSyncRequest(container_id=container, cmd=list(command), timeout=60)
+    resp = client.runtime.ExecSync(req, timeout=120)
+    assert resp.exit_code == 0, resp.stderr.decode(errors="replace")
+    return resp.stdout.decode()
+
+
+@pytest.mark.parametrize("how", ["TERM", "KILL"])
+def test_a_running_pod_reads_through_a_clip_restart(
+    node: Node, registry: RegistryServer, tmp_path: Path, how: str
+) -> None:
+    """A pod started through CRI keeps running and reading its image's files while `clip serve`
+    is stopped (SIGTERM) or killed (SIGKILL) and started again, and new pods start after it.
+    (Partly fetched layers through a restart: integration/test_lazy_e2e.py.)"""
+    tree = host_rootfs_tree(tmp_path / "sleeper", ("/bin/sh", "/bin/cat", "/bin/sleep"))
+    (tree / "data").mkdir()
+    (tree / "data" / "message.txt").write_text(MESSAGE + "\n")
+    oci = build_image([make_layer_tar(tree, tmp_path / "sleeper.tar.gz")], tmp_path / "oci")
+    image = push_image(oci, registry.host, "cri-test/sleeper", "1")
+    with CriClient(node.cri_socket) as through_clip, CriClient(node.containerd.socket) as direct:
+        through_clip.pull(image.ref)
+        sandbox = direct.host_network_sandbox("survivor", node.logs / "survivor")
+        pod = direct.run_pod(sandbox)
+        try:
+            container = direct.create_container(
+                pod, sandbox, "app", image.ref, ["/bin/sleep", "100000"]
+            )
+            direct.start_container(container)
+            assert _exec(direct, container, "/bin/cat", "/data/message.txt") == MESSAGE + "\n"
+            if how == "TERM":
+                node.clip.stop(keep_mounts=True)
+            else:
+                node.clip.kill()
+            # no clip: the running pod still reads its files
+            assert _exec(direct, container, "/bin/cat", "/data/message.txt") == MESSAGE + "\n"
+            node.clip.start()
+            _wait_until_containerd_redials(node)
+            assert direct.container_status(container).state == cri.CONTAINER_RUNNING
+            assert _exec(direct, container, "/bin/cat", "/data/message.txt") == MESSAGE + "\n"
+        finally:
+            direct.remove_pod(pod)
+        # and a new pod of the same image starts on the restarted daemon
+        output = _run_and_read(direct, node, "after", ["/bin/cat", "/data/message.txt"], image.ref)
+        assert output == MESSAGE
+
