@@ -303,3 +303,58 @@ def test_a_running_pod_reads_through_a_clip_restart(
         output = _run_and_read(direct, node, "after", ["/bin/cat", "/data/message.txt"], image.ref)
         assert output == MESSAGE
 
+
+
+def test_a_host_known_only_to_containerds_mirror_config(
+    registry: RegistryServer, host_tools_tree: Path, tmp_path: Path
+) -> None:
+    """The image's registry host exists only in containerd's CRI mirror configuration (it does
+    not resolve): clip reads containerd's config file and fetches the lazy layers from the
+    mirror, with no `[registry]` entry of its own for that host. (Without `containerd_config`
+    the same pull fails in clip: "only-in-containerd.invalid:5000 ... Name or service not
+    known".)"""
+    alias = "only-in-containerd.invalid:5000"
+    work = Path(tempfile.mkdtemp(prefix="clip-cri-", dir="/tmp"))
+    containerd: CriContainerd | None = None
+    clip: ClipDaemon | None = None
+    try:
+        pause = build_pause_image(tmp_path / "pause", registry.host, "cri-test/pause")
+        tree = tmp_path / "tree"
+        shutil.copytree(host_tools_tree, tree, symlinks=True)
+        (tree / "data").mkdir()
+        (tree / "data" / "message.txt").write_text(MESSAGE + "\n")
+        oci = build_image([make_layer_tar(tree, tmp_path / "l.tar.gz")], tmp_path / "oci")
+        pushed = push_image(oci, registry.host, "cri-test/mirrored", "1")
+        ctrd = work / "ctrd"
+        cri_socket = work / "run" / "cri-image.sock"
+        config = work / "clip.toml"
+        config.write_text(
+            f'[registry]\ncontainerd_config = "{ctrd / "config.toml"}"\n\n'
+            f'[registry."{registry.host}"]\nplain_http = true\n\n'
+            f'[cri]\nimage_service_address = "{cri_socket}"\n'
+            f'containerd_cri_address = "{ctrd / "containerd.sock"}"\n'
+        )
+        clip = ClipDaemon(work / "clip", config=config, log_level="debug")
+        containerd = CriContainerd(
+            ctrd, clip.socket, clip.root, sandbox_image=pause.ref,
+            http_registries=[registry.host], aliases={alias: registry.host},
+        )  # fmt: skip
+        ctrd.mkdir(parents=True)
+        (ctrd / "config.toml").write_text(containerd.config_text())  # clip reads it at start
+        clip.start()
+        containerd.start()
+        ref = f"{alias}/cri-test/mirrored:1"
+        with CriClient(cri_socket) as through_clip, CriClient(containerd.socket) as direct:
+            through_clip.pull(ref)
+            node = Node(clip, containerd, cri_socket, config, registry, pushed, work / "pods")
+            command = ["/bin/cat", "/data/message.txt"]
+            output = _run_and_read(direct, node, "mirrored", command, ref)
+        assert output == MESSAGE
+        # clip, not containerd, fetched the layer: from the mirror containerd's config names
+        assert not _content_digests(containerd) & set(pushed.layer_digests)
+    finally:
+        if containerd is not None:
+            containerd.stop()
+        if clip is not None:
+            clip.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -54,7 +54,7 @@ CRI_TABLES = """
 """
 MIRROR = """
   [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
-    endpoint = ["http://{host}"]
+    endpoint = ["http://{endpoint}"]
 """
 NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin keeps its images in
 
@@ -70,10 +70,14 @@ class CriContainerd(Containerd):
         *,
         sandbox_image: str,
         http_registries: Sequence[str],
+        aliases: dict[str, str] | None = None,
     ) -> None:
+        """``aliases``: registry hosts that exist only in this containerd's CRI mirror
+        configuration, each served by the http registry at the given host:port."""
         super().__init__(workdir, clip_socket, clip_root)
         self.sandbox_image = sandbox_image
         self.http_registries = list(http_registries)
+        self.aliases = dict(aliases or {})
 
     def config_text(self) -> str:
         base = super().config_text().replace(
@@ -85,7 +89,8 @@ class CriContainerd(Containerd):
         tables = CRI_TABLES.format(
             sandbox_image=self.sandbox_image, runc_root=self.workdir / "runc", cni=cni
         )
-        mirrors = "".join(MIRROR.format(host=h) for h in self.http_registries)
+        mirrors = "".join(MIRROR.format(host=h, endpoint=h) for h in self.http_registries)
+        mirrors += "".join(MIRROR.format(host=a, endpoint=e) for a, e in self.aliases.items())
         return base + tables + mirrors
 
 
