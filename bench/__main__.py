@@ -34,7 +34,7 @@ from bench import report
 from bench.images import BIG_MIB, FSREAD, IMAGES, PushedImage, build_and_push, say
 from bench.netem import DelayRelay, ShapedLink, ShapedRegistry, probe
 from bench.peers import build_daemon, convert_all
-from bench.setups import SETUPS, Bench, Run, Throughput, contentcache_in_read_path, throughput
+from bench.setups import SETUPS, Bench, Run, Throughput, throughput
 from integration.harness.containerd import unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.redis import RedisServer
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the ExitStack below stops and unmounts what was started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     nodes = Path(f"/tmp/clipbench-{os.getpid()}")
-    cc_available = contentcache_in_read_path()
+    cc_available = True  # the read path has had its ContentCache tier since 0.1.0
     payload: dict[str, Any] = {
         "mode": run_mode(args),
         "repeats": repeats,

@@ -74,11 +74,6 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-def contentcache_in_read_path() -> bool:
-    """Whether the read path consults a ContentCache tier (setup 4 needs it)."""
-    return "contentcache" in (REPO / "snapshotter" / "readpath.py").read_text().lower()
-
-
 @dataclass
 class Run:
     """One measured run: the figures issue 6 asks for."""
