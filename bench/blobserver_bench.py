@@ -104,7 +104,9 @@ def serve_pyfuse3(mnt: Path, size: int, report: Callable[[int, int], None], ra_k
         async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
             return self._attr(inode)
 
-        async def lookup(self, parent: int, name: bytes, ctx: object = None) -> object:
+        async def lookup(
+            self, parent: int, name: bytes, ctx: pyfuse3.RequestContext
+        ) -> pyfuse3.EntryAttributes:
             if parent != pyfuse3.ROOT_INODE or name != b"blob":
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attr(ino)
