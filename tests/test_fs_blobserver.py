@@ -132,9 +132,11 @@ def test_serves_blobs_in_large_reads(paths: Paths) -> None:
             stat.S_IFREG | 0o444, 0, 0, len(data))
         assert st.st_ino == blob_inode("sha256-aa")
 
+    reads_before = _counted("read")
     trio.run(main)
     # the sequential read arrived as large requests: nearly every byte in reads >= 512 KiB
     assert sum(sizes) == len(data)
+    assert _counted("read") - reads_before == len(sizes) + 1  # + the small blob's one read
     assert sum(s for s in sizes if s >= 512 * KiB) >= 0.9 * len(data), sizes
     assert len(sizes) <= 40, sizes
 
@@ -396,3 +398,10 @@ def test_an_erofs_image_reads_its_chunks_from_a_blob(paths: Paths, tmp_path: Pat
 
     assert trio.run(main) == (big, "hello\n")
     assert sizes and sum(sizes) <= len(blob)  # the file data came through the blob server
+
+
+def _counted(op: str) -> float:
+    """`clip_fuse_requests_total{op}` so far (the blob server counts what it serves)."""
+    from snapshotter.telemetry import TELEMETRY
+
+    return TELEMETRY.registry.get_sample_value("clip_fuse_requests_total", {"op": op}) or 0.0

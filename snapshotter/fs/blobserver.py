@@ -41,6 +41,7 @@ from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavail
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
 from snapshotter.fs.mounts import lazy_unmount
+from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ BLOBS_INO = 2
 _BLOB_VALID = 3600
 _DIR_VALID = 1
 _READAHEAD_KIB = 1024
+#: `clip_fuse_requests_total{op}` labels, as the FUSE-tree mode's handlers name them.
+_OP_NAMES = {
+    fp.LOOKUP: "lookup", fp.GETATTR: "getattr", fp.OPEN: "open", fp.READ: "read",
+    fp.RELEASE: "release", fp.OPENDIR: "opendir", fp.READDIR: "readdir",
+    fp.RELEASEDIR: "releasedir", fp.STATFS: "statfs", fp.GETXATTR: "getxattr",
+    fp.LISTXATTR: "listxattr", fp.ACCESS: "access", fp.FLUSH: "flush", fp.FORGET: "forget",
+    fp.BATCH_FORGET: "forget", fp.INTERRUPT: "interrupt", fp.INIT: "init",
+}
 #: How long a read of an unknown inode waits for a restarting daemon's `restored()` (seconds).
 RESTORE_WAIT = 60.0
 _BATCH = 64  # requests read per wake-up before letting started reads run
@@ -338,6 +347,7 @@ class BlobServer:
 
     def _dispatch(self, req: fp.Request, nursery: trio.Nursery) -> None:
         op = req.opcode
+        TELEMETRY.fuse_request(_OP_NAMES.get(op, "other"))
         if req.unique & fp.UNIQUE_RESEND:
             self.resent += 1
         if op == fp.READ:
