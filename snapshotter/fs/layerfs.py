@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -109,33 +110,35 @@ class LayerFS:
             raise Unavailable(f"fuse: cannot mount {mp}: {error or 'timed out'}")
 
     def _serve(self, mp: Path, ready: threading.Event) -> None:
+        serve: Callable[[trio.Nursery, threading.Event], Awaitable[None]]
         if self.server is not None:
+            serve = self._serve_blobs
+        else:
             try:
-                trio.run(self._trio_blobs, self.server, ready)
-            except BaseException as exc:
-                log.exception("fuse: blob server failed")
+                pyfuse3.init(self.ops, str(mp), set(self.options))
+            except Exception as exc:
                 self._error = exc
-            finally:
                 ready.set()
-                self._token = None
-            return
+                return
+            serve = self._serve_tree
         try:
-            pyfuse3.init(self.ops, str(mp), set(self.options))
-        except Exception as exc:
-            self._error = exc
-            ready.set()
-            return
-        try:
-            trio.run(self._trio_main, ready)
+            trio.run(self._trio_main, serve, ready)
         except BaseException as exc:
             log.exception("fuse: main loop failed")
             self._error = exc
         finally:
             ready.set()
             self._token = None
-            pyfuse3.close(unmount=True)
+            if self.server is None:
+                pyfuse3.close(unmount=True)
 
-    async def _trio_main(self, ready: threading.Event) -> None:
+    async def _trio_main(
+        self,
+        serve: Callable[[trio.Nursery, threading.Event], Awaitable[None]],
+        ready: threading.Event,
+    ) -> None:
+        """The FUSE thread's trio loop: the read path's nursery and cache flushing beside
+        `serve`, which sets `ready` once requests are answered and returns to stop."""
         self._token = trio.lowlevel.current_trio_token()
         if self.bridge is not None:
             self.bridge.bind_trio()
@@ -143,29 +146,24 @@ class LayerFS:
             async with trio.open_nursery() as nursery:
                 self.readpath.bind(nursery)
                 nursery.start_soon(self._flush_caches)
-                ready.set()
-                await pyfuse3.main()
+                await serve(nursery, ready)
                 nursery.cancel_scope.cancel()
         finally:
             if self.bridge is not None:
                 self.bridge.unbind_trio()
 
-    async def _trio_blobs(self, server: BlobServer, ready: threading.Event) -> None:
-        self._token = trio.lowlevel.current_trio_token()
+    async def _serve_tree(self, nursery: trio.Nursery, ready: threading.Event) -> None:
+        """pyfuse3's loop, until `pyfuse3.terminate`."""
+        ready.set()
+        await pyfuse3.main()
+
+    async def _serve_blobs(self, nursery: trio.Nursery, ready: threading.Event) -> None:
+        """The blob server, until `stop` sets the stop event (its session is left as it is)."""
+        assert self.server is not None
         self._stop_blobs = trio.Event()
-        if self.bridge is not None:
-            self.bridge.bind_trio()
-        try:
-            async with trio.open_nursery() as nursery:
-                self.readpath.bind(nursery)
-                nursery.start_soon(self._flush_caches)
-                await nursery.start(server.run)
-                ready.set()
-                await self._stop_blobs.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            if self.bridge is not None:
-                self.bridge.unbind_trio()
+        await nursery.start(self.server.run)
+        ready.set()
+        await self._stop_blobs.wait()
 
     def restored(self) -> None:
         """The daemon re-attached every layer it restores: requests for streams it does not
