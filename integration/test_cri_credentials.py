@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,19 +243,6 @@ def test_published_indexes_of_a_private_image_are_read_with_the_pull_secret(
     assert sources == {digest: "registry" for digest in node.image.layer_digests}
 
 
-def _wait_until_containerd_redials(node: Node, timeout: float = 60.0) -> None:
-    """containerd redials a restarted proxy snapshotter with gRPC's backoff: wait for it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ls = node.containerd.ctr(
-            "snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE, check=False
-        )
-        if ls.returncode == 0:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"containerd did not reach the restarted clip within {timeout} s")
-
-
 def _exec(client: CriClient, container: str, *command: str) -> str:
     """ExecSync in a running container (CRI's `kubectl exec`): its stdout; fails on non-zero."""
     req = cri.ExecSyncRequest(container_id=container, cmd=list(command), timeout=60)
@@ -294,7 +280,7 @@ def test_a_running_pod_reads_through_a_clip_restart(
             # no clip: the running pod still reads its files
             assert _exec(direct, container, "/bin/cat", "/data/message.txt") == MESSAGE + "\n"
             node.clip.start()
-            _wait_until_containerd_redials(node)
+            node.containerd.wait_for_snapshotter(NAMESPACE)
             assert direct.container_status(container).state == cri.CONTAINER_RUNNING
             assert _exec(direct, container, "/bin/cat", "/data/message.txt") == MESSAGE + "\n"
         finally:

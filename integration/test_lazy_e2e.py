@@ -167,16 +167,8 @@ class Node:
             namespace=NAMESPACE, check=check, timeout=300,
         )  # fmt: skip
 
-    def wait_until_reachable(self, timeout: float = 60.0) -> None:
-        """containerd redials a restarted proxy plugin with gRPC's backoff: wait for it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ls = self.containerd.ctr(
-                "snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE, check=False
-            )
-            if ls.returncode == 0 or time.monotonic() > deadline:
-                return
-            time.sleep(0.5)
+    def wait_until_reachable(self) -> None:
+        self.containerd.wait_for_snapshotter(NAMESPACE)
 
     def committed(self) -> list[str]:
         out = self.containerd.ctr("snapshots", "--snapshotter", "clip", "ls", namespace=NAMESPACE)

@@ -124,6 +124,21 @@ class Containerd:
         stop_process(proc, timeout)
         unmount_under(self.workdir)
 
+    def wait_for_snapshotter(
+        self, namespace: str, snapshotter: str = "clip", timeout: float = 60.0
+    ) -> None:
+        """containerd redials a restarted proxy snapshotter with gRPC's backoff: wait until it
+        answers a listing again (there is no event for that; fails after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ls = self.ctr("snapshots", "--snapshotter", snapshotter, "ls",
+                          namespace=namespace, check=False)  # fmt: skip
+            if ls.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not reach {snapshotter} within {timeout} s")
+            time.sleep(0.5)
+
     def log(self) -> str:
         return log_tail(self.log_path)
 
