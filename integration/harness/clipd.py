@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -219,24 +220,21 @@ class SnapshotsClient:
 
 
 def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> None:
-    """SIGTERM the process a pidfile names (if it still runs), SIGKILL it after ``timeout``."""
+    """SIGTERM the process a pidfile names (if it still runs), SIGKILL it after ``timeout``.
+    A pidfd tells when it has exited (it is not our child: no waitpid) and pins the PID."""
     try:
         pid = int(pidfile.read_text().split()[0])
+        pidfd = os.pidfd_open(pid)
     except (OSError, ValueError, IndexError):
         return
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+            if select.select([pidfd], [], [], timeout)[0]:
+                return
+    finally:
+        os.close(pidfd)
 
 
 def iter_mountpoints() -> Iterator[str]:
