@@ -21,6 +21,7 @@ import trio
 from snapshotter.cache import LayerCache
 from snapshotter.index import EntryType, LayerIndex, ResumePoints
 from snapshotter.readpath.policy import VerifyError
+from snapshotter.readpath.ranges import LayerRanges
 from snapshotter.readpath.source import Source
 
 
@@ -84,6 +85,8 @@ class Layer:
         # Places inflation can restart besides the index's checkpoints, recorded by every fetch
         # (bounded): a later miss in the same checkpoint interval starts at the nearest one.
         self.resume = ResumePoints(index)
+        #: Compressed bytes held and in flight, so no two fetches request the same bytes.
+        self.ranges = LayerRanges()
         cache.set_size(self.size)
         self._file_starts: list[int] | None = None
         self._file_ordinals: list[int] = []
