@@ -7,6 +7,7 @@ token bucket (virtual time) and pauses for foreground reads. Synchronised with e
 from __future__ import annotations
 
 import gzip
+import itertools
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.config import BackgroundFetchConfig
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy
-from snapshotter.readpath.ranges import LayerRanges, RangeFailed
+from snapshotter.readpath.ranges import LayerRanges
 from snapshotter.remote.background import BackgroundFetch, merge_runs
 
 MiB = 1 << 20
@@ -67,7 +68,7 @@ class Recorder:
 
     def overlaps(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         spans = sorted(self.requests)
-        return [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
+        return [(a, b) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
 
 
 def run(
@@ -226,7 +227,7 @@ def test_foreground_reads_during_the_pass_never_overlap_it(
             source.gate.set()
         assert layer.cache.complete()
 
-    rp, layer = run(tmp_path, index, source, body)
+    run(tmp_path, index, source, body)
     assert source.overlaps() == []
     # Each foreground read restarted inflation at a checkpoint/resume point; the pass later
     # continues around it. Held heads and tails make that exact here.
@@ -285,7 +286,7 @@ def test_profile_runs_are_merged_and_never_overlap(
 def test_adjacent_sequential_flights_continue_where_the_last_ended(
     tmp_path: Path, layer_files: LayerFiles
 ) -> None:
-    blob, index, stream = layer_files
+    blob, index, _ = layer_files
     source = Recorder(blob)
 
     async def body(rp: ReadPath, layer: Layer) -> None:
@@ -295,7 +296,7 @@ def test_adjacent_sequential_flights_continue_where_the_last_ended(
     run(tmp_path, index, source, body)
     assert source.overlaps() == []
     # each request starts exactly where the previous one ended
-    assert all(b[0] == a[1] for a, b in zip(source.requests, source.requests[1:], strict=False))
+    assert all(b[0] == a[1] for a, b in itertools.pairwise(source.requests))
 
 
 # --- pacing and pausing -----------------------------------------------------------------------
