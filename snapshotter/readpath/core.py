@@ -327,28 +327,19 @@ class ReadPath:
             begin = layer.resume.best_start(istart)
             coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
             try:
-                compressed = await layer.ranges.get(
-                    coff, cend, lambda c, n: self._call_source(layer, c, n))
-            except Exception as exc:
-                self.stats.source_errors += 1
-                raise ReadFailed(f"layer {layer.digest}: stream bytes {start}+{end - start} "
-                                 f"unavailable: {exc}") from exc
-            try:
-                # not abandoned on cancel: the layer's owner waits for this thread
-                data = await trio.to_thread.run_sync(
-                    self._inflate_store, layer, begin, compressed, istart, iend, head, end,
-                    limiter=self._limiter,
-                )
+                data = await self._attempt(layer, begin, coff, cend, istart, iend, head, end)
             except (VerifyError, LayerFormatError) as exc:
+                error = exc
                 layer.ranges.discard(coff, cend)
                 if isinstance(exc, VerifyError):
                     self.stats.verify_failures += 1
                     TELEMETRY.verification_failure("registry")
-                error = exc
                 log.warning("layer %s: attempt %d for %d+%d: %s",
                             layer.digest, attempt + 1, start, end - start, exc)
                 continue
-            self._hold(layer, begin, compressed, coff, istart, iend)
+            except Exception as exc:  # from the source (or a request this flight waited for)
+                raise ReadFailed(f"layer {layer.digest}: stream bytes {start}+{end - start} "
+                                 f"unavailable: {exc}") from exc
             break
         else:
             raise ReadFailed(
@@ -363,6 +354,24 @@ class ReadPath:
             b: data[b * bs - start : min((b + 1) * bs, end) - start]
             for b in range(p.first, p.last + 1)
         }
+
+    async def _attempt(
+        self, layer: Layer, begin: Checkpoint | ResumePoint, coff: int, cend: int, istart: int,
+        iend: int, head: bytes, end: int,
+    ) -> bytes:
+        """One try of a run: its compressed bytes through the layer's `LayerRanges` (held,
+        others' in flight, the gaps requested), inflated, verified and stored, and what the
+        neighbours need held before the bytes stop being visible to other flights."""
+        async with layer.ranges.fetching(
+            coff, cend, lambda c, n: self._call_source(layer, c, n)
+        ) as compressed:
+            # not abandoned on cancel: the layer's owner waits for this thread
+            data = await trio.to_thread.run_sync(
+                self._inflate_store, layer, begin, compressed, istart, iend, head, end,
+                limiter=self._limiter,
+            )
+            self._hold(layer, begin, compressed, coff, istart, iend)
+        return data
 
     def _hold(
         self, layer: Layer, begin: Checkpoint | ResumePoint, compressed: bytes, coff: int,
@@ -465,10 +474,14 @@ class ReadPath:
 
     async def _call_source(self, layer: Layer, coff: int, length: int) -> bytes:
         """One source request (a gap `LayerRanges` found neither held nor in flight)."""
-        if self.bridge is not None:
-            data = await self.bridge.to_asyncio(layer.source, coff, length)
-        else:
-            data = await layer.source(coff, length)
+        try:
+            if self.bridge is not None:
+                data = await self.bridge.to_asyncio(layer.source, coff, length)
+            else:
+                data = await layer.source(coff, length)
+        except Exception:
+            self.stats.source_errors += 1
+            raise
         if len(data) != length:
             raise ReadFailed(
                 f"layer {layer.digest}: source returned {len(data)} bytes for {coff}+{length}"
