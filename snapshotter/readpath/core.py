@@ -324,7 +324,7 @@ class ReadPath:
         iend = p.tail if p.tail is not None else end
         error: Exception | None = None
         for attempt in range(self.policy.attempts):
-            begin = layer.resume.best_start(istart)
+            begin = layer.best_start(istart)
             coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
             try:
                 data = await self._attempt(layer, begin, coff, cend, istart, iend, head, end)
@@ -384,9 +384,9 @@ class ReadPath:
         bs = layer.cache.block_size
         cend = coff + len(compressed)
         if iend < layer.size and self._free(layer, iend // bs):
-            nxt = layer.resume.best_start(iend).coff
-            if coff <= nxt < cend:
-                layer.ranges.hold(nxt, compressed[nxt - coff :])
+            nxt = layer.best_start(iend)
+            if coff <= nxt.coff < cend:
+                layer.ranges.hold(nxt.coff, compressed[nxt.coff - coff :], nxt)
         if begin.uoff < istart and istart % bs == 0 and self._free(layer, istart // bs - 1):
             reach = min(layer.index.compressed_range(istart, 0)[1], cend)
             if reach > coff:

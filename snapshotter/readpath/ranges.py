@@ -39,6 +39,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from snapshotter.index import Checkpoint, ResumePoint
+
+#: A place inflation can restart.
+Start = Checkpoint | ResumePoint
 #: Held compressed bytes per layer: a few flights' heads and tails (each well under 1 MiB).
 HOLD_LIMIT = 4 << 20
 
@@ -81,38 +85,53 @@ class LayerRanges:
         self.stats = RangeStats()
         self._held: OrderedDict[int, bytes] = OrderedDict()  # start -> bytes, LRU first
         self._held_bytes = 0
+        #: Restart places at the start of held pieces (start -> place): kept with the bytes,
+        #: so the layer's bounded resume points may forget them meanwhile.
+        self._restarts: dict[int, Start] = {}
         self._inflight: list[_InFlight] = []
 
     @property
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def hold(self, start: int, data: bytes) -> None:
-        """Keep `data` (compressed bytes at `start`) for a later fetch, within `limit`."""
+    def hold(self, start: int, data: bytes, restart: Start | None = None) -> None:
+        """Keep `data` (compressed bytes at `start`) for a later fetch, within `limit`;
+        `restart`: the place inflation restarts at `start`, when it is one."""
         if not data or len(data) > self.limit:
             return
         old = self._held.get(start)
-        if old is not None:
-            if len(old) >= len(data):  # the same blob bytes: the longer piece holds both
-                self._held.move_to_end(start)
-                return
-            self._held_bytes -= len(self._held.pop(start))
-        self._held[start] = data
-        self._held_bytes += len(data)
+        if old is not None and len(old) >= len(data):  # same blob bytes: the longer holds both
+            self._held.move_to_end(start)
+        else:
+            if old is not None:
+                self._held_bytes -= len(self._held.pop(start))
+            self._held[start] = data
+            self._held_bytes += len(data)
+        if restart is not None:
+            self._restarts[start] = restart
         while self._held_bytes > self.limit:
-            _, dropped = self._held.popitem(last=False)
-            self._held_bytes -= len(dropped)
+            self._drop(next(iter(self._held)))
+
+    def restart_before(self, uoff: int) -> Start | None:
+        """The held restart place nearest at or before stream offset `uoff`, if any."""
+        places = [p for p in self._restarts.values() if p.uoff <= uoff]
+        return max(places, key=lambda p: p.uoff, default=None)
 
     def discard(self, start: int, end: int) -> None:
         """Forget held and answered bytes overlapping [start, end) (they did not verify or
         inflate), so the next try requests them again."""
         for s in [s for s, d in self._held.items() if s < end and s + len(d) > start]:
-            self._held_bytes -= len(self._held.pop(s))
+            self._drop(s)
         self._inflight = [f for f in self._inflight
                           if f.data is None or f.end <= start or f.start >= end]
 
+    def _drop(self, start: int) -> None:
+        self._held_bytes -= len(self._held.pop(start))
+        self._restarts.pop(start, None)
+
     def clear(self) -> None:
         self._held.clear()
+        self._restarts.clear()
         self._held_bytes = 0
 
     @contextlib.asynccontextmanager

@@ -187,7 +187,7 @@ def merge_runs(layer: Layer, work: list[list[int]], limit: int) -> list[list[int
             prev = out[-1]
             start, end = prev[0] * bs, min((prev[-1] + 1) * bs, layer.size)
             prev_end = index.compressed_range(start, end - start)[1]
-            restart = layer.resume.best_start(blocks[0] * bs).coff
+            restart = layer.best_start(blocks[0] * bs).coff
             if restart < prev_end and blocks[-1] - prev[0] + 1 <= limit:
                 out[-1] = list(range(prev[0], blocks[-1] + 1))
                 continue
