@@ -137,6 +137,15 @@ def test_concurrent_overlapping_gets_request_each_byte_once() -> None:
         ranges.discard(100, 200)
         assert ranges.held_bytes == 0
 
+        # over the limit, pieces no longer needed go before the least recently used
+        ranges.hold(0, blob[0:1500], needed=lambda: True)
+        ranges.hold(2000, blob[2000:3500], needed=lambda: False)
+        ranges.hold(5000, blob[5000:6500])
+        assert ranges.held_bytes == 3000
+        assert await get(ranges, 0, 1500, source) == blob[0:1500]
+        assert await get(ranges, 5000, 6500, source) == blob[5000:6500]
+        assert len(requests) == 4
+
     trio.run(main)
 
 

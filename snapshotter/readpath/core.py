@@ -383,14 +383,17 @@ class ReadPath:
         deflate block end after `istart`), when those neighbours are still missing."""
         bs = layer.cache.block_size
         cend = coff + len(compressed)
-        if iend < layer.size and self._free(layer, iend // bs):
+        after, before = iend // bs, istart // bs - 1
+        if iend < layer.size and self._free(layer, after):
             nxt = layer.best_start(iend)
             if coff <= nxt.coff < cend:
-                layer.ranges.hold(nxt.coff, compressed[nxt.coff - coff :], nxt)
-        if begin.uoff < istart and istart % bs == 0 and self._free(layer, istart // bs - 1):
+                layer.ranges.hold(nxt.coff, compressed[nxt.coff - coff :], nxt,
+                                  lambda: not layer.cache.has(after))
+        if begin.uoff < istart and istart % bs == 0 and self._free(layer, before):
             reach = min(layer.index.compressed_range(istart, 0)[1], cend)
             if reach > coff:
-                layer.ranges.hold(coff, compressed[: reach - coff])
+                layer.ranges.hold(coff, compressed[: reach - coff],
+                                  needed=lambda: not layer.cache.has(before))
 
     # --- the shared ContentCache tier -----------------------------------------------------------
 

@@ -88,15 +88,22 @@ class LayerRanges:
         #: Restart places at the start of held pieces (start -> place): kept with the bytes,
         #: so the layer's bounded resume points may forget them meanwhile.
         self._restarts: dict[int, Start] = {}
+        self._needed: dict[int, Callable[[], bool]] = {}
         self._inflight: list[_InFlight] = []
 
     @property
     def held_bytes(self) -> int:
         return self._held_bytes
 
-    def hold(self, start: int, data: bytes, restart: Start | None = None) -> None:
-        """Keep `data` (compressed bytes at `start`) for a later fetch, within `limit`;
-        `restart`: the place inflation restarts at `start`, when it is one."""
+    def hold(
+        self, start: int, data: bytes, restart: Start | None = None,
+        needed: Callable[[], bool] | None = None,
+    ) -> None:
+        """Keep `data` (compressed bytes at `start`) for a later fetch, within `limit`.
+
+        `restart`: the place inflation restarts at `start`, when it is one. `needed()`: whether
+        the piece can still serve a fetch (the blocks it is for are still missing); over the
+        limit, pieces no longer needed go first, then the least recently used."""
         if not data or len(data) > self.limit:
             return
         old = self._held.get(start)
@@ -109,6 +116,11 @@ class LayerRanges:
             self._held_bytes += len(data)
         if restart is not None:
             self._restarts[start] = restart
+        if needed is not None:
+            self._needed[start] = needed
+        if self._held_bytes > self.limit:
+            for s in [s for s, still in self._needed.items() if not still()]:
+                self._drop(s)
         while self._held_bytes > self.limit:
             self._drop(next(iter(self._held)))
 
@@ -128,10 +140,12 @@ class LayerRanges:
     def _drop(self, start: int) -> None:
         self._held_bytes -= len(self._held.pop(start))
         self._restarts.pop(start, None)
+        self._needed.pop(start, None)
 
     def clear(self) -> None:
         self._held.clear()
         self._restarts.clear()
+        self._needed.clear()
         self._held_bytes = 0
 
     @contextlib.asynccontextmanager
