@@ -110,6 +110,7 @@ class BackgroundFetch:
         self._progress(layer)
         if not layer.cache.complete():
             return
+        layer.ranges.clear()  # nothing of the layer is fetched again
         await trio.to_thread.run_sync(layer.cache.flush)
         log.info("layer fully fetched", extra={"fields": {"layer": layer.digest}})
         if fetched_any and self.on_complete is not None:
