@@ -3,6 +3,7 @@ rest and random foreground reads meanwhile, all through the read path against a 
 Prints served vs distinct vs blob bytes and the request count; asserts nothing.
 
     PYTHONPATH=$PWD .venv/bin/python bench/fetch_bench.py [--blob LAYER.tar.gz] [--reads N]
+        [--no-background]
 
 "served" is what the registry would send (the sum of every requested range), "distinct" the
 union of those ranges; served > distinct means requests overlapped (bytes crossing the network
@@ -79,8 +80,9 @@ def workload(index: LayerIndex, reads: int, seed: int) -> tuple[list[int], list[
 
 
 async def scenario(layer: Layer, rp: ReadPath, profile: list[int],
-                   reads: list[tuple[int, int]]) -> None:
-    options = BackgroundFetchConfig(enabled=True, bytes_per_second=256 << 20, concurrency=2)
+                   reads: list[tuple[int, int]], background: bool) -> None:
+    options = BackgroundFetchConfig(enabled=background, bytes_per_second=256 << 20,
+                                    concurrency=2)
     fetch = BackgroundFetch(rp, options)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fetch.run, layer, profile)
@@ -91,7 +93,8 @@ async def scenario(layer: Layer, rp: ReadPath, profile: list[int],
             await trio.sleep(0.05)
 
 
-def measure(blob: Path, index: LayerIndex, reads: int, latency: float, workdir: Path) -> None:
+def measure(blob: Path, index: LayerIndex, reads: int, latency: float, workdir: Path,
+            background: bool) -> None:
     source = Recorder(blob, latency)
     rp = ReadPath(None, MemoryTier(), ReadPolicy())
     cache = DiskCache(workdir).layer(index.blob_digest)
@@ -101,7 +104,7 @@ def measure(blob: Path, index: LayerIndex, reads: int, latency: float, workdir: 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             rp.bind(nursery)
-            await scenario(layer, rp, profile, work)
+            await scenario(layer, rp, profile, work, background)
             nursery.cancel_scope.cancel()
 
     t0 = time.perf_counter()
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--blob", type=Path, default=DEFAULT_BLOB, help="gzip layer blob")
     parser.add_argument("--reads", type=int, default=60, help="random foreground reads")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="source round trip")
+    parser.add_argument("--background", action=argparse.BooleanOptionalAction, default=True,
+                        help="fetch the rest of the layer (off: profile and reads only)")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a tempdir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -129,7 +134,8 @@ def main() -> None:
         with open(args.blob, "rb") as f:
             build_index(f, out, IndexBuildOptions())
         index = LayerIndex.open(out)
-        measure(args.blob, index, args.reads, args.latency_ms / 1000, Path(tmp) / "cache")
+        measure(args.blob, index, args.reads, args.latency_ms / 1000, Path(tmp) / "cache",
+                args.background)
 
 
 if __name__ == "__main__":

@@ -388,3 +388,36 @@ def test_pass_pauses_while_a_foreground_read_waits(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_bytes_that_do_not_inflate_are_requested_again_once(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    """The one retry the read path keeps: bytes the source delivered but that do not inflate
+    or verify (the registry client cannot see that) are dropped, held ones too, and fetched
+    again; a source error is not retried here (the registry client has retried it)."""
+    blob, index, stream = layer_files
+    source = Recorder(blob)
+    corrupt_next = True
+
+    async def flaky(coff: int, n: int) -> bytes:
+        nonlocal corrupt_next
+        data = await source(coff, n)
+        if corrupt_next:
+            corrupt_next = False
+            return bytes(b ^ 0x55 for b in data[:4096]) + data[4096:]
+        return data
+
+    rp = ReadPath(None, MemoryTier(0), ReadPolicy(timeout=1e6, attempts=2))
+    layer = Layer("l", index, flaky, DiskCache(tmp_path).layer(index.blob_digest))
+    uoff = 3 * MiB + 5
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            rp.bind(nursery)
+            assert await rp.read(layer, uoff, 1000) == stream[uoff : uoff + 1000]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(source.requests) == 2 and source.requests[0] == source.requests[1]
+    assert rp.stats.source_errors == 0
