@@ -145,6 +145,15 @@ def test_concurrent_overlapping_gets_request_each_byte_once() -> None:
         assert await get(ranges, 0, 1500, source) == blob[0:1500]
         assert await get(ranges, 5000, 6500, source) == blob[5000:6500]
         assert len(requests) == 4
+        # a piece held at one offset for two neighbours stays while either needs it
+        ranges.clear()
+        tail_needed = True
+        ranges.hold(0, blob[0:1000], needed=lambda: tail_needed)
+        ranges.hold(0, blob[0:500], needed=lambda: False)
+        assert ranges.held_bytes == 1000
+        tail_needed = False
+        ranges.hold(2000, blob[2000:2100])
+        assert ranges.held_bytes == 100
 
     trio.run(main)
 

@@ -91,7 +91,8 @@ class LayerRanges:
         #: Restart places at the start of held pieces (start -> place): kept with the bytes,
         #: so the layer's bounded resume points may forget them meanwhile.
         self._restarts: dict[int, Start] = {}
-        self._needed: dict[int, Callable[[], bool]] = {}
+        #: Per held piece, what it is still needed for (any true: keep); absent: always.
+        self._needed: dict[int, list[Callable[[], bool]]] = {}
         self._inflight: list[_InFlight] = []
 
     @property
@@ -119,9 +120,12 @@ class LayerRanges:
             self._held_bytes += len(data)
         if restart is not None:
             self._restarts[start] = restart
-        if needed is not None:
-            self._needed[start] = needed
-        for s in [s for s, still in self._needed.items() if not still()]:
+        if old is None or start in self._needed:  # a piece held without `needed` stays so
+            if needed is None:
+                self._needed.pop(start, None)
+            else:
+                self._needed.setdefault(start, []).append(needed)
+        for s in [s for s, checks in self._needed.items() if not any(c() for c in checks)]:
             self._drop(s)
         while self._held_bytes > self.limit:
             self._drop(next(iter(self._held)))
