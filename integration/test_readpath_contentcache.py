@@ -65,7 +65,7 @@ class Node:
         self.content: ContentCache = self.on_loop(self._open(url, cluster))
         self.source = FileSource(blob)
         self.disk = DiskCache(root)
-        policy = ReadPolicy(timeout=10, attempts=2, backoff=0.05)
+        policy = ReadPolicy(timeout=10, attempts=2)
         self.readpath = ReadPath(self.bridge, MemoryTier(), policy, self.content)
 
     @staticmethod

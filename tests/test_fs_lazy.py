@@ -58,7 +58,7 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path / "root", ReadPolicy(timeout=2.0, attempts=2, backoff=0.05))
+    h = Harness(tmp_path / "root", ReadPolicy(timeout=2.0, attempts=2))
     with mounted(h.mnt):
         try:
             h.fs.start(h.mnt)

@@ -10,6 +10,7 @@ import errno
 import gzip
 import hashlib
 import io
+import itertools
 import logging
 import os
 import subprocess
@@ -32,7 +33,7 @@ from snapshotter.config import (
     LayersConfig,
 )
 from snapshotter.errors import FailedPrecondition, NotFound, ResourceExhausted
-from snapshotter.index import build_index
+from snapshotter.index import LayerIndex, build_index
 from snapshotter.remote import RemoteLayerProvider
 from snapshotter.snapshots.remote import RemoteLayer
 
@@ -47,6 +48,8 @@ class FakeRegistry:
         self.blobs = blobs
         self.opened = 0
         self.ranges = 0
+        #: Every range read (start, end), in order.
+        self.spans: list[tuple[int, int]] = []
         self.streaming = asyncio.Event()
         self.range_started = asyncio.Event()
         self.blob_gate = asyncio.Event()
@@ -72,6 +75,7 @@ class FakeRegistry:
         self, ref: str, digest: str, coff: int, length: int, *, deadline: float | None = None
     ) -> bytes:
         self.ranges += 1
+        self.spans.append((coff, coff + length))
         self.range_started.set()
         await self.range_gate.wait()
         return self.blobs[digest][coff : coff + length]
@@ -353,6 +357,32 @@ def test_background_fetch_completes_a_lazily_attached_layer(tmp_path: Path, blob
         assert await read(path) == content
         assert fake.ranges == ranges  # served from disk
         await provider.release(layer(digest), path)
+
+    run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
+
+
+def test_background_fetch_with_reads_requests_each_compressed_byte_once(tmp_path: Path) -> None:
+    """Through the provider, the bridge and the FUSE mount: a whole-file read while the
+    background pass runs; no two range reads overlap, and together they are the blob (from
+    the first checkpoint, after the gzip header, to its end)."""
+    content = pattern(24 * MiB, 9)
+    digest, blob = make_blob({"f": content})
+    root = tmp_path / "root"
+    seed_index(root, digest, blob)
+    index = LayerIndex.open(root / "indexes" / digest.removeprefix("sha256:"))
+
+    async def body(provider: RemoteLayerProvider, fake: FakeRegistry) -> None:
+        assert provider.background is not None
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        provider.background.on_complete = lambda _: loop.call_soon_threadsafe(done.set)
+        path = await provider.prepare(layer(digest))
+        assert await read(path) == content
+        await done.wait()
+        await provider.release(layer(digest), path)
+        spans = sorted(fake.spans)
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), spans
+        assert sum(e - s for s, e in spans) == len(blob) - index.checkpoint(0).coff
 
     run(root, {digest: blob}, body, background_fetch=BackgroundFetchConfig(enabled=True))
 

@@ -28,8 +28,13 @@ to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
   A missing block or a mismatch (logged, counted in `clip_verification_failures_total`) makes
   the flight go to the registry instead. Registry bytes are written to disk and queued for the
   ContentCache (bounded, fire and forget).
-- A flight retries a failing source with backoff and gives up after `ReadPolicy.timeout` seconds
-  in total; its readers get `ReadFailed` (EIO at the FUSE layer) — never a hang.
+- Compressed bytes are requested through the layer's `LayerRanges` (`ranges.py`): a flight
+  takes bytes another flight holds or has in flight and requests only the gaps, so no two
+  requests of a layer overlap; each flight holds the head and tail its neighbours need.
+- A failing source fails the flight at once (the registry client already retried within its
+  deadline); bytes that do not inflate or verify are fetched again (`ReadPolicy.attempts`).
+  A flight gives up after `ReadPolicy.timeout` seconds in total; its readers get `ReadFailed`
+  (EIO at the FUSE layer) — never a hang.
 - Every flight runs in its layer's cancel scope (`Layer.tasks`) and waits for its worker
   threads; `close_layer()` cancels and drains them before the owner closes the cache file.
 - A write the disk budget refuses (cache at `limit_bytes`, disk full) is skipped: the bytes
@@ -52,7 +57,13 @@ import trio
 from snapshotter.bridge import Bridge
 from snapshotter.cache import CacheFull, MemoryTier
 from snapshotter.contentcache import ContentCache, NoContentCache
-from snapshotter.index import Checkpoint, ResumePoint, compressed_range_from, inflate_from
+from snapshotter.index import (
+    Checkpoint,
+    LayerFormatError,
+    ResumePoint,
+    compressed_range_from,
+    inflate_from,
+)
 from snapshotter.readpath.layer import Layer
 from snapshotter.readpath.plan import Plan, plan, runs
 from snapshotter.readpath.policy import ReadFailed, ReadPolicy, ReadStats, VerifyError
@@ -114,6 +125,7 @@ class ReadPath:
         """Cancel the layer's flights and background work and wait for them (and their worker
         threads); afterwards nothing of the read path touches the layer's cache file."""
         await layer.tasks.close()
+        layer.ranges.clear()
         for key in [k for k in self._fragments if k[0] == layer.digest]:
             del self._fragments[key]
 
@@ -301,38 +313,38 @@ class ReadPath:
             self.memory.put(layer.digest, b, data)
 
     async def _fetch_run(self, layer: Layer, p: Plan, start: int, end: int) -> dict[int, bytes]:
-        """Fetch, inflate, verify and store [start, end) (plus the plan's tail fragment)."""
+        """Fetch, inflate, verify and store [start, end) (plus the plan's tail fragment).
+
+        Source errors are not retried here: the source (the registry client) retries what is
+        transient within its deadline. Bytes that arrive but do not inflate or verify are
+        what only this level sees: those are dropped and fetched again, `policy.attempts`
+        times in all."""
         head = p.fragment if len(p.fragment) < end - start else b""
         istart = start + len(head)
         iend = p.tail if p.tail is not None else end
-        begin = layer.resume.best_start(istart)
-        coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
-        last_error: Exception | None = None
+        error: Exception | None = None
         for attempt in range(self.policy.attempts):
+            begin = layer.best_start(istart)
+            coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
             try:
-                compressed = await self._call_source(layer, coff, cend - coff)
-                self.stats.compressed_bytes += len(compressed)
-                TELEMETRY.tier_hit("registry", len(compressed))
-                # not abandoned on cancel: the layer's owner waits for this thread
-                data = await trio.to_thread.run_sync(
-                    self._inflate_store, layer, begin, compressed, istart, iend, head, end,
-                    limiter=self._limiter,
-                )
-                break
-            except Exception as exc:
+                data = await self._attempt(layer, begin, coff, cend, istart, iend, head, end)
+            except (VerifyError, LayerFormatError) as exc:
+                error = exc
+                layer.ranges.discard(coff, cend)
                 if isinstance(exc, VerifyError):
                     self.stats.verify_failures += 1
                     TELEMETRY.verification_failure("registry")
-                self.stats.source_errors += 1
-                last_error = exc
-                log.warning("layer %s: attempt %d for %d+%d failed: %s",
+                log.warning("layer %s: attempt %d for %d+%d: %s",
                             layer.digest, attempt + 1, start, end - start, exc)
-                if attempt + 1 < self.policy.attempts:
-                    await trio.sleep(self.policy.backoff * (2**attempt))
+                continue
+            except Exception as exc:  # from the source (or a request this flight waited for)
+                raise ReadFailed(f"layer {layer.digest}: stream bytes {start}+{end - start} "
+                                 f"unavailable: {exc}") from exc
+            break
         else:
             raise ReadFailed(
-                f"layer {layer.digest}: stream bytes {start}+{end - start} unavailable after "
-                f"{self.policy.attempts} attempts: {last_error}"
+                f"layer {layer.digest}: stream bytes {start}+{end - start} were bad in "
+                f"{self.policy.attempts} attempts: {error}"
             )
         self._fragments.pop((layer.digest, p.first), None)
         if p.tail is not None and len(data) > end - start:
@@ -342,6 +354,46 @@ class ReadPath:
             b: data[b * bs - start : min((b + 1) * bs, end) - start]
             for b in range(p.first, p.last + 1)
         }
+
+    async def _attempt(
+        self, layer: Layer, begin: Checkpoint | ResumePoint, coff: int, cend: int, istart: int,
+        iend: int, head: bytes, end: int,
+    ) -> bytes:
+        """One try of a run: its compressed bytes through the layer's `LayerRanges` (held,
+        others' in flight, the gaps requested), inflated, verified and stored, and what the
+        neighbours need held before the bytes stop being visible to other flights."""
+        async with layer.ranges.fetching(
+            coff, cend, lambda c, n: self._call_source(layer, c, n)
+        ) as compressed:
+            # not abandoned on cancel: the layer's owner waits for this thread
+            data = await trio.to_thread.run_sync(
+                self._inflate_store, layer, begin, compressed, istart, iend, head, end,
+                limiter=self._limiter,
+            )
+            self._hold(layer, begin, compressed, coff, istart, iend)
+        return data
+
+    def _hold(
+        self, layer: Layer, begin: Checkpoint | ResumePoint, compressed: bytes, coff: int,
+        istart: int, iend: int,
+    ) -> None:
+        """Hold what neighbouring flights will need of `compressed` (bytes from `coff`): the
+        tail from where the next flight restarts (`best_start(iend)`, now that this flight's
+        resume points are known), and the head the flight ending at `istart` needs (up to the
+        deflate block end after `istart`), when those neighbours are still missing."""
+        bs = layer.cache.block_size
+        cend = coff + len(compressed)
+        after, before = iend // bs, istart // bs - 1
+        if iend < layer.size and self._free(layer, after):
+            nxt = layer.best_start(iend)
+            if coff <= nxt.coff < cend:
+                layer.ranges.hold(nxt.coff, compressed[nxt.coff - coff :], nxt,
+                                  lambda: not layer.cache.has(after))
+        if begin.uoff < istart and istart % bs == 0 and self._free(layer, before):
+            reach = min(layer.index.compressed_range(istart, 0)[1], cend)
+            if reach > coff:
+                layer.ranges.hold(coff, compressed[: reach - coff],
+                                  needed=lambda: not layer.cache.has(before))
 
     # --- the shared ContentCache tier -----------------------------------------------------------
 
@@ -424,14 +476,21 @@ class ReadPath:
             self._fragments.popitem(last=False)
 
     async def _call_source(self, layer: Layer, coff: int, length: int) -> bytes:
-        if self.bridge is not None:
-            data = await self.bridge.to_asyncio(layer.source, coff, length)
-        else:
-            data = await layer.source(coff, length)
+        """One source request (a gap `LayerRanges` found neither held nor in flight)."""
+        try:
+            if self.bridge is not None:
+                data = await self.bridge.to_asyncio(layer.source, coff, length)
+            else:
+                data = await layer.source(coff, length)
+        except Exception:
+            self.stats.source_errors += 1
+            raise
         if len(data) != length:
             raise ReadFailed(
                 f"layer {layer.digest}: source returned {len(data)} bytes for {coff}+{length}"
             )
+        self.stats.compressed_bytes += length
+        TELEMETRY.tier_hit("registry", length)
         return data
 
     def _inflate_store(

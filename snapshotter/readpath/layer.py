@@ -19,8 +19,9 @@ from typing import Any
 import trio
 
 from snapshotter.cache import LayerCache
-from snapshotter.index import EntryType, LayerIndex, ResumePoints
+from snapshotter.index import Checkpoint, EntryType, LayerIndex, ResumePoint, ResumePoints
 from snapshotter.readpath.policy import VerifyError
+from snapshotter.readpath.ranges import LayerRanges
 from snapshotter.readpath.source import Source
 
 
@@ -84,6 +85,8 @@ class Layer:
         # Places inflation can restart besides the index's checkpoints, recorded by every fetch
         # (bounded): a later miss in the same checkpoint interval starts at the nearest one.
         self.resume = ResumePoints(index)
+        #: Compressed bytes held and in flight, so no two fetches request the same bytes.
+        self.ranges = LayerRanges()
         cache.set_size(self.size)
         self._file_starts: list[int] | None = None
         self._file_ordinals: list[int] = []
@@ -94,6 +97,13 @@ class Layer:
         self.profile_until = 0.0
         #: Set once a refused cache write was logged, so a full cache logs once per layer.
         self.cache_full_logged = False
+
+    def best_start(self, uoff: int) -> Checkpoint | ResumePoint:
+        """The nearest place at or before `uoff` inflation can restart: a checkpoint, a recorded
+        resume point, or the place a held compressed tail starts (`LayerRanges`)."""
+        begin = self.resume.best_start(uoff)
+        held = self.ranges.restart_before(uoff)
+        return held if held is not None and held.uoff > begin.uoff else begin
 
     def record_profile(self, seconds: float) -> None:
         """Record the blocks foreground reads touch during the next `seconds`."""

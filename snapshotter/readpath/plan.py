@@ -52,7 +52,7 @@ def plan(
     if layer.index.compression == "none":
         return Plan(first, last, None, fragment)
     if not fragment:
-        floor = layer.resume.best_start(first * bs).uoff
+        floor = layer.best_start(first * bs).uoff
         while first > 0 and (first - 1) * bs >= floor and last - first + 1 < limit:
             if not free(first - 1):
                 break

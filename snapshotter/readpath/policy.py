@@ -20,8 +20,9 @@ class ReadPolicy:
     """Bounds of one miss. `timeout` covers all attempts of a flight (seconds)."""
 
     timeout: float = 30.0
-    attempts: int = 3
-    backoff: float = 0.2
+    #: Tries of a run whose bytes arrive but do not inflate or verify (source errors are not
+    #: retried here: the registry client retries transient ones within its own deadline).
+    attempts: int = 2
     max_run: int = 8 << 20
     verify: bool = True
     #: A block whose flight failed fails again at once for this long (seconds), so the kernel's

@@ -1,15 +1,27 @@
 """Background fetch: how a node stops depending on the registry for an attached layer.
 
 A trio task owned by the layer (it runs in the read path's nursery inside the layer's cancel
-scope, so detaching the layer cancels and awaits it). It first fetches the blocks of the
-layer's start profile, `concurrency` runs at a time, then, when `[background_fetch] enabled`,
-the rest of the layer at low priority: rate-limited to `bytes_per_second` and paused while a
-foreground read waits for a fetch (woken by the read path's event, never by polling). Every
-byte goes through the one read path (`ReadPath.fetch_blocks`), so it comes from the
-ContentCache when other nodes put it there and is verified, stored and shared like any read.
+scope, so detaching the layer cancels and awaits it). Every byte goes through the one read path
+(`ReadPath.fetch_blocks`), so it comes from the ContentCache when other nodes put it there and
+is verified, stored and shared like any read.
 
-Disk pressure: before each run it asks the disk budget for room (which evicts unused layers);
-when there is none it stops, and the layer stays lazily served.
+1. The layer's start profile, at once: its blocks grouped into runs of at most one flight
+   (`ReadPolicy.max_run`), neighbouring runs merged when the second would restart inflation
+   before the first one's compressed end (one request instead of two overlapping ones), up to
+   `[background_fetch] concurrency` runs at a time (the layer's `LayerRanges` keeps concurrent
+   runs from requesting the same compressed bytes).
+2. When `[background_fetch] enabled`, the rest of the layer as *one sequential pass*: the
+   missing blocks in stream order, one run of up to `max_run` after another. Each run restarts
+   at the resume point the previous one recorded and takes the compressed bytes it held past
+   it, so the pass requests each compressed byte of the layer once. Foreground reads of blocks
+   in the run being fetched wait for it (single flight); before each run the pass waits while
+   a foreground read waits for a fetch (the read path's event, no polling), and after it pays
+   for the run's bytes at `bytes_per_second` (one token bucket for all layers).
+
+Errors: the registry client retries transient errors within its deadline, so a run that still
+fails is tried once more after `RETRY_PAUSE` (a registry restart) and then the pass stops,
+logged; the layer stays lazily served. Disk pressure: before each run it asks the disk budget
+for room (which evicts unused layers); when there is none it stops the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +40,10 @@ from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 
-_RETRIES = 5
+#: Tries of one run (the registry client has retried within its deadline before each fails).
+_TRIES = 2
+#: Pause before a failed run's second try (seconds).
+RETRY_PAUSE = 5.0
 
 
 class BackgroundFetch:
@@ -52,42 +67,29 @@ class BackgroundFetch:
         """Whether `run` has anything to do for a layer with this start profile."""
         return bool(profile) or self.options.enabled
 
+    def run_blocks(self, layer: Layer) -> int:
+        """Blocks per run: one flight of the read path."""
+        return max(1, self.readpath.policy.max_run // layer.cache.block_size)
+
     async def run(self, layer: Layer, profile: list[int]) -> None:
         """Fetch `profile` blocks now, then (if enabled) the rest of the layer."""
         room = bool(profile) and await self._room(layer, len(profile) * layer.cache.block_size)
-        if room and await self._parallel(layer, runs(profile), limited=False):
+        if room and await self._profile(layer, profile):
             log.info("start profile fetched", extra={"fields": {
                     "layer": layer.digest, "blocks": len(profile)}})
         if self.options.enabled:
             await self._rest(layer)
 
-    async def _rest(self, layer: Layer) -> None:
-        rest = [b for b in range(layer.nblocks()) if not layer.cache.has(b)]
-        if not await self._parallel(layer, runs(rest), limited=True):
-            return
-        self._progress(layer)
-        if not layer.cache.complete():
-            return
-        await trio.to_thread.run_sync(layer.cache.flush)
-        log.info("layer fully fetched", extra={"fields": {"layer": layer.digest}})
-        if rest and self.on_complete is not None:
-            self.on_complete(layer)
-
-    async def _parallel(self, layer: Layer, work: list[list[int]], limited: bool) -> bool:
-        """Fetch every run of `work`, `concurrency` at a time; False when it stopped early
-        (no room on disk, or blocks that stayed unavailable)."""
-        items: Iterator[list[int]] = iter(work)
+    async def _profile(self, layer: Layer, profile: list[int]) -> bool:
+        """The start profile's merged runs, `concurrency` at a time; False when it stopped."""
+        work = iter(merge_runs(layer, runs(profile, self.run_blocks(layer)),
+                               self.run_blocks(layer)))
         stopped = False
 
         async def worker() -> None:
             nonlocal stopped
-            for blocks in items:
-                if stopped:
-                    return
-                if limited and not await self._room(layer, len(blocks) * layer.cache.block_size):
-                    stopped = True
-                    return
-                if not await self._fetch(layer, blocks, limited):
+            for blocks in work:
+                if stopped or not await self._fetch(layer, blocks, limited=False):
                     stopped = True
                     return
 
@@ -95,6 +97,39 @@ class BackgroundFetch:
             for _ in range(self.options.concurrency):
                 nursery.start_soon(worker)
         return not stopped
+
+    async def _rest(self, layer: Layer) -> None:
+        """The sequential pass over every block still missing (see the module doc)."""
+        fetched_any = False
+        for blocks in self._missing_runs(layer):
+            if not await self._room(layer, len(blocks) * layer.cache.block_size):
+                return
+            if not await self._fetch(layer, blocks, limited=True):
+                return
+            fetched_any = True
+        self._progress(layer)
+        if not layer.cache.complete():
+            return
+        layer.ranges.clear()  # nothing of the layer is fetched again
+        await trio.to_thread.run_sync(layer.cache.flush)
+        log.info("layer fully fetched", extra={"fields": {"layer": layer.digest}})
+        if fetched_any and self.on_complete is not None:
+            self.on_complete(layer)
+
+    def _missing_runs(self, layer: Layer) -> Iterator[list[int]]:
+        """Runs of missing blocks in stream order, looked up as the pass goes (foreground
+        reads fill blocks meanwhile)."""
+        cache, limit, b = layer.cache, self.run_blocks(layer), 0
+        nblocks = layer.nblocks()
+        while b < nblocks:
+            if cache.has(b):
+                b += 1
+                continue
+            run = [b]
+            while len(run) < limit and run[-1] + 1 < nblocks and not cache.has(run[-1] + 1):
+                run.append(run[-1] + 1)
+            yield run
+            b = run[-1] + 1
 
     async def _room(self, layer: Layer, nbytes: int) -> bool:
         """Whether the disk cache can take `nbytes` more (evicting unused layers if needed)."""
@@ -105,9 +140,11 @@ class BackgroundFetch:
         return False
 
     async def _fetch(self, layer: Layer, blocks: list[int], limited: bool) -> bool:
-        """Fetch one run, retrying with backoff; False (logged) when it stayed unavailable."""
+        """Fetch one run (see the module doc on errors); False (logged) when it failed."""
         error: Exception | None = None
-        for attempt in range(_RETRIES):
+        for attempt in range(_TRIES):
+            if attempt:
+                await trio.sleep(RETRY_PAUSE)
             if limited:
                 await self.readpath.until_no_waiters()
             try:
@@ -115,7 +152,6 @@ class BackgroundFetch:
             except (ClipError, OSError) as exc:
                 log.debug("background fetch of %s blocks %s: %s", layer.digest, blocks, exc)
                 error = exc
-                await trio.sleep(0.5 * 2**attempt)
                 continue
             self._progress(layer)
             if limited and fetched:
@@ -139,3 +175,22 @@ class BackgroundFetch:
         cache = layer.cache
         done = min(cache.present_blocks() * cache.block_size, layer.size)
         TELEMETRY.background_progress(layer.digest, done, layer.size)
+
+
+def merge_runs(layer: Layer, work: list[list[int]], limit: int) -> list[list[int]]:
+    """Join each run to the one before (with the blocks between) when its fetch would restart
+    inflation before the previous run's compressed end, i.e. when the two requests would
+    overlap, and the joined run stays within `limit` blocks."""
+    out: list[list[int]] = []
+    index, bs = layer.index, layer.cache.block_size
+    for blocks in work:
+        if out:
+            prev = out[-1]
+            start, end = prev[0] * bs, min((prev[-1] + 1) * bs, layer.size)
+            prev_end = index.compressed_range(start, end - start)[1]
+            restart = layer.best_start(blocks[0] * bs).coff
+            if restart < prev_end and blocks[-1] - prev[0] + 1 <= limit:
+                out[-1] = list(range(prev[0], blocks[-1] + 1))
+                continue
+        out.append(list(blocks))
+    return out
