@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
+import ctypes.util
+import logging
 from pathlib import Path
 
 from snapshotter import config as config_mod
@@ -43,7 +46,34 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=run)
 
 
+#: glibc mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+#: Allocations from this size up get their own mapping, returned to the kernel when freed: the
+#: read path's 1 MiB blocks and multi-MiB fetch buffers. glibc's default threshold rises with
+#: every such buffer freed until they all come from the heap, where a burst of fetches leaves
+#: freed holes the process keeps (measured: peak RSS of a lazy start 275 MB -> 220 MB, of an
+#: index build 313 MB -> 205 MB, with the arena limit below).
+MMAP_THRESHOLD = 1 << 20
+#: Worker threads (inflation, index builds, FUSE) would each get a malloc arena of their own.
+ARENA_MAX = 2
+
+
+def tune_malloc() -> None:
+    """Bound how much freed memory glibc's allocator keeps (see MMAP_THRESHOLD); a no-op
+    where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        logging.getLogger(__name__).info("not glibc: malloc left as it is")
+        return
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(_M_ARENA_MAX, ARENA_MAX)
+
+
 def run(args: argparse.Namespace) -> int:
+    tune_malloc()
     cfg = config_mod.with_overrides(
         config_mod.load(args.config),
         root=args.root,

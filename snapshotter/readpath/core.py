@@ -3,8 +3,9 @@
 FUSE reads, start-profile prefetch and background fetch all come through here (`read` for
 foreground reads, `fetch_blocks` for low-priority ones), so every byte is verified, cached and
 counted the same way. A hit fills the tiers above it: ContentCache and registry bytes go to
-disk and memory; disk bytes are read with `pread`, so the kernel page cache is their memory
-tier (copying them into the LRU as well would hold them twice).
+disk; disk bytes are read with `pread`, so the kernel page cache is their memory tier (copying
+them into the LRU as well would hold them twice, in the daemon's RSS). The LRU holds what the
+disk could not take (cache full, write failed), so such a layer is not fetched again per read.
 
 Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of the layer's
 *uncompressed* stream (the last block ends at the stream end). A FUSE read of a file range maps
@@ -310,7 +311,8 @@ class ReadPath:
                     del self._flights[(layer.digest, b)]
             flight.event.set()
         for b, data in flight.blocks.items():
-            self.memory.put(layer.digest, b, data)
+            if not layer.cache.has(b):
+                self.memory.put(layer.digest, b, data)
 
     async def _fetch_run(self, layer: Layer, p: Plan, start: int, end: int) -> dict[int, bytes]:
         """Fetch, inflate, verify and store [start, end) (plus the plan's tail fragment).
