@@ -141,66 +141,6 @@ def test_serves_blobs_in_large_reads(paths: Paths) -> None:
     assert len(sizes) <= 40, sizes
 
 
-def test_a_read_pushes_the_rest_of_its_window_into_the_page_cache(paths: Paths) -> None:
-    """EROFS reads each small file as a few pages; after one read, the rest of its window (the
-    read path's block) is in the kernel's page cache, so reads of neighbouring files never
-    reach the server, and their bytes are right."""
-    data = os.urandom(3 * MiB + 5000)
-    calls: list[tuple[int, int]] = []
-    pushed: list[tuple[int, int]] = []
-    more = trio.Event()
-
-    async def read(name: str, offset: int, size: int) -> bytes:
-        calls.append((offset, size))
-        return data[offset : offset + size]
-
-    def on_push(name: str, offset: int, size: int) -> None:
-        nonlocal more
-        pushed.append((offset, size))
-        more.set()
-        more = trio.Event()
-
-    async def pushes(n: int) -> None:
-        while len(pushed) < n:
-            await more.wait()
-
-    def pread(fd: int, size: int, offset: int) -> bytes:
-        return os.pread(fd, size, offset)
-
-    async def main() -> None:
-        server = BlobServer(paths.mnt, paths.sock)
-        path = server.add("sha256-aa", len(data), read, window=MiB)
-        server.on_push = on_push
-        async with serving(server):
-            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # exactly the pages asked
-                got = await trio.to_thread.run_sync(pread, fd, 4 * KiB, 512 * KiB)
-                assert got == data[512 * KiB : 516 * KiB]
-                await pushes(2)
-                assert calls[0] == (512 * KiB, 4 * KiB)
-                assert sorted(pushed) == [(0, 512 * KiB), (516 * KiB, 508 * KiB)]
-                before = len(calls)
-                for off in (0, 100 * KiB, 1016 * KiB):
-                    got = await trio.to_thread.run_sync(pread, fd, 8 * KiB, off)
-                    assert got == data[off : off + 8 * KiB]
-                assert calls[before:] == [], "reads inside a pushed window reached the server"
-                # the blob's last window ends inside a page: pushed up to the blob's end
-                tail = 3 * MiB
-                got = await trio.to_thread.run_sync(pread, fd, 4 * KiB, tail)
-                assert got == data[tail : tail + 4 * KiB]
-                await pushes(3)
-                assert pushed[2] == (tail + 4 * KiB, len(data) - tail - 4 * KiB)
-                before = len(calls)
-                got = await trio.to_thread.run_sync(pread, fd, 4 * KiB, tail + 4 * KiB)
-                assert got == data[tail + 4 * KiB :]
-                assert calls[before:] == []
-            finally:
-                await trio.to_thread.run_sync(os.close, fd)  # FLUSH: this thread answers it
-
-    trio.run(main)
-
-
 def test_slow_reads_do_not_hold_up_a_fast_one(paths: Paths) -> None:
     slow_data = os.urandom(32 * MiB)
     fast_data = os.urandom(4 * MiB)

@@ -14,15 +14,9 @@ layer's uncompressed tar stream; the only files clip serves itself are those str
   name list.
 
 Reads are answered by the caller's async callback, each in its own task, so a slow read never
-holds up another request; FUSE_INTERRUPT cancels the read's task. After answering a read, the
-server pushes the rest of the blob's *window* around it (the read path's block, which the read
-made local anyway) into the kernel's page cache with FUSE_NOTIFY_STORE, once per window: EROFS
-reads each small file of a layer as its own few pages, and files read together at start-up lie
-together in the tar, so the next ones are then page-cache hits instead of FUSE round trips.
-
-A restarted daemon must `add` every blob it still serves before `run`: a lookup of a name it
-does not know answers ENOENT, a request on an inode it does not know ESTALE (see
-docs/restarts.md).
+holds up another request; FUSE_INTERRUPT cancels the read's task. A restarted daemon must `add`
+every blob it still serves before `run`: a lookup of a name it does not know answers ENOENT, a
+request on an inode it does not know ESTALE (see docs/restarts.md).
 """
 
 from __future__ import annotations
@@ -37,13 +31,13 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import trio
 
-from snapshotter.errors import AlreadyExists, ClipError, InvalidArgument, NotFound, Unavailable
+from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
 from snapshotter.fs.mounts import lazy_unmount
@@ -63,7 +57,6 @@ BLOBS_INO = 2
 _BLOB_VALID = 3600
 _DIR_VALID = 1
 _READAHEAD_KIB = 1024
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 #: `clip_fuse_requests_total{op}` labels, as the FUSE-tree mode's handlers name them.
 _OP_NAMES = {
     fp.LOOKUP: "lookup", fp.GETATTR: "getattr", fp.OPEN: "open", fp.READ: "read",
@@ -90,10 +83,6 @@ class Blob:
     ino: int
     size: int
     read: ReadFn
-    #: Bytes per window pushed to the page cache around a read (0: none); see the module doc.
-    window: int = 0
-    #: Windows already pushed (pages the kernel evicted since come back as ordinary reads).
-    pushed: set[int] = field(default_factory=set)
 
 
 class _Errno(Exception):
@@ -144,24 +133,16 @@ class BlobServer:
         self._wait_for_restore = wait_for_restore
         self._restored = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
-        self._pushers = trio.CapacityLimiter(1)
-        #: Called (trio thread) with (name, offset, size) after bytes went to the page cache.
-        self.on_push: Callable[[str, int, int], None] | None = None
 
     # --- the blob table ---------------------------------------------------------------------------
 
-    def add(self, name: str, size: int, read: ReadFn, window: int = 0) -> Path:
-        """Serve `size` bytes answered by `read` as `<mountpoint>/blobs/<name>` (returned).
-
-        ``window``: after a read, push the rest of each aligned ``window`` bytes it touched into
-        the page cache (give the read path's block size: `read` already made those local)."""
+    def add(self, name: str, size: int, read: ReadFn) -> Path:
+        """Serve `size` bytes answered by `read` as `<mountpoint>/blobs/<name>` (returned)."""
         if not _NAME_RE.match(name):
             raise InvalidArgument(f"blob server: invalid blob name {name!r}")
         if size < 0:
             raise InvalidArgument(f"blob server: blob {name} has a negative size {size}")
-        if window < 0 or window % _PAGE:
-            raise InvalidArgument(f"blob server: window {window} is not a multiple of {_PAGE}")
-        blob = Blob(name, blob_inode(name), size, read, window)
+        blob = Blob(name, blob_inode(name), size, read)
         with self._lock:
             if name in self._by_name:
                 raise AlreadyExists(f"blob server: blob {name} is already served")
@@ -200,24 +181,19 @@ class BlobServer:
         return self.mountpoint / BLOBS_DIR / name
 
     def _invalidate(self, name: str) -> None:
-        raw = name.encode()
-        body = fp.NOTIFY_INVAL_ENTRY_OUT.pack(BLOBS_INO, len(raw), 0) + raw + b"\0"
-        try:
-            self._notify([fp.notify_header(fp.NOTIFY_INVAL_ENTRY, len(body)), body])
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                log.warning("blob server: cannot invalidate %s: %s", name, exc)
-
-    def _notify(self, parts: list[bytes | memoryview]) -> None:
-        """Write a notification that may block in the kernel (any thread but the serving one)."""
         # A duplicate of the descriptor: run() may close its own meanwhile, and a write to a
         # closed number could land in whatever file reused it.
         with self._fd_lock:
             if self._fd is None:
                 return
             fd = os.dup(self._fd)
+        raw = name.encode()
+        body = fp.NOTIFY_INVAL_ENTRY_OUT.pack(BLOBS_INO, len(raw), 0) + raw + b"\0"
         try:
-            os.writev(fd, parts)
+            os.writev(fd, [fp.notify_header(fp.NOTIFY_INVAL_ENTRY, len(body)), body])
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("blob server: cannot invalidate %s: %s", name, exc)
         finally:
             os.close(fd)
 
@@ -476,37 +452,6 @@ class BlobServer:
                       size, len(data))
             error = errno.EIO
         self._reply(req.unique, error, b"" if error or data is None else data)
-        if not error and blob.window:
-            await self._push_window(blob, offset, size)
-
-    async def _push_window(self, blob: Blob, offset: int, size: int) -> None:
-        """Push the bytes around a read of [offset, offset+size) that the windows it touched
-        hold into the kernel's page cache (see the module doc); best effort.
-
-        The write runs in a worker thread: the kernel locks each page it stores, and a page may
-        be locked by a read the kernel sent this server and waits for, which this thread must
-        stay free to answer."""
-        w = blob.window
-        for number in range(offset // w, (offset + size - 1) // w + 1):
-            if number in blob.pushed:
-                continue
-            blob.pushed.add(number)
-            start, end = number * w, min((number + 1) * w, blob.size)
-            for lo, hi in ((start, min(offset, end)), (max(offset + size, start), end)):
-                if hi <= lo:
-                    continue
-                try:
-                    data = await blob.read(blob.name, lo, hi - lo)
-                    head = fp.NOTIFY_STORE_OUT.pack(blob.ino, lo, len(data), 0)
-                    parts: list[bytes | memoryview] = [
-                        fp.notify_header(fp.NOTIFY_STORE, len(head) + len(data)), head, data]
-                    await trio.to_thread.run_sync(self._notify, parts, abandon_on_cancel=True,
-                                                  limiter=self._pushers)
-                    if self.on_push is not None:
-                        self.on_push(blob.name, lo, len(data))
-                except (OSError, ClipError) as exc:  # ENOENT: the inode left the kernel's cache
-                    log.debug("blob server: push of %s %d+%d: %s", blob.name, lo, hi - lo, exc)
-                    return
 
     # --- metadata requests (answered inline: they never wait) ----------------------------------
 

@@ -72,7 +72,6 @@ WRITE_OPS = frozenset(
 
 # --- notification codes (enum fuse_notify_code) -----------------------------------------------
 NOTIFY_INVAL_ENTRY = 3
-NOTIFY_STORE = 4
 NOTIFY_RESEND = 7
 
 # --- INIT flags (64 bits: `flags` is the low word, `flags2` the high word with FUSE_INIT_EXT) ---
@@ -115,7 +114,6 @@ GETXATTR_OUT = struct.Struct("<II")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name padded to 8 bytes
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen flags, then name and NUL
-NOTIFY_STORE_OUT = struct.Struct("<QQII")  # nodeid offset size padding, then the bytes
 
 # Smallest buffer the kernel accepts for a read of /dev/fuse (FUSE_MIN_READ_BUFFER).
 MIN_READ_BUFFER = 8192

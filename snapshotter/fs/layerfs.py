@@ -239,7 +239,7 @@ class LayerFS:
             async def stream(name: str, offset: int, size: int) -> bytes:
                 return await read(layer, offset, size)
 
-            self.server.add(layer_id, layer.size, stream, window=layer.cache.block_size)
+            self.server.add(layer_id, layer.size, stream)
         return self.mountpoint / layer_id
 
     def detach(self, layer_id: str) -> Layer:
