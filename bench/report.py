@@ -120,8 +120,22 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, Any]]:
         ):
             values = [getattr(r, key) for r in group if getattr(r, key) is not None]
             row[key] = _med(values) if values else None
+        lives = [r.life for r in group if r.life]
+        if lives:
+            row["life"] = _worst_life(lives)
         summary[f"{link}/{image}/{setup}"] = row
     return summary
+
+
+def _worst_life(lives: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per layer, the repeat whose registry served the most bytes over the node's life."""
+    worst: dict[str, dict[str, Any]] = {}
+    for life in lives:
+        for layer in life:
+            seen = worst.get(layer["digest"])
+            if seen is None or layer["served"] > seen["served"]:
+                worst[layer["digest"]] = layer
+    return list(worst.values())
 
 
 def _ratio(
@@ -180,16 +194,28 @@ def targets(
             _ratio(summary, link, LARGE, "clip-lazy", "end_to_end_s"),
             0.25,
         )
-        for setup, what in (("clip-lazy-nobg", "background fetch off"), ("clip-lazy", "on")):
+        for setup, what, bound in (
+            ("clip-lazy-nobg", "background fetch off", 1.3),
+            ("clip-lazy", "on", 1.5),
+        ):
             lazy = summary.get(f"{link}/{LARGE}/{setup}")
             read = lazy and lazy["read_compressed_bytes"]
             add(
-                f"lazy, {what}: registry bytes <= 1.5x compressed bytes the workload read",
+                f"lazy, {what}: registry bytes <= {bound}x compressed bytes the workload read",
                 link,
                 lazy["registry_blob_bytes"] / read if lazy and read else None,
-                1.5,
+                bound,
                 note="read bytes estimated from the files the workload loaded (see docs)",
             )
+        lives = [layer for row in summary.values() if row["link"] == link
+                 and row["setup"] == "clip-lazy" for layer in row.get("life", [])]
+        add(
+            "lazy, background fetch on, over the node's life: registry bytes <= 1.02x the blob "
+            "(worst layer of every image)",
+            link,
+            max(layer["served"] / layer["blob"] for layer in lives) if lives else None,
+            1.02,
+        )
         if cc_available:
             cc = summary.get(f"{link}/{LARGE}/clip-contentcache")
             add(
@@ -253,6 +279,14 @@ def targets(
                 "shaped link, smallfiles lazy: pull+run below overlayfs pull+run",
                 link,
                 _ratio(summary, link, "smallfiles", "clip-lazy", "end_to_end_s"),
+                1.0,
+            )
+            lazy = [_ratio(summary, link, image, "clip-lazy", "end_to_end_s") for image in images]
+            add(
+                "shaped link, every image lazy: pull+run below overlayfs pull+run (worst image)",
+                link,
+                max(v for v in lazy if v is not None) if any(v is not None for v in lazy)
+                else None,
                 1.0,
             )
     rss = [
@@ -388,6 +422,7 @@ def markdown(payload: dict[str, Any]) -> str:
         note = f" ({t['note']})" if t.get("note") else ""
         lines.append(f"| {t['target']}{note} | {t['link']} | {value} | **{t['status']}** |")
     lines += _limit_lines(payload)
+    lines += _life_lines(summary)
     ratio = ratios(summary, payload.get("limits", {}))
     for link in payload["links"]:
         lines += _link_lines(payload, link, ratio)
@@ -423,6 +458,32 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _life_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Per layer, what the registry served a lazy node (background fetch on) from its pull until
+    every layer was on disk: served counts a byte as often as it was asked for."""
+    rows = [row for row in summary.values() if row["setup"] == "clip-lazy" and row.get("life")]
+    if not rows:
+        return []
+    lines = [
+        "", "## Registry bytes per layer over a lazy node's life", "",
+        "clip lazy (indexes published, background fetch on), from the pull until every layer "
+        "was complete on disk; the repeat that served the most. Served counts a byte as often as "
+        "a range asked for it, distinct once.", "",
+        "| link | image | layer | blob MB | served MB | distinct MB | served / blob | requests |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for layer in row["life"]:
+            note = "" if layer["complete"] else " (not complete)"
+            lines.append(
+                f"| {row['link']} | {row['image']} | {layer['digest'][7:19]}{note} | "
+                f"{layer['blob'] / MB:.1f} | {layer['served'] / MB:.1f} | "
+                f"{layer['distinct'] / MB:.1f} | {layer['served'] / layer['blob']:.3f} | "
+                f"{layer['requests']} |"
+            )
+    return lines
 
 
 def _size(img: dict[str, Any], setup: str) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 from bench.images import PushedImage, compressed_bytes_of, read_set_paths
 from bench.peers import StargzDaemon, rpull
-from integration.harness.clipd import ClipDaemon, clip_pull
+from integration.harness.clipd import CLIP, ClipDaemon, clip_pull
 from integration.harness.containerd import Containerd, unmount_under
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import free_port
@@ -98,6 +98,9 @@ class Run:
     load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
     containerd_cpu_s: float | None = None  # containerd's CPU during pull + run (every setup)
     fuse_requests: int | None = None  # requests clip's FUSE mount served during pull + run
+    # clip lazy with background fetch on: per layer, what the registry served over the node's
+    # life (pull + run + background fetch until the layer was complete on disk)
+    life: list[dict[str, Any]] | None = None
     output: str = ""
 
     @property
@@ -477,9 +480,41 @@ class Bench:
             if seed is not None:
                 shutil.copytree(seed.root / "indexes", node.root / "indexes")
             node.start()
-            self.measure(node, pushed, setup, repeat, node.clip_pull, "clip")
+            run = self.measure(node, pushed, setup, repeat, node.clip_pull, "clip")
+            if setup == "clip-lazy":
+                run.life = self._node_life(node, pushed)
         finally:
             node.remove()
+
+    def _node_life(
+        self, node: Node, pushed: PushedImage, limit: float = 600.0
+    ) -> list[dict[str, Any]]:
+        """Wait for background fetch to complete every layer of the image, then per layer: the
+        bytes the registry served since the pull (ranges counted as often as asked), the
+        distinct bytes and the blob size (issue 12: served <= 1.02x the blob)."""
+        deadline = time.monotonic() + limit
+        digests = set(pushed.image.layer_digests)
+        complete = False
+        while not complete and time.monotonic() < deadline:
+            status = json.loads(subprocess.run(
+                [*CLIP, "status", "--json", "--address", str(node.clip.socket)],
+                capture_output=True, text=True, check=True).stdout)
+            done = {layer["digest"] for layer in status.get("layers", []) if layer.get("complete")}
+            complete = digests <= done
+            if not complete:
+                time.sleep(0.5)
+        if not complete:
+            say(f"    (background fetch did not complete every layer within {limit:.0f}s)")
+        spans = blob_spans(self.proxy, pushed)
+        out = []
+        for digest, size in zip(pushed.image.layer_digests, pushed.image.layer_sizes, strict=True):
+            ranges = spans.get(digest, [])
+            out.append({
+                "digest": digest, "blob": size, "complete": complete,
+                "served": sum(end - start for start, end in ranges),
+                "distinct": _union(ranges), "requests": len(ranges),
+            })
+        return out
 
     def _warm(self, pushed: PushedImage, repeat: int, cold: Node, setup: str) -> None:
         """Setup 5: node 2's disk cache and indexes on a fresh node: copied for the FUSE-tree
@@ -546,6 +581,19 @@ def wait_redis_settled(url: str, quiet: float = 2.0, limit: float = 90.0) -> Non
 
 def unique_blob_bytes(proxy: CountingProxy, pushed: PushedImage) -> int:
     """Layer bytes the registry served, each byte counted once (union of the ranges asked)."""
+    return sum(_union(ranges) for ranges in blob_spans(proxy, pushed).values())
+
+
+def _union(ranges: list[tuple[int, int]]) -> int:
+    total, reach = 0, -1
+    for start, end in sorted(ranges):
+        total += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+def blob_spans(proxy: CountingProxy, pushed: PushedImage) -> dict[str, list[tuple[int, int]]]:
+    """Per layer digest, the byte ranges of the blob GETs the registry answered."""
     sizes = dict(zip(pushed.image.layer_digests, pushed.image.layer_sizes, strict=True))
     spans: dict[str, list[tuple[int, int]]] = {}
     for method, path, rng in list(proxy.request_log):
@@ -558,13 +606,7 @@ def unique_blob_bytes(proxy: CountingProxy, pushed: PushedImage) -> int:
             spans.setdefault(digest, []).append((int(first), min(end, sizes[digest])))
         else:
             spans.setdefault(digest, []).append((0, sizes[digest]))
-    total = 0
-    for ranges in spans.values():
-        reach = -1
-        for start, end in sorted(ranges):
-            total += max(0, end - max(start, reach))
-            reach = max(reach, end)
-    return total
+    return spans
 
 
 def _flush_redis(url: str) -> None:
