@@ -281,12 +281,12 @@ def targets(
                 _ratio(summary, link, "smallfiles", "clip-lazy", "end_to_end_s"),
                 1.0,
             )
-            lazy = [_ratio(summary, link, image, "clip-lazy", "end_to_end_s") for image in images]
+            lazy = [r for image in images
+                    if (r := _ratio(summary, link, image, "clip-lazy", "end_to_end_s")) is not None]
             add(
                 "shaped link, every image lazy: pull+run below overlayfs pull+run (worst image)",
                 link,
-                max(v for v in lazy if v is not None) if any(v is not None for v in lazy)
-                else None,
+                max(lazy, default=None),
                 1.0,
             )
     rss = [

@@ -82,8 +82,8 @@ class BackgroundFetch:
 
     async def _profile(self, layer: Layer, profile: list[int]) -> bool:
         """The start profile's merged runs, `concurrency` at a time; False when it stopped."""
-        work = iter(merge_runs(layer, runs(profile, self.run_blocks(layer)),
-                               self.run_blocks(layer)))
+        limit = self.run_blocks(layer)
+        work = iter(merge_runs(layer, runs(profile, limit), limit))
         stopped = False
 
         async def worker() -> None:
