@@ -68,6 +68,7 @@ class BackgroundFetchConfig:
     bytes_per_second: int = 32 * 1024**2
     concurrency: int = 2
     profile_seconds: float = 10.0
+    quiet_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Config:
 
 
 #: Durations where 0 means "none" rather than an error.
-_MAY_BE_ZERO = (".profile_seconds",)
+_MAY_BE_ZERO = (".profile_seconds", ".quiet_seconds")
 
 
 class _Loader:

@@ -141,6 +141,52 @@ def test_serves_blobs_in_large_reads(paths: Paths) -> None:
     assert len(sizes) <= 40, sizes
 
 
+def test_a_read_warms_the_rest_of_its_span(paths: Paths) -> None:
+    """With `warm_span`, a small read brings the rest of its aligned span into the page cache
+    (the kernel asks for it as readahead, served by the same callback), so later reads in the
+    span send no request; a span is warmed once; the server's descriptor is opened once and
+    closing a blob file sends no FLUSH (FOPEN_NOFLUSH: a close never waits for a server)."""
+    data = os.urandom(4 * MiB)
+    reads: list[tuple[int, int]] = []
+    span_served = trio.Event()
+
+    async def read(name: str, offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        if sum(n for o, n in reads if MiB <= o < 2 * MiB) >= MiB:
+            span_served.set()
+        return data[offset : offset + size]
+
+    def pread(path: Path, size: int, offset: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock, warm_span=MiB)
+        path = server.add("blob", len(data), read)
+        async with serving(server):
+            flushes, opens = _counted("flush"), _counted("open")
+            got = await trio.to_thread.run_sync(pread, path, 4096, MiB + 8192)
+            assert got == data[MiB + 8192 : MiB + 12288]
+            await span_served.wait()  # only the warming asks for the rest of span 1
+            assert reads[0] == (MiB + 8192, 4096)
+            served = len(reads)
+            assert served <= 3  # the read, then the rest of the span in one or two requests
+            got = await trio.to_thread.run_sync(pread, path, MiB, MiB)
+            assert got == data[MiB : 2 * MiB]
+            assert len(reads) == served  # the whole span came from the page cache
+            got = await trio.to_thread.run_sync(pread, path, 100, MiB + 700_000)
+            assert got == data[MiB + 700_000 : MiB + 700_100] and len(reads) == served
+            assert _counted("flush") == flushes  # three closes, no FLUSH
+            assert _counted("open") == opens + 3 + 1  # the test's three, the server's one
+            server.remove("blob")  # closes the server's descriptor (no FLUSH either)
+            assert _counted("flush") == flushes
+
+    trio.run(main)
+
+
 def test_slow_reads_do_not_hold_up_a_fast_one(paths: Paths) -> None:
     slow_data = os.urandom(32 * MiB)
     fast_data = os.urandom(4 * MiB)

@@ -27,7 +27,8 @@ from snapshotter.remote.background import BackgroundFetch, merge_runs
 MiB = 1 << 20
 LayerFiles = tuple[Path, LayerIndex, bytes]
 POLICY = ReadPolicy(timeout=1e6)
-UNLIMITED = BackgroundFetchConfig(enabled=True, bytes_per_second=1 << 40, concurrency=2)
+UNLIMITED = BackgroundFetchConfig(enabled=True, bytes_per_second=1 << 40, concurrency=2,
+                                  quiet_seconds=0)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,14 @@ def test_profile_runs_are_merged_and_never_overlap(
     profile = [0, 1, 3, 4, 6, 12, 13, 18, 19]
 
     async def body(rp: ReadPath, layer: Layer) -> None:
-        fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=4))
+        warmed: list[list[int]] = []
+
+        def on_profile_run(of: Layer, blocks: list[int]) -> None:
+            assert of is layer and all(layer.cache.has(b) for b in blocks)  # fetched first
+            warmed.append(blocks)
+
+        fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=4),
+                                on_profile_run=on_profile_run)
         merged = merge_runs(layer, [[0, 1], [3, 4], [6], [12, 13], [18, 19]], 8)
         assert merged[0] == [0, 1, 2, 3, 4, 5, 6]  # one request instead of three overlapping
         assert len(merged) < 5
@@ -299,8 +307,10 @@ def test_profile_runs_are_merged_and_never_overlap(
             n.start_soon(fetch.run, layer, profile)
             await trio.testing.wait_all_tasks_blocked()
             assert len(source.requests) == len(merged)  # all in flight at once
+            assert warmed == []
             source.gate.set()
         assert all(layer.cache.has(b) for b in profile)
+        assert sorted(warmed) == sorted(merged)  # each run handed on once it was on disk
 
     run(tmp_path, index, source, body)
     assert source.overlaps() == []
@@ -397,6 +407,37 @@ def test_pass_pauses_while_a_foreground_read_waits(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_pass_waits_for_a_quiet_spell_after_foreground_reads(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    """The sequential pass starts only once no foreground read arrived for `quiet_seconds`;
+    a read served from disk counts too (a container's start). Virtual time."""
+    blob, index, stream = layer_files
+    source = Recorder(blob)
+    options = BackgroundFetchConfig(enabled=True, bytes_per_second=1 << 40, quiet_seconds=2.0)
+    clock = trio.testing.MockClock()
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        assert await rp.read(layer, 0, 1000) == stream[:1000]  # t=0, fetched
+        first = len(source.requests)
+        async with trio.open_nursery() as n:
+            n.start_soon(BackgroundFetch(rp, options).run, layer, [])
+            clock.jump(1.5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(source.requests) == first
+            assert await rp.read(layer, 0, 10) == stream[:10]  # t=1.5, from disk
+            clock.jump(1.9)  # t=3.4: 2 s after the first read, not after the second
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(source.requests) == first
+            clock.jump(0.2)  # t=3.6: a quiet spell of 2.1 s
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(source.requests) > first  # the pass's first run
+            n.cancel_scope.cancel()
+
+    run(tmp_path, index, source, body, clock)
+    assert source.overlaps() == []
 
 
 def test_bytes_that_do_not_inflate_are_requested_again_once(

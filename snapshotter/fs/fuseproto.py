@@ -87,6 +87,7 @@ UNIQUE_RESEND = 1 << 63
 
 # --- OPEN reply flags --------------------------------------------------------------------------
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5  # 7.35: no FLUSH on close (a close never waits for the server)
 
 # --- struct layouts ----------------------------------------------------------------------------
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _START_TIMEOUT = 30.0
+#: Blob-server mode: the aligned span around each answered read brought into the page cache.
+WARM_SPAN = 1 << 20
 _FLUSH_PERIOD = 2.0
 
 
@@ -90,7 +92,8 @@ class LayerFS:
         if self._holder is not None:
             # never stat the mount itself: a session kept for us waits for its server (us)
             mp = Path(os.path.realpath(given.parent)) / given.name
-            self.server = BlobServer(mp, self._holder, wait_for_restore=True)
+            self.server = BlobServer(mp, self._holder, wait_for_restore=True,
+                                     warm_span=WARM_SPAN)
             if not is_mounted(mp):
                 mp.mkdir(parents=True, exist_ok=True)
         else:
@@ -259,6 +262,13 @@ class LayerFS:
             with contextlib.suppress(OSError):  # not in the kernel's cache
                 pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
         return attached.layer
+
+    def warm(self, layer: Layer, blocks: list[int]) -> None:
+        """Blob-server mode: bring these fetched blocks of `layer` into the kernel's page cache
+        (the FUSE thread; nothing in FUSE-tree mode, whose files the kernel asks for anyway)."""
+        if self.server is not None and blocks:
+            bs = layer.cache.block_size
+            self.server.warm(layer.name, blocks[0] * bs, (blocks[-1] + 1 - blocks[0]) * bs)
 
     def layers(self) -> list[str]:
         return sorted(self.ops.by_name)

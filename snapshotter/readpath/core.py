@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
@@ -103,6 +104,8 @@ class ReadPath:
         self.stats = ReadStats()
         #: Foreground reads currently waiting for a fetch (background fetch pauses meanwhile).
         self.waiting = 0
+        #: trio time of the latest foreground read (background work waits for a quiet spell).
+        self.last_read = -math.inf
         self._no_waiters: trio.Event | None = None
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._fragments: OrderedDict[tuple[str, int], bytes] = OrderedDict()
@@ -137,6 +140,17 @@ class ReadPath:
                 self._no_waiters = trio.Event()
             await self._no_waiters.wait()
 
+    async def until_quiet(self, period: float) -> None:
+        """Return once no foreground read waits for a fetch and none arrived in the last
+        `period` seconds: a container's start (reads served from disk included) keeps the CPU
+        and the link, the background pass takes what it leaves."""
+        while True:
+            await self.until_no_waiters()
+            rest = self.last_read + period - trio.current_time()
+            if rest <= 0:
+                return
+            await trio.sleep(rest)
+
     @contextlib.contextmanager
     def foreground_wait(self) -> Iterator[None]:
         """Marks a foreground read waiting for a fetch (background work pauses meanwhile)."""
@@ -156,6 +170,7 @@ class ReadPath:
         length = min(length, layer.size - uoff)
         if length <= 0:
             return b""
+        self.last_read = trio.current_time()
         t0 = time.perf_counter()
         cache = layer.cache
         blocks = cache.block_range(uoff, length)

@@ -15,8 +15,10 @@ is verified, stored and shared like any read.
    at the resume point the previous one recorded and takes the compressed bytes it held past
    it, so the pass requests each compressed byte of the layer once. Foreground reads of blocks
    in the run being fetched wait for it (single flight); before each run the pass waits while
-   a foreground read waits for a fetch (the read path's event, no polling), and after it pays
-   for the run's bytes at `bytes_per_second` (one token bucket for all layers).
+   a foreground read waits for a fetch (the read path's event, no polling) and until no
+   foreground read arrived for `quiet_seconds` (a deadline, not a poll: a container's start
+   keeps the CPU and the link on a small node), and after it pays for the run's bytes at
+   `bytes_per_second` (one token bucket for all layers).
 
 Errors: the registry client retries transient errors within its deadline, so a run that still
 fails is tried once more after `RETRY_PAUSE` (a registry restart) and then the pass stops,
@@ -55,12 +57,16 @@ class BackgroundFetch:
         options: BackgroundFetchConfig,
         budget: DiskBudget | None = None,
         on_complete: Callable[[Layer], None] | None = None,
+        on_profile_run: Callable[[Layer, list[int]], None] | None = None,
     ) -> None:
         self.readpath = readpath
         self.options = options
         self.budget = budget
         #: Called (trio thread) when a background fetch leaves a layer complete on disk.
         self.on_complete = on_complete
+        #: Called (trio thread) with each start-profile run once it is fetched: blocks the
+        #: workload is about to read (the EROFS mode warms the kernel's page cache with them).
+        self.on_profile_run = on_profile_run
         self._next_slot = 0.0
 
     def wanted(self, profile: list[int]) -> bool:
@@ -92,6 +98,8 @@ class BackgroundFetch:
                 if stopped or not await self._fetch(layer, blocks, limited=False):
                     stopped = True
                     return
+                if self.on_profile_run is not None:
+                    self.on_profile_run(layer, blocks)
 
         async with trio.open_nursery() as nursery:
             for _ in range(self.options.concurrency):
@@ -146,7 +154,7 @@ class BackgroundFetch:
             if attempt:
                 await trio.sleep(RETRY_PAUSE)
             if limited:
-                await self.readpath.until_no_waiters()
+                await self.readpath.until_quiet(self.options.quiet_seconds)
             try:
                 fetched = await self.readpath.fetch_blocks(layer, blocks)
             except (ClipError, OSError) as exc:

@@ -140,7 +140,8 @@ class RemoteLayerProvider:
             self.fs.serve_blobs(self._holder)
         self.fs.readpath.content = self.content
         self.background = BackgroundFetch(
-            self.fs.readpath, self.config.background_fetch, self.budget, self._fetched
+            self.fs.readpath, self.config.background_fetch, self.budget, self._fetched,
+            on_profile_run=self.fs.warm,
         )
         await asyncio.to_thread(self.budget.measure)
         await asyncio.to_thread(self.fs.start, self.mountpoint)
