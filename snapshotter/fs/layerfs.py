@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _START_TIMEOUT = 30.0
-#: Blob-server mode: the aligned span around each answered read brought into the page cache.
-WARM_SPAN = 1 << 20
 _FLUSH_PERIOD = 2.0
 
 
@@ -92,8 +90,9 @@ class LayerFS:
         if self._holder is not None:
             # never stat the mount itself: a session kept for us waits for its server (us)
             mp = Path(os.path.realpath(given.parent)) / given.name
+            # warm the read path's unit: a read leaves its whole block on disk or in memory
             self.server = BlobServer(mp, self._holder, wait_for_restore=True,
-                                     warm_span=WARM_SPAN)
+                                     warm_span=self.cache.block_size)
             if not is_mounted(mp):
                 mp.mkdir(parents=True, exist_ok=True)
         else:
