@@ -24,6 +24,7 @@ starts, which the index records as checkpoints. For those layers ``inflate_from`
 from __future__ import annotations
 
 import bisect
+import ctypes
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from snapshotter.index import inflate as zi
 from snapshotter.index.model import Checkpoint, LayerFormatError
 from snapshotter.index.reader import LayerIndex, inflate_range
 
+#: output of one inflate call at most (zlib counts it in 32 bits)
+_MAX_CALL = 1 << 30
 #: default spacing of recorded points, in uncompressed bytes
 RECORD_EVERY = 256 << 10
 #: past the range end, inflation continues to the next block boundary for at most this many
@@ -62,9 +65,12 @@ Start = Checkpoint | ResumePoint
 
 @dataclass(frozen=True, slots=True)
 class InflateResult:
-    """The requested bytes and the resume points passed on the way, in stream order."""
+    """The requested bytes and the resume points passed on the way, in stream order.
 
-    data: bytes
+    For a gzip layer ``data`` is a view of the inflation's own output buffer (never copied:
+    the read path hands slices of it on and copies only what it keeps)."""
+
+    data: bytes | memoryview
     points: tuple[ResumePoint, ...]
 
 
@@ -138,8 +144,11 @@ def _check_start(index: LayerIndex, start: Start, uoff: int) -> None:
 class _Run:
     """One inflation from a start point, recording boundaries as it goes.
 
-    Output accumulates in ``out`` (from ``start.uoff`` on); the compressed position of the
-    inflater is ``fed_end - avail_in`` because every buffer fed is a suffix of the caller's.
+    Output is inflated straight into ``out``, a buffer sized once for the range (plus the
+    tail allowance when recording), from ``start.uoff`` on; ``n`` bytes of it are filled. A
+    ctypes array rather than a bytearray: it is allocated zeroed by calloc, so pages the
+    inflation never reaches cost nothing. The compressed position of the inflater is
+    ``fed_end - avail_in`` because every buffer fed is a suffix of the caller's.
     """
 
     def __init__(
@@ -150,7 +159,12 @@ class _Run:
         self.window = window
         self.end = end
         self.every = every
-        self.out = bytearray()
+        capacity = end - start.uoff + (TAIL_LIMIT + 1 if every is not None else 0)
+        buffer = (ctypes.c_ubyte * max(capacity, 1))()
+        self.address = ctypes.addressof(buffer)
+        self.out = memoryview(buffer).cast("B")  # keeps ``buffer`` alive
+        self.capacity = capacity
+        self.n = 0
         self.points: list[ResumePoint] = []
         self.last_boundary = start.uoff  # the previous boundary seen (the start is one)
         self.inf = zi.Inflater(zi.RAW)
@@ -177,12 +191,12 @@ class _Run:
         trailer = 8  # the start's member is inflated raw; later members in gzip mode
         base = self.start.uoff
         while True:
-            pos = base + len(self.out)
+            pos = base + self.n
             if pos >= self.end and (self.every is None or pos - self.end > TAIL_LIMIT):
                 return
-            room = None if pos >= self.end or self.every is not None else self.end - pos
-            rc, chunk = inf.run(flush, limit=room)
-            self.out += chunk
+            room = min(self.capacity - self.n, _MAX_CALL)
+            rc, produced = inf.run_into(flush, self.address + self.n, room)
+            self.n += produced
             if rc == zi.Z_STREAM_END:
                 rest = inf.unused_input()[trailer:]
                 if not rest or rest[0] == 0:
@@ -198,12 +212,12 @@ class _Run:
                 and self._boundary(fed_end - inf.avail_in, inf.data_type & 7)
             ):
                 return
-            if rc == zi.Z_BUF_ERROR or (not chunk and not inf.avail_in):
+            if rc == zi.Z_BUF_ERROR or (not produced and not inf.avail_in):
                 return
 
     def _boundary(self, consumed: int, bits: int) -> bool:
         """Record the boundary just reached if it is due; True once past the range end."""
-        uoff = self.start.uoff + len(self.out)
+        uoff = self.start.uoff + self.n
         assert self.every is not None
         prev, self.last_boundary = self.last_boundary, uoff
         tail = uoff >= self.end
@@ -216,14 +230,13 @@ class _Run:
     def _window(self, uoff: int) -> bytes:
         rel = uoff - self.start.uoff
         if rel >= WINDOW:
-            with memoryview(self.out) as view:
-                return bytes(view[rel - WINDOW : rel])
+            return bytes(self.out[rel - WINDOW : rel])
         return (self.window + bytes(self.out[:rel]))[-WINDOW:]
 
-    def slice(self, a: int, b: int) -> bytes:
+    def slice(self, a: int, b: int) -> memoryview:
+        """A view (no copy) of the inflated bytes [a, b), cut short where inflation ended."""
         base = self.start.uoff
-        with memoryview(self.out) as view:  # one copy, not a bytearray slice and a copy
-            return bytes(view[a - base : b - base])
+        return self.out[a - base : min(b - base, self.n)]
 
 
 class ResumePoints:

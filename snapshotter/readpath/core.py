@@ -74,6 +74,8 @@ from snapshotter.telemetry import TELEMETRY
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: A fetched block: a view of its flight's inflated buffer (copied only where it is kept).
+Block = bytes | memoryview
 _MAX_FRAGMENTS = 64
 _MAX_FAILED = 4096
 
@@ -81,7 +83,7 @@ _MAX_FAILED = 4096
 @dataclass(slots=True)
 class _Flight:
     event: trio.Event = field(default_factory=trio.Event)
-    blocks: dict[int, bytes] = field(default_factory=dict)
+    blocks: dict[int, Block] = field(default_factory=dict)
     error: ReadFailed | None = None
     tier: str = "registry"
 
@@ -181,7 +183,7 @@ class ReadPath:
             TELEMETRY.tier_hit("disk", length)
             TELEMETRY.read_latency(time.perf_counter() - t0, "disk")
             return hit
-        parts: dict[int, bytes] = {}
+        parts: dict[int, Block] = {}
         missing: list[int] = []
         tiers = set()
         for b in blocks:
@@ -201,9 +203,11 @@ class ReadPath:
                     got, lowest = await self._fetch(layer, missing)
                 extra["tier"] = lowest
             parts.update(got)
-        joined = b"".join(parts[b] for b in blocks)
         start = uoff - blocks[0] * cache.block_size
         TELEMETRY.read_latency(time.perf_counter() - t0, lowest)
+        if len(blocks) == 1:  # copy only the bytes asked for, not the block
+            return bytes(memoryview(parts[blocks[0]])[start : start + length])
+        joined = b"".join(parts[b] for b in blocks)
         return joined[start : start + length]
 
     async def fetch_blocks(self, layer: Layer, blocks: list[int]) -> int:
@@ -240,7 +244,7 @@ class ReadPath:
                 del self._failed[(layer.digest, b)]
         return None
 
-    async def _fetch(self, layer: Layer, missing: list[int]) -> tuple[dict[int, bytes], str]:
+    async def _fetch(self, layer: Layer, missing: list[int]) -> tuple[dict[int, Block], str]:
         """The missing blocks through single-flight fetches, and the lowest tier that served."""
         recent = self._recent_failure(layer, missing)
         if recent is not None:
@@ -264,7 +268,7 @@ class ReadPath:
                 flight = self._start_flight(layer, b, end)
                 waits.extend((x, flight) for x in range(b, end + 1))
                 b = end + 1
-        got: dict[int, bytes] = {}
+        got: dict[int, Block] = {}
         lowest = "contentcache"
         # The flight itself is bounded by policy.timeout; this is a belt-and-braces bound.
         with trio.move_on_after(self.policy.timeout + 5.0):
@@ -326,10 +330,10 @@ class ReadPath:
                     del self._flights[(layer.digest, b)]
             flight.event.set()
         for b, data in flight.blocks.items():
-            if not layer.cache.has(b):
-                self.memory.put(layer.digest, b, data)
+            if not layer.cache.has(b):  # a copy: a view would keep the whole run's buffer
+                self.memory.put(layer.digest, b, bytes(data))
 
-    async def _fetch_run(self, layer: Layer, p: Plan, start: int, end: int) -> dict[int, bytes]:
+    async def _fetch_run(self, layer: Layer, p: Plan, start: int, end: int) -> dict[int, Block]:
         """Fetch, inflate, verify and store [start, end) (plus the plan's tail fragment).
 
         Source errors are not retried here: the source (the registry client) retries what is
@@ -365,7 +369,7 @@ class ReadPath:
             )
         self._fragments.pop((layer.digest, p.first), None)
         if p.tail is not None and len(data) > end - start:
-            self._keep_fragment(layer, p.last + 1, data[end - start :])
+            self._keep_fragment(layer, p.last + 1, bytes(data[end - start :]))
         bs = layer.cache.block_size
         return {
             b: data[b * bs - start : min((b + 1) * bs, end) - start]
@@ -375,7 +379,7 @@ class ReadPath:
     async def _attempt(
         self, layer: Layer, begin: Checkpoint | ResumePoint, coff: int, cend: int, istart: int,
         iend: int, head: bytes, end: int,
-    ) -> bytes:
+    ) -> Block:
         """One try of a run: its compressed bytes through the layer's `LayerRanges` (held,
         others' in flight, the gaps requested), inflated, verified and stored, and what the
         neighbours need held before the bytes stop being visible to other flights."""
@@ -416,7 +420,7 @@ class ReadPath:
 
     async def _from_content(
         self, layer: Layer, p: Plan, start: int, end: int
-    ) -> dict[int, bytes] | None:
+    ) -> dict[int, Block] | None:
         """The plan's blocks from the ContentCache, verified and stored; None on any miss."""
         if isinstance(self.content, NoContentCache):
             return None
@@ -475,13 +479,13 @@ class ReadPath:
             return await self.bridge.to_asyncio(fn, *args)
         return await fn(*args)
 
-    def _share(self, layer: Layer, blocks: dict[int, bytes]) -> None:
+    def _share(self, layer: Layer, blocks: dict[int, Block]) -> None:
         """Queue registry-fetched blocks for the ContentCache without waiting (puts are
         bounded and dropped when the cache's queue is full)."""
         if isinstance(self.content, NoContentCache):
             return
         for b, data in blocks.items():
-            coro = self.content.put_block(layer.digest, b, data)
+            coro = self.content.put_block(layer.digest, b, bytes(data))
             if self.bridge is not None and not self.bridge.loop.is_closed():
                 asyncio.run_coroutine_threadsafe(coro, self.bridge.loop)
             else:
@@ -513,16 +517,17 @@ class ReadPath:
     def _inflate_store(
         self, layer: Layer, begin: Checkpoint | ResumePoint, compressed: bytes, istart: int,
         iend: int, head: bytes, end: int,
-    ) -> bytes:
+    ) -> Block:
         """Worker thread: inflate [istart, iend), prepend the head fragment, verify, write the
-        complete blocks of [start, end) to disk. Returns head + inflated bytes."""
+        complete blocks of [start, end) to disk. Returns head + inflated bytes (a view of the
+        inflation's buffer when there is no head: no copy)."""
         t0 = time.perf_counter()
         result = inflate_from(layer.index, begin, compressed, istart, iend - istart)
         layer.resume.add(result.points)
         inflated = result.data
         TELEMETRY.inflate(time.perf_counter() - t0, len(inflated), layer.index.compression)
         self.stats.inflated_bytes += len(inflated)
-        data = head + inflated
+        data = head + inflated if head else inflated
         start = istart - len(head)
         if self.policy.verify:
             layer.verify(start, data)

@@ -177,7 +177,7 @@ class Layer:
             i += 1
         return checked
 
-    def verify(self, uoff: int, data: bytes) -> int:
+    def verify(self, uoff: int, data: bytes | memoryview) -> int:
         """Check every chunk digest whose chunk lies wholly inside [uoff, uoff+len(data)).
 
         Returns the number of chunks checked; raises VerifyError on a mismatch.
