@@ -17,7 +17,10 @@ to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
   the layer source (an async callable on the asyncio side, reached through the Bridge),
   `inflate_from()` in a worker thread, verify every file chunk lying wholly inside the run against
   `chunk_digests`, store each complete block on disk and in memory. Concurrent reads needing a
-  block in flight wait for that flight instead of fetching again.
+  block in flight wait for that flight instead of fetching again. The flight inflates into one
+  buffer and its blocks are views of it: bytes are copied only where they are kept (memory
+  tier, fragments, ContentCache puts) or handed to a reader (just the range it asked for).
+  Copies, not inflation, were most of a lazy start's CPU (py-spy, scipy).
 - Restart places are the index's checkpoints plus the *resume points* every inflation records
   (deflate block boundaries about every 256 KiB, with their windows; bounded per layer), so a
   later miss in the same checkpoint interval fetches only the bytes after the last place an
