@@ -436,17 +436,11 @@ class _Writer:
     def _directory(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
                    xattrs: bytes) -> None:
         entries = self._dirents(o, r)
-        counts = []
-        used = count = 0
-        for name, _ref, _type in entries:
-            need = 12 + len(name)
-            if used + need > BLOCK:
-                counts.append(count)
-                used = count = 0
-            used += need
-            count += 1
-        counts.append(count)
-        size = BLOCK * (len(counts) - 1) + used
+        size = 12 * len(entries) + sum([len(e[0]) for e in entries])
+        if size <= BLOCK:  # most directories: one block, no packing to work out
+            counts = [len(entries)]
+        else:
+            counts, size = _blocks_of(entries)
         nid, head, blkaddr, tail = self._flat(bytes(size), (mode, nlink, uid, gid, r[MTIME],
                                                            xattrs))
         self.nid[o] = nid
@@ -572,6 +566,22 @@ class _Writer:
 def _dirents_struct(count: int) -> struct.Struct:
     """``count`` dirents (nid, nameoff, file type, reserved) packed by one call."""
     return struct.Struct("<" + "QHBx" * count)
+
+
+def _blocks_of(entries: list[Dirent]) -> tuple[list[int], int]:
+    """(entries per block, data size) of a directory: entries fill blocks in order, none split
+    across a block boundary."""
+    counts = []
+    used = count = 0
+    for name, _ref, _type in entries:
+        need = 12 + len(name)
+        if used + need > BLOCK:
+            counts.append(count)
+            used = count = 0
+        used += need
+        count += 1
+    counts.append(count)
+    return counts, BLOCK * (len(counts) - 1) + used
 
 
 def _densest_window(seconds: list[tuple[int, int]]) -> int:
