@@ -115,8 +115,8 @@ def _register_erofs(sub: Any) -> None:
     erofs.add_argument("-o", "--output", help="image file to write")
     erofs.add_argument("--compact-mtimes", action="store_true",
                        help="give compact inodes their own mtimes (a smaller image; only kernels "
-                            "6.15+ show those mtimes, older ones show the layer's most common "
-                            "mtime instead; default: off, right on every kernel)")
+                            "6.15+ show those mtimes, older ones show the image's one base time "
+                            "for every compact inode; default: off, right on every kernel)")
     erofs.add_argument("--inspect", metavar="IMG", help="summarise this image instead")
     erofs.add_argument("--json", action="store_true", help="print the result as one JSON object")
     erofs.set_defaults(func=_erofs)

@@ -12,10 +12,9 @@ from snapshotter.erofs.writer import write_image
 from snapshotter.index import IndexBuildOptions, LayerIndex, build_index
 
 PROBE_DATA = b"clip erofs probe\n"
-#: The probe file's mtime, the most common one: the superblock's epoch.
 PROBE_MTIME = 1_700_000_000
 #: The stamp file's mtime: a kernel that honours compact mtimes shows exactly this; an older
-#: one shows the epoch (PROBE_MTIME) instead.
+#: one shows the superblock's epoch instead (the earliest mtime: the root's, 0).
 STAMP_MTIME = PROBE_MTIME + 86_400 + 17
 
 
