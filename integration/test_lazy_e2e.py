@@ -10,12 +10,14 @@ comes back; bad images fail the pull with a clear message and leave no committed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from integration.harness.mounts import Mounter
 from integration.harness.proxy import CountingProxy
 from integration.harness.registry import RegistryServer
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
+from snapshotter.erofs.mount import probe_file_backed
 from snapshotter.fs.mounts import mount_at
 from snapshotter.pull import chain_ids
 
@@ -322,10 +325,18 @@ def _assert_served(node: Node, lowers: list[Path], fs_mode: str, device: str) ->
     for lower in lowers:
         if fs_mode == "erofs":
             assert lower.parent == node.clip.root / "layers", lower
-            image = node.clip.root / "erofs" / f"{lower.name}.{device}.img"
+            image = node.clip.root / "erofs" / f"{lower.name}.{device}{_variant()}.img"
             assert mount_at(lower) == ("erofs", str(image))
         else:
             assert lower.parent == node.clip.root / "mnt", lower
+
+
+@functools.cache
+def _variant() -> str:
+    """The image name's variant the daemon's start-time probe picks on this kernel: ".mtime"
+    where compact inodes' own mtimes are shown (6.15+)."""
+    with tempfile.TemporaryDirectory(prefix="clip-probe.") as tmp:
+        return ".mtime" if probe_file_backed(Path(tmp)).compact_mtime else ""
 
 
 def _lowerdirs(mounts: list[Mount]) -> list[Path]:

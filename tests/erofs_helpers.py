@@ -32,9 +32,9 @@ class Layer:
     image: Path
 
 
-def make_layer(tmp: Path, name: str, members: list[M]) -> Layer:
+def make_layer(tmp: Path, name: str, members: list[M], *, compact_mtime: bool = False) -> Layer:
     blob = write_layer(tmp / f"{name}.tgz", members, level=1)
-    return layer_of_blob(tmp, name, blob)
+    return layer_of_blob(tmp, name, blob, compact_mtime=compact_mtime)
 
 
 def index_of(tmp: Path, name: str, members: list[M]) -> LayerIndex:
@@ -42,13 +42,13 @@ def index_of(tmp: Path, name: str, members: list[M]) -> LayerIndex:
     return index_layer(write_layer(tmp / f"{name}.tgz", members, level=1), tmp / f"{name}.idx")
 
 
-def layer_of_blob(tmp: Path, name: str, blob: Path) -> Layer:
+def layer_of_blob(tmp: Path, name: str, blob: Path, *, compact_mtime: bool = False) -> Layer:
     raw = blob.read_bytes()
     tar = tmp / f"{name}.tar"
     tar.write_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     index = index_layer(blob, tmp / f"{name}.idx")
     image = tmp / f"{name}.img"
-    write_image(index, image)
+    write_image(index, image, compact_mtime=compact_mtime)
     return Layer(blob, tar, index, image)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from fs_layers import M, index_layer, write_layer
 
+from snapshotter.erofs import image_bytes
 from snapshotter.erofs.layers import ErofsLayers
 from snapshotter.erofs.mount import unmount
 from snapshotter.errors import ClipError
@@ -212,11 +213,45 @@ def test_fuse_mode_hands_out_the_fuse_tree(streams: FakeStreams, tmp_path: Path)
 
 
 def test_auto_mode_picks_erofs_on_this_kernel(streams: FakeStreams, tmp_path: Path) -> None:
-    """This machine's kernel (6.12+) mounts file-backed EROFS: auto must choose it."""
-    layers = ErofsLayers(streams, tmp_path / "root", "auto")
+    """This machine's kernel (6.18) mounts file-backed EROFS and shows compact inodes' own
+    mtimes: auto must choose EROFS, and its images use compact mtimes."""
+    root = tmp_path / "root"
+    layers = ErofsLayers(streams, root, "auto")
     asyncio.run(layers.start())
-    assert layers.mode == "erofs"
-    assert list((tmp_path / "root" / "erofs").iterdir()) == []  # the probe cleaned up
+    assert layers.mode == "erofs" and layers.compact_mtime
+    assert list((root / "erofs").iterdir()) == []  # the probe cleaned up
+    target = root / "layers" / NAME
+    asyncio.run(layers.prepare(LAYER))
+    assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.fuse.mtime.img"))
+    assert (root / "erofs" / f"{NAME}.fuse.mtime.img").read_bytes() == image_bytes(
+        streams.index, compact_mtime=True)
+
+
+def test_a_mount_written_for_the_other_mtime_variant_is_replaced(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    """A complete layer's mount over the cache survives restarts, but not one whose image was
+    written with another compact-mtime setting than the new daemon's probe chose: that image
+    would show wrong mtimes (or waste space) on this kernel."""
+    streams.complete = True
+    root = tmp_path / "root"
+    target = root / "layers" / NAME
+    asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
+    old = root / "erofs" / f"{NAME}.disk.img"
+    assert mount_at(target) == ("erofs", str(old))
+    with _held(target) as before:
+        restarted = ErofsLayers(streams, root, "erofs")
+        restarted.compact_mtime = True  # what start() sets where the probe says so
+        asyncio.run(restarted.restore(LAYER, str(target)))
+        assert os.stat(target).st_dev != before
+    new = root / "erofs" / f"{NAME}.disk.mtime.img"
+    assert mount_at(target) == ("erofs", str(new))
+    assert not old.exists() and (target / "etc/hostname").read_bytes() == b"clip\n"
+    with _held(target) as before:  # the same setting again: kept
+        again = ErofsLayers(streams, root, "erofs")
+        again.compact_mtime = True
+        asyncio.run(again.restore(LAYER, str(target)))
+        assert os.stat(target).st_dev == before
 
 
 def test_a_complete_layer_recording_its_start_profile_mounts_over_the_stream(

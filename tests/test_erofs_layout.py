@@ -1,6 +1,7 @@
 """The EROFS image writer without mounting: determinism, superblock and device table, inode
-forms, directory entry order and blocks, chunk indexes into the tar stream, xattr name indexes,
-inline and block symlinks, and the refusals (one line naming digest, entry and reason; nothing
+forms and times (with and without compact mtimes), directory entry order and blocks, file data
+addressed through the device table's mapped range, xattr name indexes, inline and block
+symlinks, and the refusals (one line naming digest, entry and reason; nothing
 left behind). The kernel reads the same images in test_erofs_mount.py."""
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def test_superblock_and_device_table(rich: Layer) -> None:
     assert img.blkszbits == 9 and img.meta_blkaddr == 0
     assert img.checksum_ok()
     assert img.feature_compat == ef.COMPAT_SB_CHKSUM
-    assert img.feature_incompat == ef.INCOMPAT_CHUNKED_FILE | ef.INCOMPAT_DEVICE_TABLE
+    assert img.feature_incompat == ef.INCOMPAT_DEVICE_TABLE
     assert img.extra_devices == 1
-    assert img.devices() == [(rich.index.blob_digest.removeprefix("sha256:"),
-                              -(-rich.tar.stat().st_size // 512))]
+    device_blocks = -(-rich.tar.stat().st_size // 512)
+    assert img.devices() == [(rich.index.blob_digest.removeprefix("sha256:"), device_blocks,
+                              0xFFFFFFFF - device_blocks)]  # mapped at the top, below NULL_ADDR
     assert img.blocks * 512 == rich.image.stat().st_size
     assert img.root_nid == (1024 + 128 + 128) // 32  # right after the superblock and slot
     tree = img.walk()
@@ -60,27 +62,64 @@ def test_superblock_and_device_table(rich: Layer) -> None:
     assert not Image(bytes(data)).checksum_ok()
 
 
-def test_inode_forms_and_times(tmp_path: Path) -> None:
-    members = [
-        M("same-a", data=b"a", mtime=1_700_000_000),
-        M("same-b", data=b"b", mtime=1_700_000_000),
-        M("same-c", data=b"", mtime=1_700_000_000),
-        M("other-time", data=b"x", mtime=1_600_000_000.25),
-        M("big-uid", data=b"x", mtime=1_700_000_000, uid=100_000, gid=4_000_000_000),
-        M("old", data=b"x", mtime=-86_400),
-    ]
-    layer = make_layer(tmp_path, "forms", members)
-    img = Image.open(layer.image)
+FORMS = [
+    M("same-a", data=b"a", mtime=1_700_000_000),
+    M("same-b", data=b"b", mtime=1_700_000_000),
+    M("same-c", data=b"", mtime=1_700_000_000),
+    M("later", data=b"l", mtime=1_700_000_009),
+    M("other-time", data=b"x", mtime=1_600_000_000.25),
+    M("big-uid", data=b"x", mtime=1_700_000_000, uid=100_000, gid=4_000_000_000),
+    M("old", data=b"x", mtime=-86_400),
+]
+
+
+def test_inode_forms_and_times_without_compact_mtimes(tmp_path: Path) -> None:
+    img = Image.open(make_layer(tmp_path, "forms", FORMS).image)
     tree = img.walk()
-    assert img.build_time_ns == 1_700_000_000 * 10**9  # the most common mtime
+    assert (img.epoch, img.fixed_nsec) == (1_700_000_000, 0)  # the most common mtime
     for name in (b"same-a", b"same-b", b"same-c"):
-        assert not tree[name].extended and tree[name].mtime_ns is None
-    other = tree[b"other-time"]
-    assert other.extended and other.mtime_ns == 1_600_000_000_250_000_000
+        assert not tree[name].extended and tree[name].rel_mtime == 0
+        assert tree[name].mtime_ns == 1_700_000_000 * 10**9
+    for name in (b"later", b"other-time", b"old"):  # their own time: extended
+        assert tree[name].extended
+    assert tree[b"later"].mtime_ns == 1_700_000_009 * 10**9
+    assert tree[b"other-time"].mtime_ns == 1_600_000_000_250_000_000
+    assert tree[b"old"].mtime_ns == -86_400 * 10**9
     assert tree[b"big-uid"].extended and (tree[b"big-uid"].uid, tree[b"big-uid"].gid) == (
         100_000, 4_000_000_000)
-    assert tree[b"old"].mtime_ns == -86_400 * 10**9
     assert tree[b"same-c"].layout == ef.LAYOUT_FLAT_PLAIN and tree[b"same-c"].size == 0
+    assert img.summary().compact_own_mtimes == 0  # right on every kernel
+
+
+def test_inode_forms_and_times_with_compact_mtimes(tmp_path: Path) -> None:
+    img = Image.open(make_layer(tmp_path, "forms", FORMS, compact_mtime=True).image)
+    tree = img.walk()
+    # the most common nanoseconds (0), the epoch at the earliest second with them
+    assert (img.epoch, img.fixed_nsec) == (-86_400, 0)
+    for name, sec in ((b"same-a", 1_700_000_000), (b"same-c", 1_700_000_000),
+                      (b"later", 1_700_000_009), (b"old", -86_400)):
+        assert not tree[name].extended, name
+        assert tree[name].rel_mtime == sec + 86_400 and tree[name].mtime_ns == sec * 10**9
+    other = tree[b"other-time"]  # nanoseconds of its own: extended
+    assert other.extended and other.mtime_ns == 1_600_000_000_250_000_000
+    assert tree[b"big-uid"].extended
+    assert img.summary().compact_own_mtimes >= 5
+
+
+def test_compact_mtimes_use_the_densest_2_32_second_window(tmp_path: Path) -> None:
+    """Seconds spread wider than a compact inode's 32-bit i_mtime: the epoch starts the window
+    holding most of them; the rest are extended. Nanoseconds shared by most entries win."""
+    members = [M("ancient", data=b"a", mtime=-(1 << 33))]
+    members += [M(f"f{i}", data=b"f", mtime=1_700_000_000 + i + 0.5) for i in range(5)]
+    members += [M("whole", data=b"w", mtime=1_700_000_000)]
+    img = Image.open(make_layer(tmp_path, "wide", members, compact_mtime=True).image)
+    tree = img.walk()
+    assert (img.epoch, img.fixed_nsec) == (1_700_000_000, 500_000_000)
+    assert [tree[f"f{i}".encode()].rel_mtime for i in range(5)] == [0, 1, 2, 3, 4]
+    assert all(tree[f"f{i}".encode()].mtime_ns == (1_700_000_000 + i) * 10**9 + 500_000_000
+               for i in range(5))
+    assert tree[b"ancient"].extended and tree[b"ancient"].mtime_ns == -(1 << 33) * 10**9
+    assert tree[b"whole"].extended and tree[b"whole"].mtime_ns == 1_700_000_000 * 10**9
 
 
 def test_dirents_sorted_and_blocks_self_contained(tmp_path: Path) -> None:
@@ -105,26 +144,28 @@ def test_dirents_sorted_and_blocks_self_contained(tmp_path: Path) -> None:
     assert whiteout.mode == stat.S_IFCHR and whiteout.iu == 0 and whiteout.nlink == 1
 
 
-def test_chunk_index_points_into_the_tar(rich: Layer) -> None:
+def test_file_data_is_addressed_through_the_device_mapping(rich: Layer) -> None:
     img = Image.open(rich.image)
+    ((_tag, _blocks, mapped),) = img.devices()
     stream = rich.tar.read_bytes()
     files = 0
     for path, ino in img.walk().items():
         if not stat.S_ISREG(ino.mode) or not ino.size:
             continue
         files += 1
-        bits, device, blkaddr = img.chunk(ino)
-        assert ino.layout == ef.LAYOUT_CHUNK_BASED and ino.iu & ef.CHUNK_FORMAT_INDEXES
-        assert device == 1
-        assert 512 << bits >= ino.size and (bits == 0 or 512 << (bits - 1) < ino.size)
+        assert ino.layout == ef.LAYOUT_FLAT_PLAIN
         ordinal = rich.index.lookup(path.decode())
         assert ordinal is not None
         e = rich.index.entry(ordinal)
         if e.type is EntryType.HARDLINK:
             e = rich.index.entry(e.link_target)
-        assert blkaddr * 512 == e.uoff
+        assert ino.iu == mapped + e.uoff // 512
+        assert img.data_extent(ino) == (1, e.uoff)
         assert len(stream[e.uoff : e.uoff + e.size]) == ino.size == e.size
     assert files >= 8
+    assert img.summary().device_bytes == sum(
+        i.size for i in {i.nid: i for i in img.walk().values()}.values()
+        if stat.S_ISREG(i.mode))
 
 
 def test_xattrs_use_name_indexes(rich: Layer) -> None:
@@ -211,19 +252,35 @@ def test_a_failed_write_keeps_the_old_image(rich: Layer, tmp_path: Path) -> None
     assert not [n for n in os.listdir(rich.image.parent) if n.endswith(".tmp")]
 
 
-def test_a_file_beyond_4_gib_gets_an_extended_inode_and_one_big_chunk(tmp_path: Path) -> None:
+def test_a_file_beyond_4_gib_gets_an_extended_inode(tmp_path: Path) -> None:
     layer = make_layer(tmp_path, "huge", [M("a", data=b"x"), M("b", data=b"y")])
     ordinal = layer.index.lookup("b")
     assert ordinal is not None
     size = (5 << 30) + 7
     bad = patched_index(layer.index, entry=(ordinal, SIZE_OFFSET, size),
                         uncompressed_size=layer.index.uncompressed_size + size)
-    img = Image(image_bytes(bad))
+    img = Image(image_bytes(bad, compact_mtime=True))
     ino = img.walk()[b"b"]
     assert ino.extended and ino.size == size
-    bits, device, blkaddr = img.chunk(ino)
-    assert (512 << bits) >= size > (256 << bits) and device == 1
-    assert blkaddr * 512 == layer.index.entry(ordinal).uoff
+    assert img.data_extent(ino) == (1, layer.index.entry(ordinal).uoff)
+
+
+def test_file_data_beyond_the_stream_is_refused(tmp_path: Path) -> None:
+    layer = make_layer(tmp_path, "short", [M("a", data=b"x" * 600)])
+    bad = patched_index(layer.index, uncompressed_size=layer.index.entry(1).uoff + 599)
+    _refused(bad, tmp_path, "a", "lies beyond the tar stream")
+
+
+def test_image_and_stream_beyond_32_bit_block_addresses_are_refused(
+    rich: Layer, tmp_path: Path
+) -> None:
+    """Device 1 is mapped at 2^32 - 1 - its blocks; the image must end at or below that."""
+    blocks = len(image_bytes(rich.index)) // 512
+    fits = patched_index(rich.index, uncompressed_size=(0xFFFFFFFF - blocks) * 512)
+    img = Image(image_bytes(fits))
+    assert img.blocks == blocks and img.devices()[0][2] == blocks  # the device starts right after
+    too_big = patched_index(rich.index, uncompressed_size=(0xFFFFFFFF - blocks + 1) * 512)
+    _refused(too_big, tmp_path, "/", "do not fit EROFS's 32-bit block addresses")
 
 
 def test_cli_builds_and_inspects(rich: Layer, tmp_path: Path,
@@ -236,8 +293,14 @@ def test_cli_builds_and_inspects(rich: Layer, tmp_path: Path,
     assert main(["index", "erofs", "--inspect", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["checksum_ok"] and summary["blocks"] == built["blocks"]
-    assert summary["devices"] == [[rich.index.blob_digest[7:], built["device_blocks"]]]
+    assert summary["devices"] == [[rich.index.blob_digest[7:], built["device_blocks"],
+                                   0xFFFFFFFF - built["device_blocks"]]]
     assert summary["types"]["char"] == 2 and summary["types"]["fifo"] == 1
+    assert summary["compact_own_mtimes"] == 0 and not built["compact_mtimes"]
+    compact = tmp_path / "compact.img"
+    assert main(["index", "erofs", str(idx), "-o", str(compact), "--compact-mtimes"]) == 0
+    assert compact.read_bytes() == image_bytes(rich.index, compact_mtime=True)
+    capsys.readouterr()
     assert main(["index", "erofs", "--inspect", str(rich.tar)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an EROFS image" in err
@@ -255,5 +318,5 @@ def test_an_opaque_root_and_hidden_meta_entries(tmp_path: Path) -> None:
     assert img.xattrs(root) == {b"trusted.overlay.opaque": b"y"}
     assert [n for n, _i, _t in img.listdir(root)] == [b".", b"..", b"kept", b"kept-link"]
     link = img.walk()[b"kept-link"]
-    assert link.nlink == 2 and img.chunk(link)[2] * 512 == layer.index.entry(
+    assert link.nlink == 2 and img.data_extent(link)[1] == layer.index.entry(
         layer.index.lookup(".wh..wh.plnk/x") or 0).uoff  # the hidden target's inode is kept

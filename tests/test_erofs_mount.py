@@ -3,26 +3,32 @@ uncompressed tar as ``device=``, and the tree it presents (types, modes, owners,
 trusted.* and security.capability, link targets, nlink, mtimes with ns, rdev, content hashes)
 equals ``tar -x`` of the layer as root (whiteouts and opaque markers turned into what
 containerd's applier makes of them; hardlink entries chowned like the applier does), and the
-FUSE tree of the same index. Every mount is undone by path, even on failure."""
+FUSE tree of the same index. The fidelity tests run with images in both writer variants
+(compact inodes with their own mtimes, which this kernel shows, and without). Every mount is
+undone by path, even on failure."""
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from erofs_helpers import (
+    UOFF_OFFSET,
     Layer,
     apply_like_containerd,
     layer_of_blob,
     link_owner_rule,
     make_layer,
     mounted_image,
+    patched_index,
 )
 from fs_layers import (
     CAPABILITY,
@@ -43,7 +49,9 @@ from index_helpers import gnu_tar, make_special_tree
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache
 from snapshotter.erofs import write_image
-from snapshotter.erofs.mount import MountError, mount_image, probe_file_backed, unmount
+from snapshotter.erofs.inspect import Image
+from snapshotter.erofs.mount import MountError, Probe, mount_image, probe_file_backed, unmount
+from snapshotter.erofs.probe import STAMP_MTIME, probe_layer
 from snapshotter.fs.layerfs import LayerFS
 from snapshotter.fs.mounts import is_mounted
 from snapshotter.readpath import FileSource, ReadPolicy
@@ -80,8 +88,15 @@ def assert_same(got: dict[str, Node], expected: dict[str, Node]) -> None:
         assert got[path] == expected[path], path
 
 
-def test_rich_layer_equals_tar_extraction_and_the_fuse_tree(lfs: LayerFS, tmp_path: Path) -> None:
-    layer = make_layer(tmp_path, "rich", rich_members())
+VARIANTS = pytest.mark.parametrize("compact_mtime", [False, True],
+                                   ids=["build-time", "compact-mtime"])
+
+
+@VARIANTS
+def test_rich_layer_equals_tar_extraction_and_the_fuse_tree(
+    lfs: LayerFS, tmp_path: Path, compact_mtime: bool
+) -> None:
+    layer = make_layer(tmp_path, "rich", rich_members(), compact_mtime=compact_mtime)
     expected = expected_tree(layer, tmp_path / "x")
     with mounted_image(layer, tmp_path / "mnt") as mnt:
         got = describe(mnt)
@@ -140,14 +155,16 @@ def test_hardlink_owner_is_the_last_link_entry_in_both_modes(
     assert_same(describe(fuse_dir), expected)
 
 
+@VARIANTS
 @pytest.mark.parametrize("tar_format", ["gnu", "posix"])
-def test_gnu_and_pax_tars_of_a_real_tree(tmp_path: Path, tar_format: str) -> None:
+def test_gnu_and_pax_tars_of_a_real_tree(tmp_path: Path, tar_format: str,
+                                         compact_mtime: bool) -> None:
     """GNU long names (L/K records) or PAX names, xattrs and ns mtimes, from GNU tar itself."""
     src = tmp_path / "src"
     make_special_tree(src)
     blob = tmp_path / f"special-{tar_format}.tar"
     gnu_tar(src, blob, tar_format)
-    layer = layer_of_blob(tmp_path, "special", blob)
+    layer = layer_of_blob(tmp_path, "special", blob, compact_mtime=compact_mtime)
     expected = expected_tree(layer, tmp_path / "x")
     with mounted_image(layer, tmp_path / "mnt") as mnt:
         got = describe(mnt)
@@ -201,12 +218,13 @@ def _stats(root: Path) -> dict[str, tuple[int, int, int, int, int, int]]:
     return out
 
 
-def test_directory_of_100k_entries(tmp_path: Path) -> None:
+@VARIANTS
+def test_directory_of_100k_entries(tmp_path: Path, compact_mtime: bool) -> None:
     n = 100_000
     members = [M("big", tarfile.DIRTYPE)]
     members += [M(f"big/f{i:06d}-{'x' * (i % 50)}", data=b"%d" % i if i % 1000 == 0 else b"",
                   uid=i % 7, mtime=1_700_000_000 + i % 3) for i in range(n)]
-    layer = make_layer(tmp_path, "wide", members)
+    layer = make_layer(tmp_path, "wide", members, compact_mtime=compact_mtime)
     dest = tmp_path / "x"
     extract(layer.blob, dest)
     expected = _stats(dest / "big")
@@ -271,14 +289,16 @@ def layers(draw: st.DrawFn) -> list[M]:
     return members
 
 
+@VARIANTS
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(members=layers())
-def test_random_layers_equal_tar_extraction(tmp_path: Path, members: list[M]) -> None:
+def test_random_layers_equal_tar_extraction(tmp_path: Path, members: list[M],
+                                            compact_mtime: bool) -> None:
     work = tmp_path / "h"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    layer = make_layer(work, "random", members)
+    layer = make_layer(work, "random", members, compact_mtime=compact_mtime)
     expected = expected_tree(layer, work / "x")
     with mounted_image(layer, work / "mnt") as mnt:
         assert_same((describe(mnt)), expected)
@@ -321,7 +341,8 @@ def test_overlay_over_two_erofs_layers_equals_applying_them(tmp_path: Path) -> N
 
 
 def test_probe_works_here_and_mount_errors_are_one_line(tmp_path: Path) -> None:
-    assert probe_file_backed(tmp_path / "probe") is None
+    # this kernel (6.18) mounts file-backed EROFS and shows compact inodes' own mtimes
+    assert probe_file_backed(tmp_path / "probe") == Probe(unusable=None, compact_mtime=True)
     assert os.listdir(tmp_path / "probe") == []
     bogus = tmp_path / "not-an-image"
     bogus.write_bytes(bytes(8192))
@@ -362,3 +383,79 @@ def test_write_then_mount_again_after_rewrite(tmp_path: Path) -> None:
     assert layer.image.read_bytes() == before
     with mounted_image(layer, tmp_path / "mnt") as mnt:
         assert (mnt / "a").read_bytes() == b"1"
+
+
+def test_the_probe_asks_about_a_compact_inode_with_a_time_of_its_own(tmp_path: Path) -> None:
+    """The probe's "yes" means something only if its stamp file really is a compact inode whose
+    mtime differs from the superblock's, and its data is read through the device mapping."""
+    layer = probe_layer(tmp_path)
+    img = Image.open(layer.image)
+    tree = img.walk()
+    stamp = tree[b"stamp"]
+    assert not stamp.extended and stamp.rel_mtime != 0
+    assert stamp.mtime_ns == layer.stamp_mtime_ns == STAMP_MTIME * 10**9 != img.epoch * 10**9
+    assert img.data_extent(tree[b"probe"])[0] == 1
+
+
+def _many_times(rng: random.Random) -> float:
+    sec = rng.choice([0, 1_000_000_000, 1_700_000_000, 1 << 33]) + rng.randrange(100_000)
+    return sec + rng.choice([0, 0, 0, 0.5, 0.25, 0.125])
+
+
+@VARIANTS
+def test_many_distinct_mtimes_sizes_and_content_are_exact(tmp_path: Path,
+                                                          compact_mtime: bool) -> None:
+    """Hundreds of distinct mtimes (seconds and nanoseconds, some beyond a compact inode's
+    32-bit reach): what the kernel shows is exactly the tar's, in both variants."""
+    rng = random.Random(15)
+    members = [M("d", tarfile.DIRTYPE, mtime=_many_times(rng))]
+    for i in range(400):
+        kind = rng.choice(["file", "file", "file", "empty", "link", "dir"])
+        m = M(f"d/e{i:03d}", mtime=_many_times(rng), uid=rng.choice([0, 1000, 70_000]))
+        if kind == "file":
+            m.data = rng.randbytes(rng.randrange(1, 9000))
+        elif kind == "link":
+            m.kind, m.linkname = tarfile.SYMTYPE, f"e{i - 1:03d}"
+        elif kind == "dir":
+            m.kind = tarfile.DIRTYPE
+        members.append(m)
+    layer = make_layer(tmp_path, "times", members, compact_mtime=compact_mtime)
+    img = Image.open(layer.image)
+    own = img.summary().compact_own_mtimes
+    assert own > 50 if compact_mtime else own == 0
+    with mounted_image(layer, tmp_path / "mnt") as mnt:
+        for m in members:
+            st = os.lstat(mnt / m.name)
+            assert st.st_mtime_ns == int(Decimal(str(m.mtime)) * 10**9), m.name
+            assert st.st_uid == m.uid
+            if m.kind == tarfile.REGTYPE:
+                assert st.st_size == len(m.data)
+                assert (mnt / m.name).read_bytes() == m.data, m.name
+            elif m.kind == tarfile.SYMTYPE:
+                assert os.readlink(mnt / m.name) == m.linkname
+
+
+@VARIANTS
+def test_file_data_far_into_a_sparse_stream(tmp_path: Path, compact_mtime: bool) -> None:
+    """A file ~1.9 TiB into the stream: its block address (mapped_blkaddr + uoff / 512) is
+    near the top of the 32-bit range, and the kernel maps it to device 1 all the same."""
+    payload = os.urandom(100_000)
+    layer = make_layer(tmp_path, "far", [M("near", data=b"n" * 1000), M("far", data=payload)],
+                       compact_mtime=compact_mtime)
+    ordinal = layer.index.lookup("far")
+    assert ordinal is not None
+    far = (19 << 37) // 10 // 512 * 512 + layer.index.entry(ordinal).uoff
+    moved = patched_index(layer.index, entry=(ordinal, UOFF_OFFSET, far))
+    moved = patched_index(moved, uncompressed_size=far + len(payload) + 1024)
+    with open(layer.tar, "r+b") as f:  # the same stream, the file's bytes moved (sparse)
+        f.truncate(moved.uncompressed_size)
+        f.seek(far)
+        f.write(payload)
+    write_image(moved, layer.image, compact_mtime=compact_mtime)
+    img = Image.open(layer.image)
+    ino = img.walk()[b"far"]
+    assert ino.iu > 0xF0000000 and img.data_extent(ino) == (1, far)
+    with mounted_image(layer, tmp_path / "mnt") as mnt:
+        assert (mnt / "far").read_bytes() == payload
+        assert (mnt / "near").read_bytes() == b"n" * 1000
+        assert os.stat(mnt / "far").st_size == len(payload)

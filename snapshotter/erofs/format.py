@@ -19,15 +19,11 @@ BLKSZBITS: Final = 9
 BLOCK: Final = 1 << BLKSZBITS
 
 COMPAT_SB_CHKSUM: Final = 0x1
-INCOMPAT_CHUNKED_FILE: Final = 0x4
 INCOMPAT_DEVICE_TABLE: Final = 0x8
 
 # i_format: bit 0 = extended (64-byte) inode, bits 1-3 = data layout.
 LAYOUT_FLAT_PLAIN: Final = 0
 LAYOUT_FLAT_INLINE: Final = 2
-LAYOUT_CHUNK_BASED: Final = 4
-CHUNK_FORMAT_INDEXES: Final = 0x20
-CHUNK_BLKBITS_MAX: Final = 0x1F
 
 NAME_LEN: Final = 255
 NULL_ADDR: Final = 0xFFFFFFFF
@@ -50,14 +46,18 @@ XATTR_NAMES_BY_INDEX: Final = {
     4: b"trusted.", 6: b"security.",
 }
 
-# magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos, build_time,
-# build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name, feature_incompat,
-# available_compr_algs, extra_devices, devt_slotoff, dirblkbits, xattr_prefix_count,
-# xattr_prefix_start, packed_nid, reserved.
+# magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos, build_time (called
+# epoch since kernel 6.15: the base of compact inodes' i_mtime), build_time_nsec (fixed_nsec:
+# every compact inode's nanoseconds), blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name,
+# feature_incompat, available_compr_algs, extra_devices, devt_slotoff, dirblkbits,
+# xattr_prefix_count, xattr_prefix_start, packed_nid, reserved.
 SUPER: Final = struct.Struct("<IIIBBHQqIIII16s16sIHHHBBIQ24x")
-# tag, blocks, mapped_blkaddr, reserved
+# tag, blocks, mapped_blkaddr (uniaddr since 6.15: where the device's blocks begin in the
+# unified block address space; 0 = addressed by chunk indexes only), reserved
 DEVICE_SLOT: Final = struct.Struct("<64sII56x")
-# i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_reserved, i_u, i_ino, i_uid, i_gid
+# i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_mtime, i_u, i_ino, i_uid, i_gid.
+# i_mtime was i_reserved before kernel 6.15; 6.15+ present epoch + i_mtime seconds with
+# fixed_nsec, older kernels the superblock's build_time whatever the field holds.
 COMPACT_INODE: Final = struct.Struct("<HHHHIIIIHH4x")
 # i_format, i_xattr_icount, i_mode, i_reserved, i_size, i_u, i_ino, i_uid, i_gid, i_mtime,
 # i_mtime_nsec, i_nlink
@@ -66,8 +66,6 @@ EXTENDED_INODE: Final = struct.Struct("<HHHHQIIIIqII16x")
 XATTR_IBODY_HEADER: Final = struct.Struct("<IB7x")
 # e_name_len, e_name_index, e_value_size
 XATTR_ENTRY: Final = struct.Struct("<BBH")
-# advise, device_id, blkaddr
-CHUNK_INDEX: Final = struct.Struct("<HHI")
 # nid, nameoff, file_type, reserved
 DIRENT: Final = struct.Struct("<QHBx")
 
@@ -76,7 +74,6 @@ assert DEVICE_SLOT.size == DEVT_SLOT_SIZE
 assert COMPACT_INODE.size == 32
 assert EXTENDED_INODE.size == 64
 assert XATTR_IBODY_HEADER.size == 12
-assert CHUNK_INDEX.size == 8
 assert DIRENT.size == 12
 
 

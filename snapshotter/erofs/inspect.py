@@ -1,6 +1,9 @@
 """A small reader of the images clip writes: what ``clip index erofs --inspect`` prints, and
-what the layout tests look at. It reads only what the writer produces (uncompressed FLAT and
-chunk-based inodes, inline xattrs), and checks what it reads; the kernel is the real reader."""
+what the layout tests look at. It reads only what the writer produces (uncompressed FLAT
+inodes, file data in the device table's mapped range, inline xattrs), and checks what it reads;
+the kernel is the real reader. Times are read as kernels 6.15+ present them (a compact inode:
+the superblock's epoch + its i_mtime, with the superblock's fixed nanoseconds); older kernels
+ignore i_mtime, so ``Summary.compact_own_mtimes`` counts the inodes they would show wrongly."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ class Inode:
     size: int
     uid: int
     gid: int
-    mtime_ns: int | None  # None: a compact inode (the superblock's build time)
+    mtime_ns: int
+    rel_mtime: int  # a compact inode's i_mtime (seconds after the epoch); 0 when extended
     iu: int
     ino: int
     xattr_size: int
@@ -39,16 +43,18 @@ class Summary:
     blocks: int
     inodes: int
     root_nid: int
-    build_time_ns: int
+    epoch: int
+    fixed_nsec: int
     checksum_ok: bool
     feature_compat: int
     feature_incompat: int
-    devices: list[tuple[str, int]]  # (tag as hex, blocks)
+    devices: list[tuple[str, int, int]]  # (tag as hex, blocks, mapped_blkaddr)
     types: dict[str, int] = field(default_factory=dict)
     extended_inodes: int = 0
+    compact_own_mtimes: int = 0  # compact inodes with i_mtime != 0: shown right by 6.15+ only
     inodes_with_xattrs: int = 0
     largest_dir: int = 0
-    chunk_bytes: int = 0
+    device_bytes: int = 0  # file data read from device 1 (the tar stream)
 
 
 class Image:
@@ -59,15 +65,14 @@ class Image:
             raise ErofsError(f"{origin}: too short for an EROFS image ({len(data)} bytes)")
         f = ef.SUPER.unpack_from(data, ef.SUPER_OFFSET)
         (magic, self.checksum, self.feature_compat, self.blkszbits, _ext, self.root_nid,
-         self.inos, bt, bt_ns, self.blocks, self.meta_blkaddr, _xattr_blkaddr, self.uuid,
-         self.volume_name, self.feature_incompat, _algs, self.extra_devices, self.devt_slotoff,
-         _dirblkbits, _npfx, _pfx_start, _packed) = f
+         self.inos, self.epoch, self.fixed_nsec, self.blocks, self.meta_blkaddr, _xattr_blkaddr,
+         self.uuid, self.volume_name, self.feature_incompat, _algs, self.extra_devices,
+         self.devt_slotoff, _dirblkbits, _npfx, _pfx_start, _packed) = f
         if magic != ef.MAGIC:
             raise ErofsError(f"{origin}: not an EROFS image (bad magic {magic:#x})")
         if self.blkszbits != ef.BLKSZBITS or self.meta_blkaddr != 0:
             raise ErofsError(f"{origin}: not an image clip wrote (block size "
                              f"{1 << self.blkszbits}, meta_blkaddr {self.meta_blkaddr})")
-        self.build_time_ns = bt * 1_000_000_000 + bt_ns
 
     @classmethod
     def open(cls, path: Path) -> Image:
@@ -78,12 +83,13 @@ class Image:
         block[4:8] = bytes(4)
         return bool(ef.crc32c_raw(0xFFFFFFFF, bytes(block)) == self.checksum)
 
-    def devices(self) -> list[tuple[str, int]]:
+    def devices(self) -> list[tuple[str, int, int]]:
+        """(tag as hex, blocks, mapped_blkaddr) of each extra device."""
         out = []
         for i in range(self.extra_devices):
-            tag, blocks, _mapped = ef.DEVICE_SLOT.unpack_from(
+            tag, blocks, mapped = ef.DEVICE_SLOT.unpack_from(
                 self.data, (self.devt_slotoff + i) * ef.DEVT_SLOT_SIZE)
-            out.append((tag.rstrip(b"\0").hex(), blocks))
+            out.append((tag.rstrip(b"\0").hex(), blocks, mapped))
         return out
 
     def inode(self, nid: int) -> Inode:
@@ -92,14 +98,14 @@ class Image:
         if fmt & 1:
             (_f, icount, mode, _r, size, iu, ino, uid, gid, sec, nsec,
              nlink) = ef.EXTENDED_INODE.unpack_from(self.data, pos)
-            mtime: int | None = sec * 1_000_000_000 + nsec
+            rel = 0
         else:
-            (_f, icount, mode, nlink, size, _r, iu, ino, uid,
+            (_f, icount, mode, nlink, size, rel, iu, ino, uid,
              gid) = ef.COMPACT_INODE.unpack_from(self.data, pos)
-            mtime = None
+            sec, nsec = self.epoch + rel, self.fixed_nsec
         xsize = 12 + 4 * (icount - 1) if icount else 0
-        return Inode(nid, bool(fmt & 1), (fmt >> 1) & 7, mode, nlink, size, uid, gid, mtime,
-                     iu, ino, xsize)
+        return Inode(nid, bool(fmt & 1), (fmt >> 1) & 7, mode, nlink, size, uid, gid,
+                     sec * 1_000_000_000 + nsec, rel, iu, ino, xsize)
 
     def flat_data(self, ino: Inode) -> bytes:
         if ino.layout == ef.LAYOUT_FLAT_PLAIN:
@@ -143,12 +149,15 @@ class Image:
             pos += -pos % 4
         return out
 
-    def chunk(self, ino: Inode) -> tuple[int, int, int]:
-        """(chunk bits, device id, block address) of a one-chunk file."""
-        pos = ino.end_of_head
-        pos += -pos % 8
-        _advise, device, blkaddr = ef.CHUNK_INDEX.unpack_from(self.data, pos)
-        return ino.iu & ef.CHUNK_BLKBITS_MAX, device, blkaddr
+    def data_extent(self, ino: Inode) -> tuple[int, int]:
+        """(device id, byte offset there) of a FLAT_PLAIN inode's data, mapped as the kernel
+        maps it: an address in an extra device's [mapped_blkaddr, + blocks) is that device's."""
+        if ino.layout != ef.LAYOUT_FLAT_PLAIN:
+            raise ErofsError(f"{self.origin}: nid {ino.nid} is not FLAT_PLAIN")
+        for device, (_tag, blocks, mapped) in enumerate(self.devices(), 1):
+            if mapped and mapped <= ino.iu < mapped + blocks:
+                return device, (ino.iu - mapped) * ef.BLOCK
+        return 0, ino.iu * ef.BLOCK
 
     def walk(self) -> dict[bytes, Inode]:
         """path -> inode of everything reachable from the root (root is b"")."""
@@ -174,16 +183,17 @@ class Image:
             types[_TYPE_NAMES.get(stat.S_IFMT(ino.mode), "other")] += 1
         seen = {ino.nid: ino for ino in tree.values()}.values()
         dirs = [i for i in seen if stat.S_ISDIR(i.mode)]
-        chunked = [i for i in seen if i.layout == ef.LAYOUT_CHUNK_BASED]
+        files = [i for i in seen if stat.S_ISREG(i.mode) and i.size]
         return Summary(
             size=len(self.data), blocks=self.blocks, inodes=self.inos, root_nid=self.root_nid,
-            build_time_ns=self.build_time_ns, checksum_ok=self.checksum_ok(),
+            epoch=self.epoch, fixed_nsec=self.fixed_nsec, checksum_ok=self.checksum_ok(),
             feature_compat=self.feature_compat, feature_incompat=self.feature_incompat,
             devices=self.devices(), types=dict(sorted(types.items())),
             extended_inodes=sum(i.extended for i in seen),
+            compact_own_mtimes=sum(i.rel_mtime != 0 for i in seen),
             inodes_with_xattrs=sum(bool(i.xattr_size) for i in seen),
             largest_dir=max((len(self.listdir(d)) - 2 for d in dirs), default=0),
-            chunk_bytes=sum(i.size for i in chunked),
+            device_bytes=sum(i.size for i in files if self.data_extent(i)[0] == 1),
         )
 
 

@@ -4,9 +4,11 @@
 remote-layer provider (``inner``) resolve the layer's index and attach its stream to the FUSE
 mount exactly as in FUSE mode, then writes the layer's EROFS image from the index and mounts it
 file-backed at ``<root>/layers/<layer>/`` with the layer's uncompressed tar stream as the image's
-extra device. The image is ``<root>/erofs/<layer>.<disk|fuse>.img``: the suffix says which
-device it is mounted over, so a restart can tell from the mount table whether a mount it finds
-still works without the previous daemon. The device is:
+extra device. The image is ``<root>/erofs/<layer>.<disk|fuse>[.mtime].img``: ``disk|fuse`` says
+which device it is mounted over, so a restart can tell from the mount table whether a mount it
+finds still works without the previous daemon; ``.mtime`` marks an image written with compact
+inodes' own mtimes (the start-time probe found a kernel that shows them), so a mount left by a
+daemon that probed differently is never kept. The device is:
 
 - the disk-cache file itself when the whole stream is on disk: the kernel then reads the
   layer with no daemon in the path, and the mount outlives any restart of clip — unless the
@@ -44,27 +46,31 @@ from snapshotter.snapshots.remote import LayerProvider, RemoteLayer
 log = logging.getLogger(__name__)
 
 
-def choose_mode(configured: str, workdir: Path) -> str:
-    """`[fs] mode` made definite: "erofs" or "fuse".
+def choose_mode(configured: str, workdir: Path) -> tuple[str, bool]:
+    """`[fs] mode` made definite: ("erofs" or "fuse", whether images get compact mtimes).
 
     "auto" mounts a tiny image file-backed with an extra device (what every layer needs) and
-    uses EROFS if that works; "erofs" insists on it and refuses to start without it.
+    uses EROFS if that works; "erofs" insists on it and refuses to start without it. The same
+    mount says whether the kernel shows compact inodes' own mtimes (6.15+).
     """
     if configured == "fuse":
-        return "fuse"
+        return "fuse", False
     probe = workdir / f".probe-{os.getpid()}"
     probe.mkdir(parents=True, exist_ok=True)
     try:
-        why = probe_file_backed(probe)
+        found = probe_file_backed(probe)
     finally:
         shutil.rmtree(probe, ignore_errors=True)
+    why = found.unusable
     if why is None:
-        log.info("fs mode: erofs (the kernel serves layers; file-backed EROFS works)")
-        return "erofs"
+        log.info("fs mode: erofs (the kernel serves layers; file-backed EROFS works; compact "
+                 "inodes %s)", "with their own mtimes" if found.compact_mtime
+                 else "only at the layer's most common mtime: this kernel ignores theirs")
+        return "erofs", found.compact_mtime
     if configured == "erofs":
         raise FailedPrecondition(f"[fs] mode = \"erofs\" but file-backed EROFS is unusable: {why}")
     log.warning("fs mode: fuse (file-backed EROFS is unusable here: %s)", why)
-    return "fuse"
+    return "fuse", False
 
 
 class LayerStreams(Protocol):
@@ -109,13 +115,16 @@ class ErofsLayers:
         self.images = root / "erofs"
         self.layers = root / "layers"
         self.mode = mode
+        #: Images get compact inodes with their own mtimes (settled by ``start``'s probe).
+        self.compact_mtime = False
         self._users: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def start(self, daemon: object = None) -> None:
         """Settle the mode; in EROFS mode the inner provider's stream mount then outlives
         restarts through a holder process (its socket: ``<root>/fuse-holder.sock``)."""
-        self.mode = await asyncio.to_thread(choose_mode, self.mode, self.images)
+        self.mode, self.compact_mtime = await asyncio.to_thread(choose_mode, self.mode,
+                                                                self.images)
         if self.mode == "erofs":
             self.inner.serve_blobs(self.images.parent / "fuse-holder.sock")
 
@@ -208,9 +217,12 @@ class ErofsLayers:
         if index is None:
             raise Unavailable(f"layer {digest} of {layer.image_ref}: its index is not on disk")
         unmount(target)  # a mount left by a previous daemon over a FUSE file that is gone
+        for stale in self.images.glob(f"{target.name}.*.img"):  # its image, another variant
+            if stale != image:
+                stale.unlink(missing_ok=True)
         self.images.mkdir(parents=True, exist_ok=True)
         target.mkdir(parents=True, exist_ok=True)
-        write_image(index, image)
+        write_image(index, image, compact_mtime=self.compact_mtime)
         try:
             mount_image(image, device, target)
         except ClipError as exc:
@@ -221,7 +233,8 @@ class ErofsLayers:
 
     def _image(self, digest: str, device: Path) -> Path:
         kind = "fuse" if device == self._blob(digest) else "disk"
-        return self.images / f"{self.inner.layer_name(digest)}.{kind}.img"
+        variant = ".mtime" if self.compact_mtime else ""
+        return self.images / f"{self.inner.layer_name(digest)}.{kind}{variant}.img"
 
     def _blob(self, digest: str) -> Path:
         return self.inner.mountpoint / "blobs" / self.inner.layer_name(digest)

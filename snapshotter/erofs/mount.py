@@ -8,6 +8,7 @@ import ctypes.util
 import errno
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter.erofs.probe import probe_layer
@@ -69,30 +70,41 @@ def unmount(target: Path) -> None:
     raise MountError(f"erofs: cannot unmount {target}: {_describe(err)}")
 
 
-def probe_file_backed(workdir: Path) -> str | None:
-    """Mount a tiny generated image over a tiny device file and read a file through it.
+@dataclass(frozen=True)
+class Probe:
+    """What the kernel here does with clip's images."""
 
-    Returns None when file-backed EROFS with an extra device works here, else one line saying
-    why not (what ``[fs] mode = "auto"`` logs when it falls back to the FUSE tree)."""
+    #: None when file-backed EROFS with an extra device works, else one line saying why not
+    #: (what ``[fs] mode = "auto"`` logs when it falls back to the FUSE tree).
+    unusable: str | None
+    #: Whether compact inodes' own mtimes are shown (kernel 6.15+); images may then be written
+    #: with ``compact_mtime=True``.
+    compact_mtime: bool
+
+
+def probe_file_backed(workdir: Path) -> Probe:
+    """Mount a tiny generated image over a tiny device file, read a file through the device
+    mapping and stat a compact inode with a time of its own. Leaves nothing in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="erofs-probe.", dir=workdir) as tmp:
         root = Path(tmp)
         try:
-            image, device, expected = probe_layer(root)
+            layer = probe_layer(root)
         except ClipError as exc:
-            return f"erofs probe: cannot build the probe image: {exc}"
+            return Probe(f"erofs probe: cannot build the probe image: {exc}", False)
         mnt = root / "mnt"
         mnt.mkdir()
         try:
-            mount_image(image, device, mnt)
+            mount_image(layer.image, layer.device, mnt)
         except MountError as exc:
-            return str(exc)
+            return Probe(str(exc), False)
         try:
             got = (mnt / "probe").read_bytes()
+            stamp = os.stat(mnt / "stamp").st_mtime_ns
         except OSError as exc:
-            return f"erofs probe: reading through the mount failed: {exc.strerror}"
+            return Probe(f"erofs probe: reading through the mount failed: {exc.strerror}", False)
         finally:
             unmount(mnt)
-        if got != expected:
-            return "erofs probe: the mounted image returned wrong bytes"
-        return None
+        if got != layer.data:
+            return Probe("erofs probe: the mounted image returned wrong bytes", False)
+        return Probe(None, stamp == layer.stamp_mtime_ns)

@@ -1,9 +1,10 @@
 """The EROFS image of one layer, generated from its clip index.
 
 The image holds the layer's metadata only: inodes, directories, symlink targets and xattrs.
-Every non-empty regular file is a chunk-based inode with exactly one chunk whose index points
-at the file's first data byte in *device 1*, the layer's uncompressed tar stream (tar data is
-512-byte aligned, so the image uses 512-byte blocks). docs/erofs.md describes the layout; the
+Every non-empty regular file is a ``FLAT_PLAIN`` inode whose block address lies in the range the
+device table maps to *device 1*, the layer's uncompressed tar stream: block
+``mapped_blkaddr + uoff / 512`` is the file's first data block there (tar data is 512-byte
+aligned, so the image uses 512-byte blocks). docs/erofs.md describes the layout; the
 presented tree is the one ``snapshotter.fs.tree`` presents over FUSE (whiteouts as char 0/0,
 opaque markers as ``trusted.overlay.opaque=y``, hardlinks as one inode).
 
@@ -11,8 +12,15 @@ Building is one pass over the index's records in their (breadth-first) order, ap
 inode's bytes as it is made, so every nid is known before any directory's entries are packed
 (``_finish``). Regular files without xattrs and short symlinks, nearly every entry of a real
 layer, are packed inline in that loop with one ``struct.pack`` each: the speed target is 50 ms
-per 10,000 entries in pure Python. Same index, same bytes: nothing depends on time, randomness
-or dict order beyond the index's own order.
+per 10,000 entries in pure Python. Same index and options, same bytes: nothing depends on time,
+randomness or dict order beyond the index's own order.
+
+``compact_mtime``: kernels 6.15+ give a 32-byte inode a time of its own (superblock epoch +
+the inode's 32-bit i_mtime, with the superblock's fixed nanoseconds); 6.12-6.14 show every
+compact inode with the superblock's time. With the option on, nearly every inode is compact
+(the image is smaller); it must only be mounted where ``mount.probe_file_backed`` said the
+kernel honours it. Off, a compact inode is used only where its mtime equals the superblock's,
+which every kernel presents correctly.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import gc
 import hashlib
 import os
 import stat
@@ -63,7 +72,11 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 #: Where the first inode goes: right after the superblock and the one device slot.
 FIRST_INODE = ef.SUPER_OFFSET + ef.SUPER_SIZE + ef.DEVT_SLOT_SIZE
 DEVT_SLOTOFF = (ef.SUPER_OFFSET + ef.SUPER_SIZE) // ef.DEVT_SLOT_SIZE
-MAX_BLOCKS = 1 << 32
+#: Device 1 is mapped at the top of the 32-bit block address space, ending just below
+#: EROFS_NULL_ADDR (a FLAT_PLAIN address the kernel reads as "no data"): its place depends on
+#: the stream's size only, so every file's address is known before the image is laid out, and
+#: the image may grow up to the device's first block.
+MAPPED_END = ef.NULL_ADDR
 
 _FILE, _DIR, _SYMLINK, _HARDLINK, _CHAR, _BLOCK, _FIFO = (int(t) for t in EntryType)
 _IFMT = {_FILE: stat.S_IFREG, _DIR: stat.S_IFDIR, _SYMLINK: stat.S_IFLNK, _CHAR: stat.S_IFCHR,
@@ -94,15 +107,18 @@ class _Image:
     device_blocks: int
 
 
-def image_bytes(index: LayerIndex) -> bytes:
+def image_bytes(index: LayerIndex, *, compact_mtime: bool = False) -> bytes:
     """The image for ``index`` in memory (what ``write_image`` writes)."""
-    return _Writer(index).build().data
+    return _build(index, compact_mtime).data
 
 
-def write_image(index: LayerIndex, path: Path) -> ImageInfo:
+def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -> ImageInfo:
     """Write the image atomically: a temporary file in the same directory, fsynced, renamed
-    over ``path``; on any failure nothing is left at ``path`` or beside it."""
-    image = _Writer(index).build()
+    over ``path``; on any failure nothing is left at ``path`` or beside it.
+
+    ``compact_mtime=True`` only for kernels that honour compact inodes' own mtimes (6.15+;
+    ``snapshotter.erofs.mount.probe_file_backed`` tells)."""
+    image = _build(index, compact_mtime)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -124,12 +140,20 @@ def write_image(index: LayerIndex, path: Path) -> ImageInfo:
     return ImageInfo(path, len(image.data), image.inodes, image.blocks, image.device_blocks)
 
 
-# A regular file's inode with its one chunk index, padded to the 32-byte slot grid: the whole
-# record of a file without xattrs is one pack() call.
-_COMPACT_FILE = struct.Struct("<HHHHIIIIHH4x" + "HHI" + "24x")
-_EXTENDED_FILE = struct.Struct("<HHHHQIIIIqII16x" + "HHI" + "24x")
-assert _COMPACT_FILE.size == 64 and _EXTENDED_FILE.size == 96
-_CHUNKED = ef.LAYOUT_CHUNK_BASED << 1
+def _build(index: LayerIndex, compact_mtime: bool) -> _Image:
+    """One build with the cyclic garbage collector paused: the build allocates a tuple or two
+    per entry (records, directory entries) and no reference cycles, and collections that
+    rescan them all cost ~15% of the build time. The collector's previous state is restored
+    (another thread's build may have paused it: only the one that found it on turns it on)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _Writer(index, compact_mtime).build()
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 _PLAIN = ef.LAYOUT_FLAT_PLAIN << 1
 _INLINE = ef.LAYOUT_FLAT_INLINE << 1
 _NS = 1_000_000_000
@@ -158,13 +182,15 @@ class _Writer:
     """One build: inodes are laid out in index (breadth-first) order as they are made, so
     every nid is known by the time the directories' entries are written (``_finish``)."""
 
-    def __init__(self, index: LayerIndex) -> None:
+    def __init__(self, index: LayerIndex, compact_mtime: bool) -> None:
         self.index = index
+        self.compact_mtime = compact_mtime
         self.rec = Records(index)
         self.device_blocks = -(-index.uncompressed_size // BLOCK)
-        if self.device_blocks >= MAX_BLOCKS:
+        if self.device_blocks >= MAPPED_END:
             self.fail(0, f"the tar stream ({index.uncompressed_size} bytes) is beyond 2^32 "
                          "blocks of 512 bytes")
+        self.mapped_blkaddr = MAPPED_END - self.device_blocks
         self.chunks: list[bytes] = [bytes(FIRST_INODE)]
         self.pos = FIRST_INODE
         self.inodes = 0
@@ -183,14 +209,15 @@ class _Writer:
         for ordinal, name in enumerate(names):
             if len(name) > ef.NAME_LEN:
                 self.fail(ordinal, f"name is {len(name)} bytes (EROFS allows {ef.NAME_LEN})")
-        self.build_time = bt = Counter(r[MTIME] for r in records).most_common(1)[0][0]
+        self.rels = rels = self._times()
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
         self.ftypes = [_FTYPE.get(r[TYPE], 0) for r in records]
         self.links = {o: r[LINK_TARGET] for o, r in enumerate(records) if r[TYPE] == _HARDLINK}
         chunks, nids = self.chunks, self.nid
-        compact_file, extended_file = _COMPACT_FILE.pack, _EXTENDED_FILE.pack
+        compact, extended = ef.COMPACT_INODE.pack, ef.EXTENDED_INODE.pack
+        base, stream = self.mapped_blkaddr, self.index.uncompressed_size
         pos, ino = self.pos, self.inodes
         strings = self.rec.string(0, self.rec.strings_len)
         for o, r in enumerate(records):
@@ -201,33 +228,21 @@ class _Writer:
                     uid, gid = owners.get(o, (uid, gid))
                 ino += 1
                 mode = stat.S_IFREG | (mode & 0o7777)
-                ext = (mtime != bt or uid >= _U16 or gid >= _U16 or nlink >= _U16
-                       or size >= _U32)
+                blkaddr = 0
                 if size:
-                    if uoff & (BLOCK - 1):
-                        self.fail(o, f"data offset {uoff} in the tar stream is not 512-byte "
-                                     "aligned")
-                    chunkbits = ((size - 1) >> ef.BLKSZBITS).bit_length()
-                    if chunkbits > ef.CHUNK_BLKBITS_MAX:
-                        self.fail(o, f"file of {size} bytes is larger than one EROFS chunk")
-                    if ext:
-                        sec, nsec = divmod(mtime, _NS)
-                        blob = extended_file(_CHUNKED | 1, 0, mode, 0, size,
-                                             ef.CHUNK_FORMAT_INDEXES | chunkbits, ino, uid,
-                                             gid, sec, nsec, nlink, 0, 1, uoff >> ef.BLKSZBITS)
-                    else:
-                        blob = compact_file(_CHUNKED, 0, mode, nlink, size, 0,
-                                            ef.CHUNK_FORMAT_INDEXES | chunkbits, ino, uid, gid,
-                                            0, 1, uoff >> ef.BLKSZBITS)
-                elif ext:
+                    if uoff & (BLOCK - 1) or uoff + size > stream:
+                        self._bad_data(o, uoff, size)
+                    blkaddr = base + (uoff >> ef.BLKSZBITS)
+                rel = rels[mtime]
+                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16 or size >= _U32:
                     sec, nsec = divmod(mtime, _NS)
-                    blob = ef.EXTENDED_INODE.pack(_PLAIN | 1, 0, mode, 0, 0, 0, ino, uid, gid,
-                                                  sec, nsec, nlink)
+                    blob = extended(_PLAIN | 1, 0, mode, 0, size, blkaddr, ino, uid, gid, sec,
+                                    nsec, nlink)
+                    if pos % BLOCK == BLOCK - 32:  # a 64-byte inode never straddles blocks
+                        chunks.append(bytes(32))
+                        pos += 32
                 else:
-                    blob = ef.COMPACT_INODE.pack(_PLAIN, 0, mode, nlink, 0, 0, 0, ino, uid, gid)
-                if ext and pos % BLOCK == BLOCK - 32:  # a 64-byte header never straddles
-                    chunks.append(bytes(32))
-                    pos += 32
+                    blob = compact(_PLAIN, 0, mode, nlink, size, rel, blkaddr, ino, uid, gid)
                 nids[o] = pos >> 5
                 chunks.append(blob)
                 pos += len(blob)
@@ -238,13 +253,14 @@ class _Writer:
                     uid, gid = owners.get(o, (uid, gid))
                 ino += 1
                 link = strings[link_off : link_off + link_len]
-                if (mtime != bt or uid >= _U16 or gid >= _U16 or nlink >= _U16):
+                rel = rels[mtime]
+                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16:
                     sec, nsec = divmod(mtime, _NS)
-                    blob = ef.EXTENDED_INODE.pack(_INLINE | 1, 0, _LINK_MODE, 0, link_len, 0,
-                                                  ino, uid, gid, sec, nsec, nlink) + link
+                    blob = extended(_INLINE | 1, 0, _LINK_MODE, 0, link_len, 0, ino, uid, gid,
+                                    sec, nsec, nlink) + link
                 else:
-                    blob = ef.COMPACT_INODE.pack(_INLINE, 0, _LINK_MODE, nlink, link_len, 0, 0,
-                                                 ino, uid, gid) + link
+                    blob = compact(_INLINE, 0, _LINK_MODE, nlink, link_len, rel, 0, ino, uid,
+                                   gid) + link
                 if len(blob) > BLOCK - pos % BLOCK:  # inode and target within one block
                     chunks.append(bytes(-pos % BLOCK))
                     pos += -pos % BLOCK
@@ -266,6 +282,38 @@ class _Writer:
             pos, ino = self.pos, self.inodes
         self.pos, self.inodes = pos, ino
         return self._finish()
+
+    def _times(self) -> dict[int, int]:
+        """Choose the superblock's time (``epoch`` seconds, ``fixed_nsec``) and map each of the
+        layer's mtimes to a compact inode's i_mtime (seconds after the epoch), or to -1 where
+        the inode needs the extended form for its time.
+
+        Without compact mtimes: the most common mtime, and only it is compact (i_mtime 0).
+        With them: the most common nanoseconds, then the 2^32-second window of seconds holding
+        most of the mtimes with those nanoseconds (in practice all of them)."""
+        counts = Counter(r[MTIME] for r in self.rec.records)
+        if not self.compact_mtime:
+            common = counts.most_common(1)[0][0]
+            self.epoch, self.fixed_nsec = divmod(common, _NS)
+            return {m: 0 if m == common else -1 for m in counts}
+        per_nsec: Counter[int] = Counter()
+        for mtime, n in counts.items():
+            per_nsec[mtime % _NS] += n
+        self.fixed_nsec = nsec = min(per_nsec, key=lambda k: (-per_nsec[k], k))
+        self.epoch = _densest_window(sorted(
+            (mtime // _NS, n) for mtime, n in counts.items() if mtime % _NS == nsec))
+        rels = {}
+        for mtime in counts:
+            sec, ns = divmod(mtime, _NS)
+            rel = sec - self.epoch
+            rels[mtime] = rel if ns == nsec and 0 <= rel < _U32 else -1
+        return rels
+
+    def _bad_data(self, o: int, uoff: int, size: int) -> NoReturn:
+        if uoff & (BLOCK - 1):
+            self.fail(o, f"data offset {uoff} in the tar stream is not 512-byte aligned")
+        self.fail(o, f"data [{uoff}, {uoff + size}) lies beyond the tar stream "
+                     f"({self.index.uncompressed_size} bytes)")
 
     def _whiteouts_shown(self, special: set[int]) -> set[int]:
         """Ordinals of the ``.wh.NAME`` entries presented as NAME (no real NAME beside them)."""
@@ -303,7 +351,7 @@ class _Writer:
         nlink = max(r[NLINK], 1)
         xattrs = self._xattrs(o, etype == _DIR) if r[X_COUNT] or etype == _DIR else b""
         if etype == _FILE and r[SIZE]:
-            self._chunked(o, r, mode, nlink, uid, gid, xattrs)
+            self._mapped(o, r, mode, nlink, uid, gid, xattrs)
         elif etype == _SYMLINK:
             self._symlink(o, r, mode, nlink, uid, gid, xattrs)
         elif etype == _DIR:
@@ -326,17 +374,17 @@ class _Writer:
 
     def _header(self, layout: int, mode: int, nlink: int, size: int, iu: int, uid: int,
                 gid: int, mtime: int, xattrs: bytes) -> bytes:
-        """An inode header followed by its xattr body. A 32-byte inode has no mtime of its own
-        (it takes the superblock's build time) and 16-bit uid/gid/nlink; anything else needs
-        the 64-byte form."""
+        """An inode header followed by its xattr body. A 32-byte inode has 16-bit
+        uid/gid/nlink, a 32-bit size and only the times ``_times`` allows; anything else
+        needs the 64-byte form."""
         self.inodes += 1
         icount = (len(xattrs) - 12) // 4 + 1 if xattrs else 0
         if not self._compact(mtime, uid, gid, nlink, size):
             sec, nsec = divmod(mtime, _NS)
             return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
                                           uid, gid, sec, nsec, nlink) + xattrs
-        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, 0, iu, self.inodes,
-                                     uid, gid) + xattrs
+        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, self.rels[mtime], iu,
+                                     self.inodes, uid, gid) + xattrs
 
     def _put(self, blob: bytes, need: int = 0) -> int:
         """Append an inode record (padded here to 32 bytes); returns its nid. Its first
@@ -362,18 +410,15 @@ class _Writer:
         self.pos += len(self.chunks[-1]) - pad
         return blkaddr
 
-    def _chunked(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
-                 xattrs: bytes) -> None:
+    def _mapped(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
+                xattrs: bytes) -> None:
+        """A regular file with data (and xattrs): FLAT_PLAIN at its block of device 1."""
         size, uoff = r[SIZE], r[UOFF]
-        if uoff % BLOCK:
-            self.fail(o, f"data offset {uoff} in the tar stream is not 512-byte aligned")
-        chunkbits = ((size - 1) >> ef.BLKSZBITS).bit_length()
-        if chunkbits > ef.CHUNK_BLKBITS_MAX:
-            self.fail(o, f"file of {size} bytes is larger than one EROFS chunk")
-        head = self._header(_CHUNKED, mode, nlink, size, ef.CHUNK_FORMAT_INDEXES | chunkbits,
-                            uid, gid, r[MTIME], xattrs)
-        index = ef.CHUNK_INDEX.pack(0, 1, uoff // BLOCK)
-        self.nid[o] = self._put(head + bytes(-len(head) % 8) + index)
+        if uoff % BLOCK or uoff + size > self.index.uncompressed_size:
+            self._bad_data(o, uoff, size)
+        blkaddr = self.mapped_blkaddr + uoff // BLOCK
+        self.nid[o] = self._put(self._header(_PLAIN, mode, nlink, size, blkaddr, uid, gid,
+                                             r[MTIME], xattrs))
 
     def _symlink(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
                  xattrs: bytes) -> None:
@@ -400,23 +445,17 @@ class _Writer:
         return nid, len(head), blkaddr, tail
 
     def _compact(self, mtime: int, uid: int, gid: int, nlink: int, size: int) -> bool:
-        return not (mtime != self.build_time or uid >= _U16 or gid >= _U16 or nlink >= _U16
+        return not (self.rels[mtime] < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16
                     or size >= _U32)
 
     def _directory(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
                    xattrs: bytes) -> None:
         entries = self._dirents(o, r)
-        counts = []
-        used = count = 0
-        for name, _ref, _type in entries:
-            need = 12 + len(name)
-            if used + need > BLOCK:
-                counts.append(count)
-                used = count = 0
-            used += need
-            count += 1
-        counts.append(count)
-        size = BLOCK * (len(counts) - 1) + used
+        size = 12 * len(entries) + sum([len(e[0]) for e in entries])
+        if size <= BLOCK:  # most directories: one block, no packing to work out
+            counts = [len(entries)]
+        else:
+            counts, size = _blocks_of(entries)
         nid, head, blkaddr, tail = self._flat(bytes(size), (mode, nlink, uid, gid, r[MTIME],
                                                            xattrs))
         self.nid[o] = nid
@@ -481,8 +520,10 @@ class _Writer:
 
     def _finish(self) -> _Image:
         blocks = -(-self.pos // BLOCK)
-        if blocks >= MAX_BLOCKS:
-            self.fail(0, f"the image needs {blocks} blocks, more than EROFS addresses")
+        if blocks > self.mapped_blkaddr:
+            self.fail(0, f"the image ({blocks} blocks) and the tar stream "
+                         f"({self.device_blocks} blocks) do not fit EROFS's 32-bit block "
+                         "addresses together")
         self.chunks.append(bytes(blocks * BLOCK - self.pos))
         out = bytearray(b"".join(self.chunks))
         self.chunks = []
@@ -518,16 +559,15 @@ class _Writer:
         return b"".join(out)
 
     def _superblock(self, out: bytearray, blocks: int) -> None:
-        bt_s, bt_ns = divmod(self.build_time, _NS)
         uuid = hashlib.sha256(b"clip-erofs\0" + self.index.digest.encode()).digest()[:16]
         ef.SUPER.pack_into(
             out, ef.SUPER_OFFSET, ef.MAGIC, 0, ef.COMPAT_SB_CHKSUM, ef.BLKSZBITS, 0,
-            self.nid[0], self.inodes, bt_s, bt_ns, blocks, 0, 0, uuid, b"clip",
-            ef.INCOMPAT_CHUNKED_FILE | ef.INCOMPAT_DEVICE_TABLE, 0, 1, DEVT_SLOTOFF, 0, 0, 0, 0,
+            self.nid[0], self.inodes, self.epoch, self.fixed_nsec, blocks, 0, 0, uuid, b"clip",
+            ef.INCOMPAT_DEVICE_TABLE, 0, 1, DEVT_SLOTOFF, 0, 0, 0, 0,
         )
         tag = bytes.fromhex(self.index.blob_digest.removeprefix("sha256:"))
         ef.DEVICE_SLOT.pack_into(out, DEVT_SLOTOFF * ef.DEVT_SLOT_SIZE, tag,
-                                 self.device_blocks, 0)
+                                 self.device_blocks, self.mapped_blkaddr)
 
     @staticmethod
     def _checksum(out: bytearray) -> None:
@@ -541,6 +581,37 @@ class _Writer:
 def _dirents_struct(count: int) -> struct.Struct:
     """``count`` dirents (nid, nameoff, file type, reserved) packed by one call."""
     return struct.Struct("<" + "QHBx" * count)
+
+
+def _blocks_of(entries: list[Dirent]) -> tuple[list[int], int]:
+    """(entries per block, data size) of a directory: entries fill blocks in order, none split
+    across a block boundary."""
+    counts = []
+    used = count = 0
+    for name, _ref, _type in entries:
+        need = 12 + len(name)
+        if used + need > BLOCK:
+            counts.append(count)
+            used = count = 0
+        used += need
+        count += 1
+    counts.append(count)
+    return counts, BLOCK * (len(counts) - 1) + used
+
+
+def _densest_window(seconds: list[tuple[int, int]]) -> int:
+    """The first second of the 2^32-second window holding the most entries; ``seconds`` is
+    sorted (second, entries) with distinct seconds."""
+    best = total = lo = 0
+    start = seconds[0][0]
+    for sec, n in seconds:
+        total += n
+        while sec - seconds[lo][0] >= _U32:
+            total -= seconds[lo][1]
+            lo += 1
+        if total > best:
+            best, start = total, seconds[lo][0]
+    return start
 
 
 def _first(entry: Dirent) -> bytes:
