@@ -14,7 +14,9 @@ layer's uncompressed tar stream; the only files clip serves itself are those str
   name list.
 
 Reads are answered by the caller's async callback, each in its own task, so a slow read never
-holds up another request; FUSE_INTERRUPT cancels the read's task.
+holds up another request; FUSE_INTERRUPT cancels the read's task. A restarted daemon must `add`
+every blob it still serves before `run`: a lookup of a name it does not know answers ENOENT, a
+request on an inode it does not know ESTALE (see docs/restarts.md).
 
 EROFS reads a small file as its own few pages of the stream, so a container's start sends one
 small read per file it opens. With ``warm_span`` set, the server brings the rest of each answered
@@ -24,9 +26,7 @@ from what the read path just fetched, instead of one request per later file. Unl
 bytes (FUSE_NOTIFY_STORE, which waits uninterruptibly on page locks that unanswered reads hold, so
 a killed daemon could never exit), readahead only waits killably. Blob files are opened with
 FOPEN_NOFLUSH, so closing one (by the server, by EROFS at unmount, or by the kernel when a process
-dies) never waits for an answer. A restarted daemon must `add`
-every blob it still serves before `run`: a lookup of a name it does not know answers ENOENT, a
-request on an inode it does not know ESTALE (see docs/restarts.md).
+dies) never waits for an answer.
 """
 
 from __future__ import annotations
