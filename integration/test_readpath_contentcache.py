@@ -58,19 +58,25 @@ class Node:
     """One node's read side: its own disk cache, the shared Redis, a counting source."""
 
     def __init__(
-        self, root: Path, aio: AsyncioThread, url: str, blob: Path, cluster: bool = False
+        self, root: Path, aio: AsyncioThread, url: str, blob: Path, cluster: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self.aio = aio
         self.bridge = Bridge(aio.loop)
-        self.content: ContentCache = self.on_loop(self._open(url, cluster))
+        self.content: ContentCache = self.on_loop(self._open(url, cluster, timeout))
         self.source = FileSource(blob)
         self.disk = DiskCache(root)
         policy = ReadPolicy(timeout=10, attempts=2)
         self.readpath = ReadPath(self.bridge, MemoryTier(), policy, self.content)
 
     @staticmethod
-    async def _open(url: str, cluster: bool) -> ContentCache:
-        return open_content_cache({"url": url, "cooldown_seconds": 1.0, "cluster": cluster})
+    async def _open(url: str, cluster: bool, timeout: float | None) -> ContentCache:
+        """``timeout``: per-operation bound (default: the product's); a test about what is
+        shared, not about bounds, raises it so a loaded machine cannot open the breaker."""
+        options: dict[str, object] = {"url": url, "cooldown_seconds": 1.0, "cluster": cluster}
+        if timeout is not None:
+            options["timeout_seconds"] = options["connect_timeout_seconds"] = timeout
+        return open_content_cache(options)
 
     def on_loop(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.aio.loop).result(30)  # type: ignore[arg-type]
@@ -122,11 +128,13 @@ def test_second_node_reads_from_a_redis_cluster(
     made: list[Node] = []
     try:
         for name in ("a", "b"):
-            made.append(Node(tmp_path / name, aio, cluster.url(), blob, cluster=True))
+            made.append(Node(tmp_path / name, aio, cluster.url(), blob, cluster=True,
+                             timeout=10.0))
         a, b = made
         a.run(_read_all(a.layer(index), stream))
         assert a.on_loop(a.content.flush(10))
         b.run(_read_all(b.layer(index), stream))
+        assert a.content.stats.puts_dropped_open == 0  # nothing a's breaker dropped
         assert b.source.bytes_read == 0 and b.readpath.stats.content_hits > 0
     finally:
         for node in made:
