@@ -68,7 +68,7 @@ class BackgroundFetchConfig:
     bytes_per_second: int = 32 * 1024**2
     concurrency: int = 2
     profile_seconds: float = 10.0
-    quiet_seconds: float = 1.0
+    quiet_seconds: float = 3.0
 
 
 @dataclass(frozen=True)
