@@ -100,6 +100,15 @@ async def serving(server: BlobServer) -> AsyncIterator[BlobServer]:
     assert fp.device_of_mount(server.mountpoint) is None
 
 
+def pread(path: Path, offset: int, size: int) -> bytes:
+    """One positioned read through a descriptor of its own (opened and closed here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def read_all(path: Path, chunk: int = MiB) -> bytes:
     out = bytearray()
     with open(path, "rb", buffering=0) as f:
@@ -156,19 +165,12 @@ def test_a_read_warms_the_rest_of_its_span(paths: Paths) -> None:
             span_served.set()
         return data[offset : offset + size]
 
-    def pread(path: Path, size: int, offset: int) -> bytes:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
-
     async def main() -> None:
         server = BlobServer(paths.mnt, paths.sock, warm_span=MiB)
         path = server.add("blob", len(data), read)
         async with serving(server):
             flushes, opens = _counted("flush"), _counted("open")
-            got = await trio.to_thread.run_sync(pread, path, 4096, MiB + 8192)
+            got = await trio.to_thread.run_sync(pread, path, MiB + 8192, 4096)
             assert got == data[MiB + 8192 : MiB + 12288]
             await span_served.wait()  # only the warming asks for the rest of span 1
             assert reads[0] == (MiB + 8192, 4096)
@@ -177,7 +179,7 @@ def test_a_read_warms_the_rest_of_its_span(paths: Paths) -> None:
             got = await trio.to_thread.run_sync(pread, path, MiB, MiB)
             assert got == data[MiB : 2 * MiB]
             assert len(reads) == served  # the whole span came from the page cache
-            got = await trio.to_thread.run_sync(pread, path, 100, MiB + 700_000)
+            got = await trio.to_thread.run_sync(pread, path, MiB + 700_000, 100)
             assert got == data[MiB + 700_000 : MiB + 700_100] and len(reads) == served
             assert _counted("flush") == flushes  # three closes, no FLUSH
             assert _counted("open") == opens + 3 + 1  # the test's three, the server's one
@@ -203,12 +205,6 @@ def test_slow_reads_do_not_hold_up_a_fast_one(paths: Paths) -> None:
             await release.wait()
             return slow_data[offset : offset + size]
 
-        def pread(path: Path, offset: int, size: int) -> bytes:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                return os.pread(fd, size, offset)
-            finally:
-                os.close(fd)
 
         server = BlobServer(paths.mnt, paths.sock)
         slow_path = server.add("slow", len(slow_data), slow)
