@@ -71,6 +71,15 @@ def index_layer(blob: Path, out: Path, **options: Any) -> LayerIndex:
     return LayerIndex.open(out)
 
 
+def pread(path: Path, offset: int, size: int) -> bytes:
+    """One positioned read through a descriptor of its own (opened and closed here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def pattern(n: int, seed: int) -> bytes:
     """Deterministic bytes that compress about 4:3 (random runs with zero gaps), so compressed
     offsets spread like a real binary's and laziness is measurable."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from fs_layers import M, index_layer, write_layer
+from fs_layers import M, index_layer, pread, write_layer
 
 from snapshotter.erofs import write_image
 from snapshotter.erofs.mount import mount_image, unmount
@@ -98,15 +98,6 @@ async def serving(server: BlobServer) -> AsyncIterator[BlobServer]:
     server.unmount()
     await trio.to_thread.run_sync(_wait_exit, pid)
     assert fp.device_of_mount(server.mountpoint) is None
-
-
-def pread(path: Path, offset: int, size: int) -> bytes:
-    """One positioned read through a descriptor of its own (opened and closed here)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
 
 
 def read_all(path: Path, chunk: int = MiB) -> bytes:

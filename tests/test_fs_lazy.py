@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fs_layers import M, index_layer, mounted, pattern, write_layer
+from fs_layers import M, index_layer, mounted, pattern, pread, write_layer
 
 from snapshotter.bridge import AsyncioThread, Bridge
 from snapshotter.cache import DiskCache, LayerCache
@@ -66,14 +66,6 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         finally:
             h.close()
     assert not is_mounted(h.mnt)
-
-
-def pread(path: Path, off: int, n: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
 
 
 def test_small_read_in_big_layer_is_lazy(harness: Harness, big_layer: BigLayer) -> None:
