@@ -39,12 +39,16 @@ from snapshotter.index.tree import Tree
 from snapshotter.index.worker import SideWorker
 from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor
 
-#: compressed bytes per read: each chunk costs the decoding thread a return to Python (and the
-#: GIL), so chunks are large (a streaming build hands data on 4 MiB at a time)
-READ_SIZE = 4 << 20
+#: compressed bytes per read. Each chunk costs the decoding thread a return to Python (and
+#: the GIL), a few microseconds per MiB; each chunk alive (one being read, QUEUE_CHUNKS queued,
+#: one being decoded) costs its size in memory, times the layers building at once.
+READ_SIZE = 1 << 20
 HEAD_SIZE = 1 << 16  # the first read, enough to tell the compression
 BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch (gzip: one piece)
-QUEUE_BATCHES = 4  # pieces queued for the calling thread (2 measured a few % slower)
+#: batches queued for the calling thread. A gzip batch is one 4 MiB piece, and the calling
+#: thread also holds one while the decoder fills the next, so each queued batch costs 4 MiB per
+#: layer building; two keep both threads busy (four measured no faster in a pull of 3 layers).
+QUEUE_BATCHES = 2
 QUEUE_CHUNKS = 2  # compressed chunks read ahead of the decoder (4 gained nothing)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
