@@ -21,7 +21,7 @@ import pytest
 
 from integration.harness.redis import RedisClusterServers, RedisServer
 from snapshotter.contentcache import ContentCacheSettings, block_key, open_content_cache
-from snapshotter.contentcache.redis_backend import RedisContentCache
+from snapshotter.contentcache.redis_backend import MGET_BYTES, RedisContentCache
 from snapshotter.errors import InvalidArgument, Unavailable
 from snapshotter.telemetry import TELEMETRY, scrape
 
@@ -121,7 +121,11 @@ def test_round_trip_cluster_spreads_a_layer_over_masters(cluster: RedisClusterSe
     assert len(holders) > 1
 
 
-def test_batched_get_is_one_mget(server: RedisServer) -> None:
+def test_batched_get_is_pipelined_mgets_of_bounded_size(server: RedisServer) -> None:
+    """10 keys of 1 MiB blocks: MGETs of MGET_BYTES (2 keys) each, in one pipeline, answers
+    in key order; a get that fits one MGET is a single MGET."""
+    per = MGET_BYTES // MIB
+
     async def go() -> None:
         cache = cache_for(server.url(db=2))
         for n in range(8):
@@ -130,6 +134,10 @@ def test_batched_get_is_one_mget(server: RedisServer) -> None:
         server.cli("CONFIG", "RESETSTAT")
         values = await cache.get_blocks(LAYER, list(range(10)))
         assert values[:8] == [block(n, 4096) for n in range(8)] and values[8:] == [None, None]
+        stats = server.cli("INFO", "commandstats")
+        assert f"cmdstat_mget:calls={-(-10 // per)}," in stats
+        server.cli("CONFIG", "RESETSTAT")
+        assert await cache.get_blocks(LAYER, [7, 1][:per]) == [block(7, 4096), block(1, 4096)][:per]
         await cache.close()
 
     run(go())

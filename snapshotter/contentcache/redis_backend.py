@@ -45,6 +45,11 @@ T = TypeVar("T")
 #: One pipelined write batch: at most this many values or bytes.
 _BATCH_ITEMS = 32
 _BATCH_BYTES = 8 << 20
+#: Values one MGET may return, in bytes (at least one key per MGET). redis-py's parser keeps
+#: the raw bytes of a reply besides the values it returns until the whole reply is parsed, so
+#: a read of many blocks goes as one pipeline of small MGETs: one round trip still, and the
+#: parser holds one small reply at a time instead of a second copy of every block.
+MGET_BYTES = 2 << 20
 #: A Redis that refuses writes (full) would refuse every batch: warn at most this often (s).
 _REFUSAL_LOG_INTERVAL = 60.0
 
@@ -170,8 +175,19 @@ class RedisContentCache(ContentCache):
             # MGET per slot, sent to each master in parallel.
             values = await self._client.mget_nonatomic(keys)
         else:
-            values = await self._client.mget(keys)
+            values = await self._mget_grouped(self._client, keys)
         return [bytes(v) if v is not None else None for v in values]
+
+    async def _mget_grouped(self, client: Redis, keys: list[str]) -> list[Any]:
+        """MGET `keys` in groups of at most MGET_BYTES of values, pipelined (see MGET_BYTES)."""
+        per = max(1, MGET_BYTES // self.block_size)
+        if len(keys) <= per:
+            return list(await client.mget(keys))
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(keys), per):
+                pipe.mget(keys[i : i + per])
+            groups = await pipe.execute()
+        return [v for group in groups for v in group]
 
     def _count_gets(self, values: list[bytes | None]) -> None:
         hits = [v for v in values if v is not None]
