@@ -201,12 +201,15 @@ class Inflater:
         self._s.next_in = self._in_addr
         self._s.avail_in = n
 
-    def feed_bytes(self, data: bytes) -> None:
-        """Like ``feed``, without the copy: inflate reads ``data`` in place (a reference is
-        kept until the next feed, so the buffer stays alive while zlib points into it)."""
+    def feed_bytes(self, data: bytes, start: int = 0) -> None:
+        """Like ``feed``, without the copy: inflate reads ``data[start:]`` in place (a
+        reference is kept until the next feed, so the buffer stays alive while zlib points
+        into it)."""
+        if not 0 <= start <= len(data):
+            raise ValueError(f"feed_bytes: start {start} outside {len(data)} bytes")
         self._in_ref = data
-        self._s.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-        self._s.avail_in = len(data)
+        self._s.next_in = (ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0) + start
+        self._s.avail_in = len(data) - start
 
     @property
     def avail_in(self) -> int:

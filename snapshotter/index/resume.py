@@ -172,15 +172,15 @@ class _Run:
     def inflate(self, compressed: bytes) -> None:
         inf = self.inf
         try:
-            data = compressed
-            if not data:
+            if not compressed:
                 return  # the caller reports the missing bytes
+            skip = 0
             if self.start.bits:
-                inf.prime(self.start.bits, data[0] >> (8 - self.start.bits))
-                data = data[1:]
+                inf.prime(self.start.bits, compressed[0] >> (8 - self.start.bits))
+                skip = 1  # the primed byte (fed from the next one on: no copy)
             inf.set_dictionary(self.window)
             fed_end = self.start.coff + len(compressed)
-            inf.feed_bytes(data)
+            inf.feed_bytes(compressed, skip)
             self._loop(fed_end)
         finally:
             inf.close()

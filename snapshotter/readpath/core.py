@@ -435,7 +435,9 @@ class ReadPath:
         if any(v is None for v in values):
             return None
         dstart = numbers[0] * bs
-        data = b"".join(v for v in values if v is not None)
+        blocks = {n: v for n, v in zip(numbers, values, strict=True) if v is not None}
+        del values
+        data = b"".join(blocks.values())
         expected = min((numbers[-1] + 1) * bs, layer.size) - dstart
         try:
             if len(data) != expected:
@@ -451,10 +453,8 @@ class ReadPath:
                         layer.digest, exc)
             return None
         self.stats.content_hits += 1
-        return {
-            b: data[b * bs - dstart : min((b + 1) * bs, layer.size) - dstart]
-            for b in range(p.first, p.last + 1)
-        }
+        del data
+        return {b: blocks[b] for b in range(p.first, p.last + 1)}
 
     def _verify_store(self, layer: Layer, dstart: int, data: bytes, start: int, end: int) -> None:
         """Worker thread: verify every chunk touching [start, end), then store those blocks."""

@@ -84,7 +84,7 @@ class Layer:
         self.tasks = LayerTasks()
         # Places inflation can restart besides the index's checkpoints, recorded by every fetch
         # (bounded): a later miss in the same checkpoint interval starts at the nearest one.
-        self.resume = ResumePoints(index)
+        self.resume = ResumePoints(index, max_points=64)
         #: Compressed bytes held and in flight, so no two fetches request the same bytes.
         self.ranges = LayerRanges()
         cache.set_size(self.size)
