@@ -358,6 +358,9 @@ def test_eviction_keeps_the_disk_cache_under_its_cap(
     first = cluster_image.image
     node.pull(first.ref)
     assert _read(node, first.ref, "first", 2) == cluster_image.middle(2)
+    # the first image whole on disk (background fetch, after its quiet spell) before it goes
+    _wait("the first image's layers on disk",
+          lambda: all(r["complete"] for r in node.cache_ls()), timeout=60)
     node.containerd.ctr("images", "rm", "--sync", first.ref, namespace="clip-lazy")
     _wait("the first image's snapshots to go", lambda: node.committed() == [], timeout=60)
 
