@@ -146,8 +146,9 @@ class _Run:
 
     Output is inflated straight into ``out``, a buffer sized once for the range (plus the
     tail allowance when recording), from ``start.uoff`` on; ``n`` bytes of it are filled. A
-    ctypes array rather than a bytearray: it is allocated zeroed by calloc, so pages the
-    inflation never reaches cost nothing. The compressed position of the inflater is
+    ctypes array: zlib writes into it by address, and slices of it are handed on as views. (An
+    anonymous mapping measured slower here under the daemon's malloc tuning: its page faults
+    cost more than the array's allocation.) The compressed position of the inflater is
     ``fed_end - avail_in`` because every buffer fed is a suffix of the caller's.
     """
 
