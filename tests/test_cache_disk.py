@@ -75,6 +75,24 @@ def test_damaged_record_means_empty(tmp_path: Path) -> None:
     assert not LayerCache(cache.directory, DIGEST, 2 * BS).has(0)
 
 
+def test_record_of_larger_blocks_is_read_as_smaller_ones(tmp_path: Path) -> None:
+    """A cache written with 1 MiB blocks (before blocks were 256 KiB) keeps its bytes."""
+    data = stream(9 * BS + 100)
+    coarse = LayerCache(tmp_path / "layer", DIGEST, 4 * BS)
+    coarse.set_size(len(data))
+    coarse.store(4 * BS, data[4 * BS :])  # coarse blocks 1 and 2 (the last, partial)
+    coarse.flush()
+    coarse.close()
+    fine = LayerCache(tmp_path / "layer", DIGEST, BS)
+    assert [b for b in range(12) if fine.has(b)] == [4, 5, 6, 7, 8, 9]
+    assert fine.present_blocks() == 6  # none past the stream's end
+    assert fine.size == len(data) and fine.read(4 * BS, 6 * BS) == data[4 * BS : 10 * BS]
+    assert not fine.complete()
+    fine.store(0, data[: 4 * BS])
+    assert fine.complete()
+    fine.close()
+
+
 def test_sequential_prefill(tmp_path: Path) -> None:
     disk = open_cache(tmp_path)
     cache = disk.layer(DIGEST)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.cache import BLOCK_SIZE
 from snapshotter.config import ContentCacheConfig
 from snapshotter.contentcache import (
     CircuitBreaker,
@@ -26,7 +27,7 @@ DIGEST = f"sha256:{HEX}"
 
 
 def test_keys_are_content_addressed_and_carry_the_block_size() -> None:
-    assert block_key(DIGEST, 7) == f"clip:v1:{HEX}:b1048576:7"
+    assert block_key(DIGEST, 7) == f"clip:v1:{HEX}:b{BLOCK_SIZE}:7"
     assert block_key(HEX, 7, 65536) == f"clip:v1:{HEX}:b65536:7"
     assert index_key(DIGEST) == f"clip:v1:{HEX}:index"
     assert digest_hex("sha512:" + "ab" * 64) == "ab" * 64

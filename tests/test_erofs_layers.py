@@ -39,6 +39,7 @@ class FakeStreams:
         self.index = index
         self.complete = False
         self.recording = False
+        self.narrow_mounts: list[Path] = []
         self.resumed = False
         self.users = 0
         (self.mountpoint / "blobs").mkdir(parents=True)
@@ -74,6 +75,15 @@ class FakeStreams:
 
     def recording_profile(self, digest: str) -> bool:
         return self.recording
+
+    @contextmanager
+    def narrow_readahead(self) -> Iterator[None]:
+        """Records which layer directories were mounted while readahead was narrow."""
+        target = self.mountpoint.parent / "layers" / NAME
+        before = mount_at(target)
+        yield
+        if mount_at(target) != before:
+            self.narrow_mounts.append(target)
 
     def cache_file(self, digest: str) -> Path:
         return self.cache
@@ -125,6 +135,7 @@ def test_one_mount_per_layer_counted_by_users(streams: FakeStreams, tmp_path: Pa
         assert (target / "etc/hostname").read_bytes() == b"clip\n"
         assert os.stat(target / "usr/bin/tool").st_mode & 0o7777 == 0o4755
         assert layers.mounted() == {DIGEST: target}
+        assert streams.narrow_mounts == []  # no profile recorded: the normal readahead
         await layers.release(LAYER, str(target))
         assert mount_at(target) is not None and streams.users == 1
         await layers.release(LAYER, str(target))
@@ -263,3 +274,5 @@ def test_a_complete_layer_recording_its_start_profile_mounts_over_the_stream(
     root = tmp_path / "root"
     asyncio.run(ErofsLayers(streams, root, "erofs").prepare(LAYER))
     assert mount_at(root / "layers" / NAME) == ("erofs", str(root / "erofs" / f"{NAME}.fuse.img"))
+    # mounted with a narrow readahead: the profile is what the container reads, no more
+    assert streams.narrow_mounts == [root / "layers" / NAME]

@@ -21,6 +21,7 @@ import tarfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import trio
@@ -31,7 +32,7 @@ from snapshotter.erofs.mount import mount_image, unmount
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs import fuseproto as fp
 from snapshotter.fs import holder
-from snapshotter.fs.blobserver import BlobServer, ReadFn, blob_inode
+from snapshotter.fs.blobserver import NARROW_READAHEAD_KIB, BlobServer, ReadFn, blob_inode
 from snapshotter.fs.mounts import lazy_unmount
 
 KiB = 1 << 10
@@ -176,6 +177,79 @@ def test_a_read_warms_the_rest_of_its_span(paths: Paths) -> None:
             assert _counted("open") == opens + 3 + 1  # the test's three, the server's one
             server.remove("blob")  # closes the server's descriptor (no FLUSH either)
             assert _counted("flush") == flushes
+
+    trio.run(main)
+
+
+def test_warming_asks_only_for_what_the_blob_says_is_held(paths: Paths) -> None:
+    """A blob's `warmable` limits warming: a lazy layer's read-path blocks are smaller than the
+    span, and warming must not make the read path fetch the blocks it does not hold."""
+    data = os.urandom(4 * MiB)
+    held = [(MiB, MiB + 256 * KiB), (MiB + 768 * KiB, 2 * MiB)]
+    reads: list[tuple[int, int]] = []
+    warmed = trio.Event()
+    asked: list[tuple[int, int]] = []
+
+    def warmable(start: int, end: int) -> list[tuple[int, int]]:
+        asked.append((start, end))
+        return [(max(lo, start), min(hi, end)) for lo, hi in held if lo < end and start < hi]
+
+    def covered(lo: int, hi: int) -> int:
+        return sum(max(0, min(o + n, hi) - max(o, lo)) for o, n in reads)
+
+    async def read(name: str, offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        if all(covered(lo, hi) >= hi - lo for lo, hi in held):
+            warmed.set()
+        return data[offset : offset + size]
+
+    async def main() -> None:
+        server = BlobServer(paths.mnt, paths.sock, warm_span=MiB)
+        path = server.add("blob", len(data), read, warmable)
+        async with serving(server):
+            got = await trio.to_thread.run_sync(pread, path, MiB + 8192, 4096)
+            assert got == data[MiB + 8192 : MiB + 12288]
+            await warmed.wait()
+            assert set(asked) == {(MiB, 2 * MiB)}  # the read's span (and its warming reads')
+            assert covered(MiB + 256 * KiB, MiB + 768 * KiB) == 0  # the part not held
+            server.warm("blob", 3 * MiB, MiB)  # a caller's range: nothing of it is held
+            assert asked[-1] == (3 * MiB, 4 * MiB)
+
+    trio.run(main)
+    assert all(not (3 * MiB <= o < 4 * MiB) for o, _ in reads)
+
+
+def test_files_opened_in_narrow_readahead_keep_a_small_window(paths: Paths) -> None:
+    """A stream file opened inside `narrow_readahead` (as EROFS opens a recording layer's
+    device) reads ahead at most NARROW_READAHEAD_KIB for as long as it is open; one opened
+    afterwards gets large reads again."""
+    data = os.urandom(16 * MiB)
+
+    def open_unbuffered(path: Path) -> BinaryIO:
+        return open(path, "rb", buffering=0)  # the caller closes it
+
+    def sequential(f: BinaryIO, sizes: list[int]) -> None:
+        sizes.clear()
+        while f.read(64 * KiB):
+            pass
+
+    async def main() -> None:
+        sizes: list[int] = []
+        server = BlobServer(paths.mnt, paths.sock)
+        path = server.add("blob", len(data), memory(data, sizes))
+        async with serving(server):
+            with server.narrow_readahead():  # opens go to this thread's server: not here
+                narrow = await trio.to_thread.run_sync(open_unbuffered, path)
+            wide = await trio.to_thread.run_sync(open_unbuffered, path)
+            with narrow, wide:
+                await trio.to_thread.run_sync(sequential, narrow, sizes)
+                assert sum(sizes) == len(data)
+                assert max(sizes) <= NARROW_READAHEAD_KIB * KiB, sizes
+                await trio.to_thread.run_sync(os.posix_fadvise, wide.fileno(), 0, 0,
+                                              os.POSIX_FADV_DONTNEED)
+                wide.seek(0)
+                await trio.to_thread.run_sync(sequential, wide, sizes)
+                assert max(sizes) >= 512 * KiB, sizes
 
     trio.run(main)
 

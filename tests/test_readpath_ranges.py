@@ -17,8 +17,9 @@ import trio
 import trio.testing
 from fs_layers import M, index_layer, pattern, write_layer
 
-from snapshotter.cache import DiskCache, MemoryTier
+from snapshotter.cache import BLOCK_SIZE, DiskCache, MemoryTier
 from snapshotter.config import BackgroundFetchConfig
+from snapshotter.fs.layerfs import held_parts
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy, Source
 from snapshotter.readpath.ranges import LayerRanges
@@ -287,8 +288,11 @@ def test_profile_runs_are_merged_and_never_overlap(
     blob, _, _ = layer_files
     index = sparse_index  # restart places lie blocks before a run: neighbours overlap
     source = Recorder(blob)
-    # neighbouring runs (gaps of one block) and blocks far apart
-    profile = [0, 1, 3, 4, 6, 12, 13, 18, 19]
+    # neighbouring runs (gaps of one MiB) and runs far apart, in the cache's blocks
+    k = MiB // BLOCK_SIZE
+    work = [list(range(first * k, (last + 1) * k))
+            for first, last in ((0, 1), (3, 4), (6, 6), (12, 13), (18, 19))]
+    profile = [b for blocks in work for b in blocks]
 
     async def body(rp: ReadPath, layer: Layer) -> None:
         warmed: list[list[int]] = []
@@ -299,8 +303,8 @@ def test_profile_runs_are_merged_and_never_overlap(
 
         fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=4),
                                 on_profile_run=on_profile_run)
-        merged = merge_runs(layer, [[0, 1], [3, 4], [6], [12, 13], [18, 19]], 8)
-        assert merged[0] == [0, 1, 2, 3, 4, 5, 6]  # one request instead of three overlapping
+        merged = merge_runs(layer, work, 8 * k)
+        assert merged[0] == list(range(7 * k))  # one request instead of three overlapping
         assert len(merged) < 5
         source.gate = trio.Event()
         async with trio.open_nursery() as n:
@@ -471,3 +475,22 @@ def test_bytes_that_do_not_inflate_are_requested_again_once(
     trio.run(main)
     assert len(source.requests) == 2 and source.requests[0] == source.requests[1]
     assert rp.stats.source_errors == 0
+
+
+def test_warming_is_limited_to_held_blocks_and_off_while_a_profile_is_recorded(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    """What the blob server may warm of a lazy layer (`held_parts`): the blocks on disk, never
+    one a READ would have to fetch; nothing while the layer records its start profile (the
+    profile is what the container reads, not what warming adds)."""
+    blob, index, stream = layer_files
+    layer = Layer("l", index, FileSource(blob), DiskCache(tmp_path).layer(index.blob_digest))
+    bs = layer.cache.block_size
+    layer.cache.store(2 * bs, stream[2 * bs : 4 * bs])
+    layer.cache.store(5 * bs, stream[5 * bs : 6 * bs])
+    assert held_parts(layer, bs, 7 * bs) == [(2 * bs, 4 * bs), (5 * bs, 6 * bs)]
+    assert held_parts(layer, 2 * bs + 10, 5 * bs + 20) == [(2 * bs + 10, 4 * bs),
+                                                             (5 * bs, 5 * bs + 20)]
+    assert held_parts(layer, 0, 2 * bs) == []
+    layer.record_profile(3600)
+    assert held_parts(layer, bs, 7 * bs) == []

@@ -78,7 +78,10 @@ def test_profiles_round_trip_and_reject_foreign() -> None:
     data = encode_profile(d, MiB, [5, 1, 5, 3])
     assert decode_profile(data, d, MiB) == [1, 3, 5]
     assert decode_profile(data, "sha256:" + "cd" * 32, MiB) is None
-    assert decode_profile(data, d, 4096) is None
+    # a profile of larger blocks (published before blocks were 256 KiB) in this size's blocks
+    assert decode_profile(data, d, MiB // 4) == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    assert decode_profile(data, d, 2 * MiB) is None  # coarser than recorded: cannot be split
+    assert decode_profile(data, d, 3 << 18) is None  # not a divisor of the recorded size
     assert decode_profile(b"not json", d, MiB) is None
     assert decode_profile(json.dumps({"layer": d, "block_size": MiB, "blocks": [-1]}).encode(),
                           d, MiB) is None

@@ -28,6 +28,7 @@ mounted anew for new snapshots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -84,6 +85,8 @@ class LayerStreams(Protocol):
     def is_complete(self, digest: str) -> bool: ...
 
     def recording_profile(self, digest: str) -> bool: ...
+
+    def narrow_readahead(self) -> contextlib.AbstractContextManager[None]: ...
 
     def cache_file(self, digest: str) -> Path: ...
 
@@ -223,8 +226,12 @@ class ErofsLayers:
         self.images.mkdir(parents=True, exist_ok=True)
         target.mkdir(parents=True, exist_ok=True)
         write_image(index, image, compact_mtime=self.compact_mtime)
+        # EROFS opens the stream at mount, and keeps the readahead window it had then: a layer
+        # recording its profile reads with a narrow one, so the profile is what was read
+        narrow = over_fuse and self.inner.recording_profile(digest)
         try:
-            mount_image(image, device, target)
+            with self.inner.narrow_readahead() if narrow else contextlib.nullcontext():
+                mount_image(image, device, target)
         except ClipError as exc:
             image.unlink(missing_ok=True)
             raise type(exc)(f"layer {digest} of {layer.image_ref}: {exc}") from None

@@ -20,6 +20,7 @@ resend what was in flight, and serves on (docs/restarts.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -46,6 +47,9 @@ MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _START_TIMEOUT = 30.0
 _FLUSH_PERIOD = 2.0
+#: What the blob server warms around a read (and the READ size it asks the kernel for): the
+#: kernel's largest FUSE READ. Larger than a read-path block (see `held_parts`).
+WARM_SPAN = 1 << 20
 
 
 class LayerFS:
@@ -90,9 +94,8 @@ class LayerFS:
         if self._holder is not None:
             # never stat the mount itself: a session kept for us waits for its server (us)
             mp = Path(os.path.realpath(given.parent)) / given.name
-            # warm the read path's unit: a read leaves its whole block on disk or in memory
             self.server = BlobServer(mp, self._holder, wait_for_restore=True,
-                                     warm_span=self.cache.block_size)
+                                     warm_span=WARM_SPAN)
             if not is_mounted(mp):
                 mp.mkdir(parents=True, exist_ok=True)
         else:
@@ -241,7 +244,7 @@ class LayerFS:
             async def stream(name: str, offset: int, size: int) -> bytes:
                 return await read(layer, offset, size)
 
-            self.server.add(layer_id, layer.size, stream)
+            self.server.add(layer_id, layer.size, stream, functools.partial(held_parts, layer))
         return self.mountpoint / layer_id
 
     def detach(self, layer_id: str) -> Layer:
@@ -262,6 +265,12 @@ class LayerFS:
                 pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
         return attached.layer
 
+    def narrow_readahead(self) -> contextlib.AbstractContextManager[None]:
+        """`BlobServer.narrow_readahead` in blob-server mode (nothing in FUSE-tree mode)."""
+        if self.server is None:
+            return contextlib.nullcontext()
+        return self.server.narrow_readahead()
+
     def warm(self, layer: Layer, blocks: list[int]) -> None:
         """Blob-server mode: bring these fetched blocks of `layer` into the kernel's page cache
         (the FUSE thread; nothing in FUSE-tree mode, whose files the kernel asks for anyway)."""
@@ -276,3 +285,24 @@ class LayerFS:
         if self.mountpoint is None or layer_id not in self.ops.by_name:
             raise NotFound(f"fuse: layer {layer_id} is not attached")
         return self.mountpoint / layer_id
+
+
+def held_parts(layer: Layer, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of stream bytes ``[start, end)`` whose blocks are on disk: what warming may
+    ask for without fetching (measured: letting warming fetch the rest of each 1 MiB span made
+    the scipy start fetch 78.6 MB instead of 66.1 and run slower, even with the background pass
+    on). None while the layer records its start profile: the profile is the blocks the
+    container's own reads touch, and warming would add their neighbours."""
+    if layer.recording_profile:
+        return []
+    cache, bs = layer.cache, layer.cache.block_size
+    parts: list[tuple[int, int]] = []
+    for block in range(start // bs, -(-end // bs)):
+        if not cache.has(block):
+            continue
+        lo, hi = max(start, block * bs), min(end, (block + 1) * bs)
+        if parts and parts[-1][1] == lo:
+            parts[-1] = (parts[-1][0], hi)
+        else:
+            parts.append((lo, hi))
+    return parts

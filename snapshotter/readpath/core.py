@@ -7,7 +7,7 @@ disk; disk bytes are read with `pread`, so the kernel page cache is their memory
 them into the LRU as well would hold them twice, in the daemon's RSS). The LRU holds what the
 disk could not take (cache full, write failed), so such a layer is not fetched again per read.
 
-Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (1 MiB) of the layer's
+Unit of caching and of single flight: aligned blocks of `BLOCK_SIZE` (256 KiB) of the layer's
 *uncompressed* stream (the last block ends at the stream end). A FUSE read of a file range maps
 to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
 
@@ -27,7 +27,7 @@ to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
   earlier fetch passed instead of the whole interval again.
 - How far a flight reaches (widening, fragments of a sequential reader): see `plan.py`.
 - A flight first asks the shared ContentCache (when configured) for its blocks, widened to
-  whole verification chunks (chunks may cross 1 MiB blocks), in one round trip through the
+  whole verification chunks (chunks may cross blocks), in one round trip through the
   Bridge; the joined bytes are checked against every chunk digest the flight's range touches.
   A missing block or a mismatch (logged, counted in `clip_verification_failures_total`) makes
   the flight go to the registry instead. Registry bytes are written to disk and queued for the

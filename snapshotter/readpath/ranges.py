@@ -1,6 +1,6 @@
 """One layer's compressed bytes as fetches see them: held, in flight, and the gaps to request.
 
-Why this exists: the read path single-flights *uncompressed* 1 MiB blocks, but a flight needs
+Why this exists: the read path single-flights *uncompressed* blocks, but a flight needs
 the *compressed* bytes from a restart place (an index checkpoint or a recorded resume point)
 before its blocks to the end of the deflate block after them. Two flights for neighbouring
 blocks therefore need overlapping compressed ranges: concurrent ones start at the same

@@ -29,19 +29,24 @@ def encode_profile(layer_digest: str, block_size: int, blocks: Iterable[int]) ->
 
 
 def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int] | None:
-    """The profile's blocks, or None when it is malformed or for another layer/block size."""
+    """The profile's blocks in `block_size` units, or None when it is malformed, for another
+    layer, or recorded in blocks that are not a multiple of `block_size` (a profile of
+    larger blocks, as published before blocks were 256 KiB, is read as their smaller ones)."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(doc, dict) or doc.get("layer") != layer_digest:
         return None
-    blocks = doc.get("blocks")
-    if doc.get("block_size") != block_size or not isinstance(blocks, list):
+    blocks, recorded = doc.get("blocks"), doc.get("block_size")
+    if not isinstance(recorded, int) or recorded < block_size or recorded % block_size:
+        return None
+    if not isinstance(blocks, list):
         return None
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
         return None
-    return sorted(set(blocks))
+    split = recorded // block_size
+    return sorted({part for b in set(blocks) for part in range(b * split, (b + 1) * split)})
 
 
 def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:

@@ -210,6 +210,10 @@ class RemoteLayerProvider:
         attached = fs.ops.by_name.get(layer_id(digest)) if fs is not None else None
         return attached is not None and attached.layer.recording_profile
 
+    def narrow_readahead(self) -> contextlib.AbstractContextManager[None]:
+        """Stream files opened in the body read ahead little (`BlobServer.narrow_readahead`)."""
+        return self.fs.narrow_readahead() if self.fs is not None else contextlib.nullcontext()
+
     def cache_file(self, digest: str) -> Path:
         """The disk-cache file holding the layer's uncompressed stream (sparse until complete)."""
         return self.cache.directory / digest_hex(digest) / "data"
