@@ -44,6 +44,7 @@ from integration.harness.proxy import CountingProxy
 from integration.harness.redis import RedisServer
 from integration.harness.registry import RegistryServer, free_port
 from integration.test_lazy_e2e import Node
+from snapshotter.cache import BLOCK_SIZE
 from snapshotter.contentcache import block_key
 from snapshotter.index import LayerIndex
 from snapshotter.telemetry import scrape
@@ -175,7 +176,7 @@ def _all_shared(server: RedisServer, image: BuiltImage) -> Callable[[], bool]:
     keys = [
         block_key(d, b)
         for d, size in zip(image.layer_digests, image.uncompressed_sizes, strict=True)
-        for b in range(-(-size // MiB))
+        for b in range(-(-size // BLOCK_SIZE))
     ]
 
     def check() -> bool:
@@ -240,12 +241,12 @@ def test_corrupt_value_is_rejected_and_a_stopped_redis_is_skipped(
         _wait("node A to share every block", _all_shared(server, image))
         index = LayerIndex.open(a.clip.root / "indexes" / cluster_image.big_digest[7:])
         big = index.entry(index.lookup("big.bin") or 0)
-        block = (big.uoff + 8 * MiB + MiB // 2) // MiB
+        block = (big.uoff + 8 * MiB + MiB // 2) // BLOCK_SIZE
         client = redis.Redis(port=server.port)
         key = block_key(cluster_image.big_digest, block)
         value = bytearray(client.get(key) or b"")
         value[1000:1010] = bytes(10)
-        value[500_000:500_010] = b"corrupted!"
+        value[BLOCK_SIZE // 2 : BLOCK_SIZE // 2 + 10] = b"corrupted!"
         client.set(key, bytes(value))
 
         b = cluster_nodes([proxy.host], "cb", _cache_section(server, background=False))

@@ -22,7 +22,7 @@ import trio.testing
 
 from integration.harness.redis import RedisClusterServers, RedisServer
 from snapshotter.bridge import AsyncioThread, Bridge
-from snapshotter.cache import DiskCache, MemoryTier
+from snapshotter.cache import BLOCK_SIZE, DiskCache, MemoryTier
 from snapshotter.config import BackgroundFetchConfig
 from snapshotter.contentcache import ContentCache, block_key, open_content_cache
 from snapshotter.index import LayerIndex
@@ -178,18 +178,18 @@ def test_a_corrupt_value_is_rejected_and_replaced(
     a.run(_read_all(a.layer(index), stream))
     assert a.on_loop(a.content.flush(10))
     big = index.entry(index.lookup("big") or 0)
-    block = (big.uoff + 3 * MiB) // MiB
+    block = (big.uoff + 3 * MiB) // BLOCK_SIZE
     key = block_key(index.blob_digest, block)
     client = redis.Redis(port=redis_server.port)
     good = client.get(key)
-    assert good is not None and len(good) == MiB
+    assert good is not None and len(good) == BLOCK_SIZE
     client.set(key, good[:100] + b"X" + good[101:])
 
     b = nodes("b")
     layer = b.layer(index)
 
     async def body(rp: ReadPath) -> None:
-        uoff = block * MiB + 4096
+        uoff = block * BLOCK_SIZE + 4096
         assert await rp.read(layer, uoff, 8192) == stream[uoff : uoff + 8192]
 
     b.run(body)
@@ -224,7 +224,7 @@ def test_background_fetch_completes_a_layer_profile_first(
     node = nodes("bg")
     layer = node.layer(index)
     options = BackgroundFetchConfig(enabled=True, bytes_per_second=8 * MiB, concurrency=2)
-    nblocks = -(-len(stream) // MiB)
+    nblocks = -(-len(stream) // BLOCK_SIZE)
     profile = [nblocks - 1, 2]
     order: list[int] = []
     original = node.readpath.fetch_blocks

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from integration.harness.redis import RedisClusterServers, RedisServer
+from snapshotter.cache import BLOCK_SIZE
 from snapshotter.contentcache import ContentCacheSettings, block_key, open_content_cache
 from snapshotter.contentcache.redis_backend import MGET_BYTES, RedisContentCache
 from snapshotter.errors import InvalidArgument, Unavailable
@@ -122,9 +123,10 @@ def test_round_trip_cluster_spreads_a_layer_over_masters(cluster: RedisClusterSe
 
 
 def test_batched_get_is_pipelined_mgets_of_bounded_size(server: RedisServer) -> None:
-    """10 keys of 1 MiB blocks: MGETs of MGET_BYTES (2 keys) each, in one pipeline, answers
-    in key order; a get that fits one MGET is a single MGET."""
-    per = MGET_BYTES // MIB
+    """10 keys of blocks: MGETs of MGET_BYTES (8 keys of 256 KiB) each, in one pipeline,
+    answers in key order; a get that fits one MGET is a single MGET."""
+    per = MGET_BYTES // BLOCK_SIZE
+    assert 1 < per < 10
 
     async def go() -> None:
         cache = cache_for(server.url(db=2))
