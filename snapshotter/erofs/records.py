@@ -1,15 +1,19 @@
 """Raw access to an index's entry records, for code that walks every entry once.
 
 ``LayerIndex.entry()`` builds an ``Entry`` per call (about 1.7 us); the EROFS writer needs every
-record of the layer and would spend most of its time there. ``Records`` unpacks the whole
-record array in one ``iter_unpack`` (the layout is ``snapshotter.index.format.ENTRY``) and
-slices names straight from the string table. It reads the index's body through the reader's
+record of the layer and would spend most of its time there. ``Records`` hands out the raw
+record tuples (the layout is ``snapshotter.index.format.ENTRY``): a pass is one
+``iter_unpack`` and a single record one ``unpack_from``, so no pass keeps them all (a list of
+every record of a 50,000-entry layer is ~22 MB of tuples). Names are sliced straight from the
+string table and kept, as the writer looks them up at random (bisect among siblings). It reads the index's body through the reader's
 private fields, so it lives next to its one other user of the same facts, the FUSE tree's
 hardlink-owner rule (``link_owners``).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from snapshotter.index import EntryType, LayerIndex
@@ -24,21 +28,30 @@ HARDLINK: Final = int(EntryType.HARDLINK)
 
 Record = tuple[int, ...]
 
+_UNPACK = fmt.ENTRY.unpack_from
+#: The leading fields of every ENTRY (path_off, path_len, name_len), then the rest skipped.
+_NAME_FIELDS = struct.Struct("<III" + f"{fmt.ENTRY.size - 12}x")
+
 
 class Records:
-    """Every entry record of one index, and its names, decoded once."""
+    """The entry records of one index, unpacked per pass or per record, and its names."""
 
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
         data = index._data
-        count = len(index)
-        self.records: list[Record] = list(
-            fmt.ENTRY.iter_unpack(memoryview(data)[: count * fmt.ENTRY.size])
-        )
+        self._entries = memoryview(data)[: len(index) * fmt.ENTRY.size]
         base = index._str_base
         self.names: list[bytes] = [
-            data[base + r[0] + r[1] - r[2] : base + r[0] + r[1]] for r in self.records
+            data[base + off + length - name : base + off + length]
+            for off, length, name in _NAME_FIELDS.iter_unpack(self._entries)
         ]
+
+    def __iter__(self) -> Iterator[Record]:
+        """Every record in ordinal order, each tuple made as the pass reaches it."""
+        return fmt.ENTRY.iter_unpack(self._entries)
+
+    def record(self, ordinal: int) -> Record:
+        return _UNPACK(self._entries, ordinal * fmt.ENTRY.size)
 
     @property
     def strings_len(self) -> int:
@@ -50,10 +63,10 @@ class Records:
 
     def link_owners(self) -> dict[int, tuple[int, int]]:
         """``link_owners`` over these records."""
-        return _owners(self.records)
+        return _owners(self)
 
 
-def _owners(records: list[Record]) -> dict[int, tuple[int, int]]:
+def _owners(records: Iterable[Record]) -> dict[int, tuple[int, int]]:
     best: dict[int, tuple[tuple[int, int], int, int]] = {}
     for ordinal, r in enumerate(records):
         if r[TYPE] == HARDLINK and r[LINK_TARGET] >= 0:

@@ -34,8 +34,10 @@ import os
 import stat
 import struct
 import tempfile
+from array import array
 from collections import Counter
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import NoReturn
 
@@ -84,6 +86,10 @@ _IFMT = {_FILE: stat.S_IFREG, _DIR: stat.S_IFDIR, _SYMLINK: stat.S_IFLNK, _CHAR:
 _FTYPE = {_FILE: ef.FT_REG, _DIR: ef.FT_DIR, _SYMLINK: ef.FT_LNK, _CHAR: ef.FT_CHR,
           _BLOCK: ef.FT_BLK, _FIFO: ef.FT_FIFO}
 _U16, _U32 = 1 << 16, 1 << 32
+#: Entry type code -> dirent file type (0 for hardlinks: a link shows its target's type).
+_FTYPES = bytes(_FTYPE.get(t, 0) for t in range(256))
+_TYPE_OF, _MTIME_OF = itemgetter(TYPE), itemgetter(MTIME)
+_ZERO32 = bytes(32)
 
 
 class ErofsError(InvalidArgument):
@@ -101,7 +107,7 @@ class ImageInfo:
 
 @dataclass
 class _Image:
-    data: bytes
+    data: bytearray
     inodes: int
     blocks: int
     device_blocks: int
@@ -109,7 +115,7 @@ class _Image:
 
 def image_bytes(index: LayerIndex, *, compact_mtime: bool = False) -> bytes:
     """The image for ``index`` in memory (what ``write_image`` writes)."""
-    return _build(index, compact_mtime).data
+    return bytes(_build(index, compact_mtime).data)
 
 
 def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -> ImageInfo:
@@ -124,7 +130,7 @@ def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 is for secrets; an image is not one
-            f.write(image.data)
+            f.write(image.data)  # the build's own buffer: no copy of the image
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -191,10 +197,10 @@ class _Writer:
             self.fail(0, f"the tar stream ({index.uncompressed_size} bytes) is beyond 2^32 "
                          "blocks of 512 bytes")
         self.mapped_blkaddr = MAPPED_END - self.device_blocks
-        self.chunks: list[bytes] = [bytes(FIRST_INODE)]
+        self.out = bytearray(FIRST_INODE)  # the image, inode by inode, then patched in place
         self.pos = FIRST_INODE
         self.inodes = 0
-        self.nid = [-1] * len(index)
+        self.nid = array("q", [-1]) * len(index)
         self.whiteout_nid: dict[int, int] = {}
         self.dirs: list[_Dir] = []
 
@@ -205,7 +211,7 @@ class _Writer:
     # -- the walk ---------------------------------------------------------------------------
 
     def build(self) -> _Image:
-        records, names = self.rec.records, self.rec.names
+        names = self.rec.names
         for ordinal, name in enumerate(names):
             if len(name) > ef.NAME_LEN:
                 self.fail(ordinal, f"name is {len(name)} bytes (EROFS allows {ef.NAME_LEN})")
@@ -213,14 +219,14 @@ class _Writer:
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
-        self.ftypes = [_FTYPE.get(r[TYPE], 0) for r in records]
-        self.links = {o: r[LINK_TARGET] for o, r in enumerate(records) if r[TYPE] == _HARDLINK}
-        chunks, nids = self.chunks, self.nid
+        self.ftypes = bytes(map(_FTYPES.__getitem__, map(_TYPE_OF, self.rec)))
+        self.links = {o: r[LINK_TARGET] for o, r in enumerate(self.rec) if r[TYPE] == _HARDLINK}
+        out, nids = self.out, self.nid
         compact, extended = ef.COMPACT_INODE.pack, ef.EXTENDED_INODE.pack
         base, stream = self.mapped_blkaddr, self.index.uncompressed_size
         pos, ino = self.pos, self.inodes
         strings = self.rec.string(0, self.rec.strings_len)
-        for o, r in enumerate(records):
+        for o, r in enumerate(self.rec):
             (_po, _pl, _nl, _parent, etype, mode, uid, gid, size, mtime, uoff, link_off,
              link_len, target, nlink, _ma, _mi, _xf, xcount, _fc, _cc, _cf) = r
             if etype == _FILE and not xcount and o not in special:  # the common case, inline
@@ -239,12 +245,12 @@ class _Writer:
                     blob = extended(_PLAIN | 1, 0, mode, 0, size, blkaddr, ino, uid, gid, sec,
                                     nsec, nlink)
                     if pos % BLOCK == BLOCK - 32:  # a 64-byte inode never straddles blocks
-                        chunks.append(bytes(32))
+                        out += _ZERO32
                         pos += 32
                 else:
                     blob = compact(_PLAIN, 0, mode, nlink, size, rel, blkaddr, ino, uid, gid)
                 nids[o] = pos >> 5
-                chunks.append(blob)
+                out += blob
                 pos += len(blob)
                 continue
             if etype == _SYMLINK and 0 < link_len < _SHORT_LINK and not xcount \
@@ -262,11 +268,11 @@ class _Writer:
                     blob = compact(_INLINE, 0, _LINK_MODE, nlink, link_len, rel, 0, ino, uid,
                                    gid) + link
                 if len(blob) > BLOCK - pos % BLOCK:  # inode and target within one block
-                    chunks.append(bytes(-pos % BLOCK))
+                    out += bytes(-pos % BLOCK)
                     pos += -pos % BLOCK
                 nids[o] = pos >> 5
                 blob += bytes(-len(blob) % 32)
-                chunks.append(blob)
+                out += blob
                 pos += len(blob)
                 continue
             if etype == _HARDLINK:
@@ -291,7 +297,7 @@ class _Writer:
         Without compact mtimes: the most common mtime, and only it is compact (i_mtime 0).
         With them: the most common nanoseconds, then the 2^32-second window of seconds holding
         most of the mtimes with those nanoseconds (in practice all of them)."""
-        counts = Counter(r[MTIME] for r in self.rec.records)
+        counts = Counter(map(_MTIME_OF, self.rec))
         if not self.compact_mtime:
             common = counts.most_common(1)[0][0]
             self.epoch, self.fixed_nsec = divmod(common, _NS)
@@ -317,14 +323,14 @@ class _Writer:
 
     def _whiteouts_shown(self, special: set[int]) -> set[int]:
         """Ordinals of the ``.wh.NAME`` entries presented as NAME (no real NAME beside them)."""
-        records, names = self.rec.records, self.rec.names
+        record, names = self.rec.record, self.rec.names
         out = set()
         for ordinal in special:
             name = names[ordinal]
             if name.startswith(META):
                 continue
             real = name[len(WHITEOUT):]
-            parent = records[records[ordinal][PARENT]]
+            parent = record(record(ordinal)[PARENT])
             lo = parent[FIRST_CHILD]
             hi = lo + parent[CHILD_COUNT]
             i = bisect.bisect_left(names, real, lo, hi)
@@ -392,22 +398,22 @@ class _Writer:
         need = max(need, 64 if blob[0] & 1 else 32)
         room = BLOCK - self.pos % BLOCK
         if need > room:
-            self.chunks.append(bytes(room))
+            self.out += bytes(room)
             self.pos += room
         nid = self.pos >> 5
         blob += bytes(-len(blob) % 32)
-        self.chunks.append(blob)
+        self.out += blob
         self.pos += len(blob)
         return nid
 
     def _put_blocks(self, data: bytes) -> int:
         """Append whole blocks (data zero-padded to a block multiple); returns the first
         block's address."""
-        pad = -self.pos % BLOCK
-        self.chunks.append(bytes(pad) + data + bytes(-len(data) % BLOCK))
-        self.pos += pad
-        blkaddr = self.pos // BLOCK
-        self.pos += len(self.chunks[-1]) - pad
+        self.out += bytes(-self.pos % BLOCK)
+        blkaddr = len(self.out) // BLOCK
+        self.out += data
+        self.out += bytes(-len(data) % BLOCK)
+        self.pos = len(self.out)
         return blkaddr
 
     def _mapped(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
@@ -510,7 +516,7 @@ class _Writer:
         return out
 
     def _opaque(self, ordinal: int) -> bool:
-        r = self.rec.records[ordinal]
+        r = self.rec.record(ordinal)
         lo, hi = r[FIRST_CHILD], r[FIRST_CHILD] + r[CHILD_COUNT]
         names = self.rec.names
         i = bisect.bisect_left(names, OPAQUE, lo, hi)
@@ -524,9 +530,8 @@ class _Writer:
             self.fail(0, f"the image ({blocks} blocks) and the tar stream "
                          f"({self.device_blocks} blocks) do not fit EROFS's 32-bit block "
                          "addresses together")
-        self.chunks.append(bytes(blocks * BLOCK - self.pos))
-        out = bytearray(b"".join(self.chunks))
-        self.chunks = []
+        out = self.out
+        out += bytes(blocks * BLOCK - self.pos)
         for d in self.dirs:
             data = self._dir_data(d)
             full = len(data) - d.tail
@@ -536,7 +541,7 @@ class _Writer:
                 out[start : start + d.tail] = data[full:]
         self._superblock(out, blocks)
         self._checksum(out)
-        return _Image(bytes(out), self.inodes, blocks, self.device_blocks)
+        return _Image(out, self.inodes, blocks, self.device_blocks)
 
     def _dir_data(self, d: _Dir) -> bytes:
         """A directory's data: blocks of dirents (nid, name offset, type) followed by their
