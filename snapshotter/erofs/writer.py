@@ -37,7 +37,6 @@ import tempfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,6 +52,7 @@ from snapshotter.erofs.records import (
     MINOR,
     MODE,
     MTIME,
+    MTIME_FIELD,
     NLINK,
     PARENT,
     SIZE,
@@ -88,7 +88,6 @@ _FTYPE = {_FILE: ef.FT_REG, _DIR: ef.FT_DIR, _SYMLINK: ef.FT_LNK, _CHAR: ef.FT_C
 _U16, _U32 = 1 << 16, 1 << 32
 #: Entry type code -> dirent file type (0 for hardlinks: a link shows its target's type).
 _FTYPES = bytes(_FTYPE.get(t, 0) for t in range(256))
-_TYPE_OF, _MTIME_OF = itemgetter(TYPE), itemgetter(MTIME)
 _ZERO32 = bytes(32)
 
 
@@ -219,8 +218,8 @@ class _Writer:
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
-        self.ftypes = bytes(map(_FTYPES.__getitem__, map(_TYPE_OF, self.rec)))
-        self.links = {o: r[LINK_TARGET] for o, r in enumerate(self.rec) if r[TYPE] == _HARDLINK}
+        self.ftypes = self.rec.types.translate(_FTYPES)
+        self.links = {o: self.rec.record(o)[LINK_TARGET] for o in self.rec.hardlinks()}
         out, nids = self.out, self.nid
         compact, extended = ef.COMPACT_INODE.pack, ef.EXTENDED_INODE.pack
         base, stream = self.mapped_blkaddr, self.index.uncompressed_size
@@ -297,7 +296,7 @@ class _Writer:
         Without compact mtimes: the most common mtime, and only it is compact (i_mtime 0).
         With them: the most common nanoseconds, then the 2^32-second window of seconds holding
         most of the mtimes with those nanoseconds (in practice all of them)."""
-        counts = Counter(map(_MTIME_OF, self.rec))
+        counts = Counter(self.rec.column(MTIME_FIELD))
         if not self.compact_mtime:
             common = counts.most_common(1)[0][0]
             self.epoch, self.fixed_nsec = divmod(common, _NS)
