@@ -89,6 +89,7 @@ _U16, _U32 = 1 << 16, 1 << 32
 #: Entry type code -> dirent file type (0 for hardlinks: a link shows its target's type).
 _FTYPES = bytes(_FTYPE.get(t, 0) for t in range(256))
 _ZERO32 = bytes(32)
+_NAMEOFF = struct.Struct("<H")
 
 
 class ErofsError(InvalidArgument):
@@ -171,16 +172,11 @@ _SHORT_LINK = BLOCK - 64
 Dirent = tuple[bytes, int, int]
 
 
-@dataclass
-class _Dir:
-    """A directory whose data is written once every nid is known."""
-
-    nid: int
-    head: int  # inode header + xattrs: the inline tail starts here
-    blkaddr: int
-    tail: int  # bytes of the last block stored inline after the inode
-    entries: list[Dirent]
-    counts: list[int]  # entries per 512-byte block
+#: A placed directory whose dirents still name ordinals: (nid, inode header + xattrs length
+#: (the inline tail starts there), first block, inline tail length, blocks of dirents).
+_Dir = tuple[int, int, int, int, int]
+#: Added to a whiteout's ordinal in a dirent's nid field until nids are patched in.
+_WH_REF = 1 << 32
 
 
 class _Writer:
@@ -461,10 +457,10 @@ class _Writer:
             counts = [len(entries)]
         else:
             counts, size = _blocks_of(entries)
-        nid, head, blkaddr, tail = self._flat(bytes(size), (mode, nlink, uid, gid, r[MTIME],
-                                                           xattrs))
+        data = _dir_data(entries, counts)
+        nid, head, blkaddr, tail = self._flat(data, (mode, nlink, uid, gid, r[MTIME], xattrs))
         self.nid[o] = nid
-        self.dirs.append(_Dir(nid, head, blkaddr, tail, entries, counts))
+        self.dirs.append((nid, head, blkaddr, tail, len(counts)))
 
     def _dirents(self, o: int, r: Record) -> list[Dirent]:
         """The directory's presented entries, sorted by name bytes (as EROFS requires)."""
@@ -531,36 +527,26 @@ class _Writer:
                          "addresses together")
         out = self.out
         out += bytes(blocks * BLOCK - self.pos)
-        for d in self.dirs:
-            data = self._dir_data(d)
-            full = len(data) - d.tail
-            out[d.blkaddr * BLOCK : d.blkaddr * BLOCK + full] = data[:full]
-            if d.tail:
-                start = (d.nid << 5) + d.head
-                out[start : start + d.tail] = data[full:]
+        for nid, head, blkaddr, tail, blocks_of_dir in self.dirs:
+            for n in range(blocks_of_dir):
+                if tail and n == blocks_of_dir - 1:
+                    self._patch_nids(out, (nid << 5) + head)
+                else:
+                    self._patch_nids(out, (blkaddr + n) * BLOCK)
         self._superblock(out, blocks)
         self._checksum(out)
         return _Image(out, self.inodes, blocks, self.device_blocks)
 
-    def _dir_data(self, d: _Dir) -> bytes:
-        """A directory's data: blocks of dirents (nid, name offset, type) followed by their
-        names; every block but the last padded with zeros to 512 bytes."""
+    def _patch_nids(self, out: bytearray, start: int) -> None:
+        """Put the nids into the dirents of the directory block at ``start`` (its first
+        dirent's name offset tells how many there are), in place of the ordinals
+        ``_dir_data`` wrote there."""
         nids, wh = self.nid, self.whiteout_nid
-        out = []
-        start = 0
-        for n, count in enumerate(d.counts):
-            block = d.entries[start : start + count]
-            start += count
-            nameoff = 12 * count
-            args: list[int] = []
-            for name, ref, ftype in block:
-                args += (nids[ref] if ref >= 0 else wh[~ref], nameoff, ftype)
-                nameoff += len(name)
-            raw = _dirents_struct(count).pack(*args) + b"".join([e[0] for e in block])
-            if n + 1 < len(d.counts):
-                raw += bytes(BLOCK - len(raw))
-            out.append(raw)
-        return b"".join(out)
+        dirents = _dirents_struct(_NAMEOFF.unpack_from(out, start + 8)[0] // 12)
+        fields = list(dirents.unpack_from(out, start))
+        fields[::3] = [nids[ref] if ref < _WH_REF else wh[ref - _WH_REF]
+                       for ref in fields[::3]]
+        dirents.pack_into(out, start, *fields)
 
     def _superblock(self, out: bytearray, blocks: int) -> None:
         uuid = hashlib.sha256(b"clip-erofs\0" + self.index.digest.encode()).digest()[:16]
@@ -585,6 +571,28 @@ class _Writer:
 def _dirents_struct(count: int) -> struct.Struct:
     """``count`` dirents (nid, nameoff, file type, reserved) packed by one call."""
     return struct.Struct("<" + "QHBx" * count)
+
+
+def _dir_data(entries: list[Dirent], counts: list[int]) -> bytes:
+    """A directory's data, made as soon as its entries are known (their nids are not yet:
+    each dirent's nid field holds its ordinal, or ``_WH_REF`` + the ordinal of a whiteout, for
+    ``_Writer._patch_nids``): blocks of dirents (nid, name offset, type) followed by their
+    names; every block but the last padded with zeros to 512 bytes."""
+    out = []
+    start = 0
+    for n, count in enumerate(counts):
+        block = entries[start : start + count]
+        start += count
+        nameoff = 12 * count
+        args: list[int] = []
+        for name, ref, ftype in block:
+            args += (ref if ref >= 0 else _WH_REF + ~ref, nameoff, ftype)
+            nameoff += len(name)
+        raw = _dirents_struct(count).pack(*args) + b"".join([e[0] for e in block])
+        if n + 1 < len(counts):
+            raw += bytes(BLOCK - len(raw))
+        out.append(raw)
+    return b"".join(out)
 
 
 def _blocks_of(entries: list[Dirent]) -> tuple[list[int], int]:
