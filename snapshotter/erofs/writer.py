@@ -210,7 +210,8 @@ class _Writer:
         for ordinal, name in enumerate(names):
             if len(name) > ef.NAME_LEN:
                 self.fail(ordinal, f"name is {len(name)} bytes (EROFS allows {ef.NAME_LEN})")
-        self.rels = rels = self._times()
+        self._times()
+        epoch, fixed, span = self.epoch, self.fixed_nsec, self.span
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
@@ -234,8 +235,9 @@ class _Writer:
                     if uoff & (BLOCK - 1) or uoff + size > stream:
                         self._bad_data(o, uoff, size)
                     blkaddr = base + (uoff >> ef.BLKSZBITS)
-                rel = rels[mtime]
-                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16 or size >= _U32:
+                rel = mtime // _NS - epoch
+                if mtime % _NS != fixed or not 0 <= rel < span or uid >= _U16 or gid >= _U16 \
+                        or nlink >= _U16 or size >= _U32:
                     sec, nsec = divmod(mtime, _NS)
                     blob = extended(_PLAIN | 1, 0, mode, 0, size, blkaddr, ino, uid, gid, sec,
                                     nsec, nlink)
@@ -254,8 +256,9 @@ class _Writer:
                     uid, gid = owners.get(o, (uid, gid))
                 ino += 1
                 link = strings[link_off : link_off + link_len]
-                rel = rels[mtime]
-                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16:
+                rel = mtime // _NS - epoch
+                if mtime % _NS != fixed or not 0 <= rel < span or uid >= _U16 or gid >= _U16 \
+                        or nlink >= _U16:
                     sec, nsec = divmod(mtime, _NS)
                     blob = extended(_INLINE | 1, 0, _LINK_MODE, 0, link_len, 0, ino, uid, gid,
                                     sec, nsec, nlink) + link
@@ -284,10 +287,11 @@ class _Writer:
         self.pos, self.inodes = pos, ino
         return self._finish()
 
-    def _times(self) -> dict[int, int]:
-        """Choose the superblock's time (``epoch`` seconds, ``fixed_nsec``) and map each of the
-        layer's mtimes to a compact inode's i_mtime (seconds after the epoch), or to -1 where
-        the inode needs the extended form for its time.
+    def _times(self) -> None:
+        """Choose the superblock's time (``epoch`` seconds, ``fixed_nsec``) and ``span``: an
+        mtime fits a compact inode when its nanoseconds are ``fixed_nsec`` and its second is in
+        [epoch, epoch + span) (``_rel``). No table of the layer's mtimes is kept: a layer may
+        have one per entry (50,000 ints and a dict, ~4 MB, for the whole build).
 
         Without compact mtimes: the most common mtime, and only it is compact (i_mtime 0).
         With them: the most common nanoseconds, then the 2^32-second window of seconds holding
@@ -296,19 +300,22 @@ class _Writer:
         if not self.compact_mtime:
             common = counts.most_common(1)[0][0]
             self.epoch, self.fixed_nsec = divmod(common, _NS)
-            return {m: 0 if m == common else -1 for m in counts}
+            self.span = 1
+            return
         per_nsec: Counter[int] = Counter()
         for mtime, n in counts.items():
             per_nsec[mtime % _NS] += n
         self.fixed_nsec = nsec = min(per_nsec, key=lambda k: (-per_nsec[k], k))
         self.epoch = _densest_window(sorted(
             (mtime // _NS, n) for mtime, n in counts.items() if mtime % _NS == nsec))
-        rels = {}
-        for mtime in counts:
-            sec, ns = divmod(mtime, _NS)
-            rel = sec - self.epoch
-            rels[mtime] = rel if ns == nsec and 0 <= rel < _U32 else -1
-        return rels
+        self.span = _U32
+
+    def _rel(self, mtime: int) -> int:
+        """A compact inode's i_mtime for ``mtime`` (seconds after the epoch), or -1 where the
+        inode needs the extended form for its time."""
+        sec, ns = divmod(mtime, _NS)
+        rel = sec - self.epoch
+        return rel if ns == self.fixed_nsec and 0 <= rel < self.span else -1
 
     def _bad_data(self, o: int, uoff: int, size: int) -> NoReturn:
         if uoff & (BLOCK - 1):
@@ -384,7 +391,7 @@ class _Writer:
             sec, nsec = divmod(mtime, _NS)
             return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
                                           uid, gid, sec, nsec, nlink) + xattrs
-        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, self.rels[mtime], iu,
+        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, self._rel(mtime), iu,
                                      self.inodes, uid, gid) + xattrs
 
     def _put(self, blob: bytes, need: int = 0) -> int:
@@ -446,7 +453,7 @@ class _Writer:
         return nid, len(head), blkaddr, tail
 
     def _compact(self, mtime: int, uid: int, gid: int, nlink: int, size: int) -> bool:
-        return not (self.rels[mtime] < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16
+        return not (self._rel(mtime) < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16
                     or size >= _U32)
 
     def _directory(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
