@@ -9,11 +9,14 @@ presented tree is the one ``snapshotter.fs.tree`` presents over FUSE (whiteouts 
 opaque markers as ``trusted.overlay.opaque=y``, hardlinks as one inode).
 
 Building is one pass over the index's records in their (breadth-first) order, appending each
-inode's bytes as it is made, so every nid is known before any directory's entries are packed
-(``_finish``). Regular files without xattrs and short symlinks, nearly every entry of a real
-layer, are packed inline in that loop with one ``struct.pack`` each: the speed target is 50 ms
-per 10,000 entries in pure Python. Same index and options, same bytes: nothing depends on time,
-randomness or dict order beyond the index's own order.
+inode's bytes to one buffer as it is made; a directory's data is packed when it is placed, with
+its children's ordinals where their nids go, and those are patched in once every nid is known
+(``_finish``). Peak memory is the image plus a few bytes per entry (issue #15): records are
+unpacked as the pass reaches them, never all kept. Regular files without xattrs and short
+symlinks, nearly every entry of a real layer, are packed inline in that loop with one
+``struct.pack`` each: the speed target is 50 ms per 10,000 entries in pure Python. Same index
+and options, same bytes: nothing depends on time, randomness or dict order beyond the index's
+own order.
 
 ``compact_mtime``: kernels 6.15+ give a 32-byte inode a time of its own (superblock epoch +
 the inode's 32-bit i_mtime, with the superblock's fixed nanoseconds); 6.12-6.14 show every
@@ -147,10 +150,11 @@ def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -
 
 
 def _build(index: LayerIndex, compact_mtime: bool) -> _Image:
-    """One build with the cyclic garbage collector paused: the build allocates a tuple or two
-    per entry (records, directory entries) and no reference cycles, and collections that
-    rescan them all cost ~15% of the build time. The collector's previous state is restored
-    (another thread's build may have paused it: only the one that found it on turns it on)."""
+    """One build with the cyclic garbage collector paused: the build allocates a tuple or two per
+    entry (records, directory entries, short-lived) and no reference cycles, and collections
+    that rescan them all cost ~15% of the build time. The collector's previous state is
+    restored (another thread's build may have paused it: only the one that found it on turns it
+    on)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
