@@ -8,7 +8,8 @@ image/layer ratio's worst case: the image costs a fixed number of bytes per entr
 file size), builds their indexes, and times ``image_bytes`` in both writer variants (compact
 inodes only at the layer's most common mtime, as every kernel reads them, and compact inodes
 with their own mtimes, for kernels 6.15+): best and median of five, wall and CPU, milliseconds
-per 10,000 entries, and the image size as a share of the uncompressed layer. ``--tar``
+per 10,000 entries, the image size as a share of the uncompressed layer, and the build's
+peak traced memory (tracemalloc, one more build; issue #15's peak RSS budget). ``--tar``
 measures a real layer too (e.g. a Debian root tarred up); by default it tars the same system
 directories bench/index_bench.py uses. ``--profile`` prints a cProfile of one build.
 """
@@ -25,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 from snapshotter.erofs import image_bytes
@@ -112,6 +114,12 @@ def measure(name: str, index: LayerIndex, runs: int, profile: bool) -> None:
               f"{statistics.median(walls) * 1000:.1f} ms; cpu best {min(cpus) * 1000:.1f} ms")
         print(f"    per 10,000 entries: wall best {min(walls) * per:.1f} ms, median "
               f"{statistics.median(walls) * per:.1f} ms, cpu best {min(cpus) * per:.1f} ms")
+        tracemalloc.start()
+        image_bytes(index, compact_mtime=compact_mtime)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"    peak traced memory {peak / 1e6:.1f} MB = {peak / len(index):.0f} "
+              f"bytes/entry (the returned image's copy included)")
         if profile:
             prof = cProfile.Profile()
             prof.enable()

@@ -1,15 +1,20 @@
 """Raw access to an index's entry records, for code that walks every entry once.
 
 ``LayerIndex.entry()`` builds an ``Entry`` per call (about 1.7 us); the EROFS writer needs every
-record of the layer and would spend most of its time there. ``Records`` unpacks the whole
-record array in one ``iter_unpack`` (the layout is ``snapshotter.index.format.ENTRY``) and
-slices names straight from the string table. It reads the index's body through the reader's
-private fields, so it lives next to its one other user of the same facts, the FUSE tree's
-hardlink-owner rule (``link_owners``).
+record of the layer and would spend most of its time there. ``Records`` hands out the raw
+record tuples (the layout is ``snapshotter.index.format.ENTRY``): a pass is one
+``iter_unpack`` and a single record one ``unpack_from``, so no pass keeps them all (a list of
+every record of a 50,000-entry layer is ~22 MB of tuples). Names are sliced straight from the
+string table and kept, as the writer looks them up at random (bisect among siblings). It
+reads the index's body through the reader's private fields, so it lives next to its one other
+user of the same facts, the FUSE tree's hardlink-owner rule (``link_owners``).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterable, Iterator
+from operator import itemgetter
 from typing import Final
 
 from snapshotter.index import EntryType, LayerIndex
@@ -24,21 +29,50 @@ HARDLINK: Final = int(EntryType.HARDLINK)
 
 Record = tuple[int, ...]
 
+_UNPACK = fmt.ENTRY.unpack_from
+#: The leading fields of every ENTRY (path_off, path_len, name_len), then the rest skipped.
+_NAME_FIELDS = struct.Struct("<III" + f"{fmt.ENTRY.size - 12}x")
+_TYPE_FIELD = struct.Struct(f"<16xB{fmt.ENTRY.size - 17}x")
+#: ENTRY's mtime_ns alone, for ``Records.column``.
+MTIME_FIELD: Final = struct.Struct(f"<36xq{fmt.ENTRY.size - 44}x")
+_FIRST = itemgetter(0)
+
 
 class Records:
-    """Every entry record of one index, and its names, decoded once."""
+    """The entry records of one index, unpacked per pass or per record, and its names."""
 
     def __init__(self, index: LayerIndex) -> None:
         self.index = index
         data = index._data
-        count = len(index)
-        self.records: list[Record] = list(
-            fmt.ENTRY.iter_unpack(memoryview(data)[: count * fmt.ENTRY.size])
-        )
+        self._entries = memoryview(data)[: len(index) * fmt.ENTRY.size]
         base = index._str_base
         self.names: list[bytes] = [
-            data[base + r[0] + r[1] - r[2] : base + r[0] + r[1]] for r in self.records
+            data[base + off + length - name : base + off + length]
+            for off, length, name in _NAME_FIELDS.iter_unpack(self._entries)
         ]
+        #: Every entry's type code, one byte each (``bytes.translate`` maps them at C speed).
+        self.types = bytes(map(_FIRST, _TYPE_FIELD.iter_unpack(self._entries)))
+
+    def __iter__(self) -> Iterator[Record]:
+        """Every record in ordinal order, each tuple made as the pass reaches it."""
+        return fmt.ENTRY.iter_unpack(self._entries)
+
+    def record(self, ordinal: int) -> Record:
+        return _UNPACK(self._entries, ordinal * fmt.ENTRY.size)
+
+    def column(self, field: struct.Struct) -> Iterator[int]:
+        """One field of every record in ordinal order; ``field`` is a struct of ENTRY's size
+        with every other byte skipped (a pass of 1-tuples is several times cheaper than one
+        of whole records)."""
+        return map(_FIRST, field.iter_unpack(self._entries))
+
+    def hardlinks(self) -> list[int]:
+        """The ordinals of the hardlink entries, in order."""
+        out, types, start = [], self.types, 0
+        while (start := types.find(HARDLINK, start)) >= 0:
+            out.append(start)
+            start += 1
+        return out
 
     @property
     def strings_len(self) -> int:
@@ -50,13 +84,14 @@ class Records:
 
     def link_owners(self) -> dict[int, tuple[int, int]]:
         """``link_owners`` over these records."""
-        return _owners(self.records)
+        return _owners((o, self.record(o)) for o in self.hardlinks())
 
 
-def _owners(records: list[Record]) -> dict[int, tuple[int, int]]:
+def _owners(links: Iterable[tuple[int, Record]]) -> dict[int, tuple[int, int]]:
+    """The rule ``link_owners`` describes over (ordinal, record) of every hardlink entry."""
     best: dict[int, tuple[tuple[int, int], int, int]] = {}
-    for ordinal, r in enumerate(records):
-        if r[TYPE] == HARDLINK and r[LINK_TARGET] >= 0:
+    for ordinal, r in links:
+        if r[LINK_TARGET] >= 0:
             key = (r[UOFF], ordinal)
             old = best.get(r[LINK_TARGET])
             if old is None or key > old[0]:

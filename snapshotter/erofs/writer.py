@@ -9,11 +9,14 @@ presented tree is the one ``snapshotter.fs.tree`` presents over FUSE (whiteouts 
 opaque markers as ``trusted.overlay.opaque=y``, hardlinks as one inode).
 
 Building is one pass over the index's records in their (breadth-first) order, appending each
-inode's bytes as it is made, so every nid is known before any directory's entries are packed
-(``_finish``). Regular files without xattrs and short symlinks, nearly every entry of a real
-layer, are packed inline in that loop with one ``struct.pack`` each: the speed target is 50 ms
-per 10,000 entries in pure Python. Same index and options, same bytes: nothing depends on time,
-randomness or dict order beyond the index's own order.
+inode's bytes to one buffer as it is made; a directory's data is packed when it is placed, with
+its children's ordinals where their nids go, and those are patched in once every nid is known
+(``_finish``). Peak memory is the image plus a few bytes per entry (issue #15): records are
+unpacked as the pass reaches them, never all kept. Regular files without xattrs and short
+symlinks, nearly every entry of a real layer, are packed inline in that loop with one
+``struct.pack`` each: the speed target is 50 ms per 10,000 entries in pure Python. Same index
+and options, same bytes: nothing depends on time, randomness or dict order beyond the index's
+own order.
 
 ``compact_mtime``: kernels 6.15+ give a 32-byte inode a time of its own (superblock epoch +
 the inode's 32-bit i_mtime, with the superblock's fixed nanoseconds); 6.12-6.14 show every
@@ -34,6 +37,7 @@ import os
 import stat
 import struct
 import tempfile
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,7 @@ from snapshotter.erofs.records import (
     MINOR,
     MODE,
     MTIME,
+    MTIME_FIELD,
     NLINK,
     PARENT,
     SIZE,
@@ -84,6 +89,10 @@ _IFMT = {_FILE: stat.S_IFREG, _DIR: stat.S_IFDIR, _SYMLINK: stat.S_IFLNK, _CHAR:
 _FTYPE = {_FILE: ef.FT_REG, _DIR: ef.FT_DIR, _SYMLINK: ef.FT_LNK, _CHAR: ef.FT_CHR,
           _BLOCK: ef.FT_BLK, _FIFO: ef.FT_FIFO}
 _U16, _U32 = 1 << 16, 1 << 32
+#: Entry type code -> dirent file type (0 for hardlinks: a link shows its target's type).
+_FTYPES = bytes(_FTYPE.get(t, 0) for t in range(256))
+_ZERO32 = bytes(32)
+_NAMEOFF = struct.Struct("<H")
 
 
 class ErofsError(InvalidArgument):
@@ -101,7 +110,7 @@ class ImageInfo:
 
 @dataclass
 class _Image:
-    data: bytes
+    data: bytearray
     inodes: int
     blocks: int
     device_blocks: int
@@ -109,7 +118,7 @@ class _Image:
 
 def image_bytes(index: LayerIndex, *, compact_mtime: bool = False) -> bytes:
     """The image for ``index`` in memory (what ``write_image`` writes)."""
-    return _build(index, compact_mtime).data
+    return bytes(_build(index, compact_mtime).data)
 
 
 def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -> ImageInfo:
@@ -124,7 +133,7 @@ def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 is for secrets; an image is not one
-            f.write(image.data)
+            f.write(image.data)  # the build's own buffer: no copy of the image
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -141,10 +150,11 @@ def write_image(index: LayerIndex, path: Path, *, compact_mtime: bool = False) -
 
 
 def _build(index: LayerIndex, compact_mtime: bool) -> _Image:
-    """One build with the cyclic garbage collector paused: the build allocates a tuple or two
-    per entry (records, directory entries) and no reference cycles, and collections that
-    rescan them all cost ~15% of the build time. The collector's previous state is restored
-    (another thread's build may have paused it: only the one that found it on turns it on)."""
+    """One build with the cyclic garbage collector paused: the build allocates a tuple or two per
+    entry (records, directory entries, short-lived) and no reference cycles, and collections
+    that rescan them all cost ~15% of the build time. The collector's previous state is
+    restored (another thread's build may have paused it: only the one that found it on turns it
+    on)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -166,16 +176,11 @@ _SHORT_LINK = BLOCK - 64
 Dirent = tuple[bytes, int, int]
 
 
-@dataclass
-class _Dir:
-    """A directory whose data is written once every nid is known."""
-
-    nid: int
-    head: int  # inode header + xattrs: the inline tail starts here
-    blkaddr: int
-    tail: int  # bytes of the last block stored inline after the inode
-    entries: list[Dirent]
-    counts: list[int]  # entries per 512-byte block
+#: A placed directory whose dirents still name ordinals: (nid, inode header + xattrs length
+#: (the inline tail starts there), first block, inline tail length, blocks of dirents).
+_Dir = tuple[int, int, int, int, int]
+#: Added to a whiteout's ordinal in a dirent's nid field until nids are patched in.
+_WH_REF = 1 << 32
 
 
 class _Writer:
@@ -191,10 +196,10 @@ class _Writer:
             self.fail(0, f"the tar stream ({index.uncompressed_size} bytes) is beyond 2^32 "
                          "blocks of 512 bytes")
         self.mapped_blkaddr = MAPPED_END - self.device_blocks
-        self.chunks: list[bytes] = [bytes(FIRST_INODE)]
+        self.out = bytearray(FIRST_INODE)  # the image, inode by inode, then patched in place
         self.pos = FIRST_INODE
         self.inodes = 0
-        self.nid = [-1] * len(index)
+        self.nid = array("q", [-1]) * len(index)
         self.whiteout_nid: dict[int, int] = {}
         self.dirs: list[_Dir] = []
 
@@ -205,22 +210,23 @@ class _Writer:
     # -- the walk ---------------------------------------------------------------------------
 
     def build(self) -> _Image:
-        records, names = self.rec.records, self.rec.names
+        names = self.rec.names
         for ordinal, name in enumerate(names):
             if len(name) > ef.NAME_LEN:
                 self.fail(ordinal, f"name is {len(name)} bytes (EROFS allows {ef.NAME_LEN})")
-        self.rels = rels = self._times()
+        self._times()
+        epoch, fixed, span = self.epoch, self.fixed_nsec, self.span
         owners = self.rec.link_owners()
         special = {o for o, name in enumerate(names) if name[:4] == WHITEOUT and o}
         self.shown = self._whiteouts_shown(special)
-        self.ftypes = [_FTYPE.get(r[TYPE], 0) for r in records]
-        self.links = {o: r[LINK_TARGET] for o, r in enumerate(records) if r[TYPE] == _HARDLINK}
-        chunks, nids = self.chunks, self.nid
+        self.ftypes = self.rec.types.translate(_FTYPES)
+        self.links = {o: self.rec.record(o)[LINK_TARGET] for o in self.rec.hardlinks()}
+        out, nids = self.out, self.nid
         compact, extended = ef.COMPACT_INODE.pack, ef.EXTENDED_INODE.pack
         base, stream = self.mapped_blkaddr, self.index.uncompressed_size
         pos, ino = self.pos, self.inodes
         strings = self.rec.string(0, self.rec.strings_len)
-        for o, r in enumerate(records):
+        for o, r in enumerate(self.rec):
             (_po, _pl, _nl, _parent, etype, mode, uid, gid, size, mtime, uoff, link_off,
              link_len, target, nlink, _ma, _mi, _xf, xcount, _fc, _cc, _cf) = r
             if etype == _FILE and not xcount and o not in special:  # the common case, inline
@@ -233,18 +239,19 @@ class _Writer:
                     if uoff & (BLOCK - 1) or uoff + size > stream:
                         self._bad_data(o, uoff, size)
                     blkaddr = base + (uoff >> ef.BLKSZBITS)
-                rel = rels[mtime]
-                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16 or size >= _U32:
+                rel = mtime // _NS - epoch
+                if mtime % _NS != fixed or not 0 <= rel < span or uid >= _U16 or gid >= _U16 \
+                        or nlink >= _U16 or size >= _U32:
                     sec, nsec = divmod(mtime, _NS)
                     blob = extended(_PLAIN | 1, 0, mode, 0, size, blkaddr, ino, uid, gid, sec,
                                     nsec, nlink)
                     if pos % BLOCK == BLOCK - 32:  # a 64-byte inode never straddles blocks
-                        chunks.append(bytes(32))
+                        out += _ZERO32
                         pos += 32
                 else:
                     blob = compact(_PLAIN, 0, mode, nlink, size, rel, blkaddr, ino, uid, gid)
                 nids[o] = pos >> 5
-                chunks.append(blob)
+                out += blob
                 pos += len(blob)
                 continue
             if etype == _SYMLINK and 0 < link_len < _SHORT_LINK and not xcount \
@@ -253,8 +260,9 @@ class _Writer:
                     uid, gid = owners.get(o, (uid, gid))
                 ino += 1
                 link = strings[link_off : link_off + link_len]
-                rel = rels[mtime]
-                if rel < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16:
+                rel = mtime // _NS - epoch
+                if mtime % _NS != fixed or not 0 <= rel < span or uid >= _U16 or gid >= _U16 \
+                        or nlink >= _U16:
                     sec, nsec = divmod(mtime, _NS)
                     blob = extended(_INLINE | 1, 0, _LINK_MODE, 0, link_len, 0, ino, uid, gid,
                                     sec, nsec, nlink) + link
@@ -262,11 +270,11 @@ class _Writer:
                     blob = compact(_INLINE, 0, _LINK_MODE, nlink, link_len, rel, 0, ino, uid,
                                    gid) + link
                 if len(blob) > BLOCK - pos % BLOCK:  # inode and target within one block
-                    chunks.append(bytes(-pos % BLOCK))
+                    out += bytes(-pos % BLOCK)
                     pos += -pos % BLOCK
                 nids[o] = pos >> 5
                 blob += bytes(-len(blob) % 32)
-                chunks.append(blob)
+                out += blob
                 pos += len(blob)
                 continue
             if etype == _HARDLINK:
@@ -283,31 +291,35 @@ class _Writer:
         self.pos, self.inodes = pos, ino
         return self._finish()
 
-    def _times(self) -> dict[int, int]:
-        """Choose the superblock's time (``epoch`` seconds, ``fixed_nsec``) and map each of the
-        layer's mtimes to a compact inode's i_mtime (seconds after the epoch), or to -1 where
-        the inode needs the extended form for its time.
+    def _times(self) -> None:
+        """Choose the superblock's time (``epoch`` seconds, ``fixed_nsec``) and ``span``: an
+        mtime fits a compact inode when its nanoseconds are ``fixed_nsec`` and its second is in
+        [epoch, epoch + span) (``_rel``). No table of the layer's mtimes is kept: a layer may
+        have one per entry (50,000 ints and a dict, ~4 MB, for the whole build).
 
         Without compact mtimes: the most common mtime, and only it is compact (i_mtime 0).
         With them: the most common nanoseconds, then the 2^32-second window of seconds holding
         most of the mtimes with those nanoseconds (in practice all of them)."""
-        counts = Counter(r[MTIME] for r in self.rec.records)
+        counts = Counter(self.rec.column(MTIME_FIELD))
         if not self.compact_mtime:
             common = counts.most_common(1)[0][0]
             self.epoch, self.fixed_nsec = divmod(common, _NS)
-            return {m: 0 if m == common else -1 for m in counts}
+            self.span = 1
+            return
         per_nsec: Counter[int] = Counter()
         for mtime, n in counts.items():
             per_nsec[mtime % _NS] += n
         self.fixed_nsec = nsec = min(per_nsec, key=lambda k: (-per_nsec[k], k))
         self.epoch = _densest_window(sorted(
             (mtime // _NS, n) for mtime, n in counts.items() if mtime % _NS == nsec))
-        rels = {}
-        for mtime in counts:
-            sec, ns = divmod(mtime, _NS)
-            rel = sec - self.epoch
-            rels[mtime] = rel if ns == nsec and 0 <= rel < _U32 else -1
-        return rels
+        self.span = _U32
+
+    def _rel(self, mtime: int) -> int:
+        """A compact inode's i_mtime for ``mtime`` (seconds after the epoch), or -1 where the
+        inode needs the extended form for its time."""
+        sec, ns = divmod(mtime, _NS)
+        rel = sec - self.epoch
+        return rel if ns == self.fixed_nsec and 0 <= rel < self.span else -1
 
     def _bad_data(self, o: int, uoff: int, size: int) -> NoReturn:
         if uoff & (BLOCK - 1):
@@ -317,14 +329,14 @@ class _Writer:
 
     def _whiteouts_shown(self, special: set[int]) -> set[int]:
         """Ordinals of the ``.wh.NAME`` entries presented as NAME (no real NAME beside them)."""
-        records, names = self.rec.records, self.rec.names
+        record, names = self.rec.record, self.rec.names
         out = set()
         for ordinal in special:
             name = names[ordinal]
             if name.startswith(META):
                 continue
             real = name[len(WHITEOUT):]
-            parent = records[records[ordinal][PARENT]]
+            parent = record(record(ordinal)[PARENT])
             lo = parent[FIRST_CHILD]
             hi = lo + parent[CHILD_COUNT]
             i = bisect.bisect_left(names, real, lo, hi)
@@ -383,7 +395,7 @@ class _Writer:
             sec, nsec = divmod(mtime, _NS)
             return ef.EXTENDED_INODE.pack(layout | 1, icount, mode, 0, size, iu, self.inodes,
                                           uid, gid, sec, nsec, nlink) + xattrs
-        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, self.rels[mtime], iu,
+        return ef.COMPACT_INODE.pack(layout, icount, mode, nlink, size, self._rel(mtime), iu,
                                      self.inodes, uid, gid) + xattrs
 
     def _put(self, blob: bytes, need: int = 0) -> int:
@@ -392,22 +404,22 @@ class _Writer:
         need = max(need, 64 if blob[0] & 1 else 32)
         room = BLOCK - self.pos % BLOCK
         if need > room:
-            self.chunks.append(bytes(room))
+            self.out += bytes(room)
             self.pos += room
         nid = self.pos >> 5
         blob += bytes(-len(blob) % 32)
-        self.chunks.append(blob)
+        self.out += blob
         self.pos += len(blob)
         return nid
 
     def _put_blocks(self, data: bytes) -> int:
         """Append whole blocks (data zero-padded to a block multiple); returns the first
         block's address."""
-        pad = -self.pos % BLOCK
-        self.chunks.append(bytes(pad) + data + bytes(-len(data) % BLOCK))
-        self.pos += pad
-        blkaddr = self.pos // BLOCK
-        self.pos += len(self.chunks[-1]) - pad
+        self.out += bytes(-self.pos % BLOCK)
+        blkaddr = len(self.out) // BLOCK
+        self.out += data
+        self.out += bytes(-len(data) % BLOCK)
+        self.pos = len(self.out)
         return blkaddr
 
     def _mapped(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
@@ -445,7 +457,7 @@ class _Writer:
         return nid, len(head), blkaddr, tail
 
     def _compact(self, mtime: int, uid: int, gid: int, nlink: int, size: int) -> bool:
-        return not (self.rels[mtime] < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16
+        return not (self._rel(mtime) < 0 or uid >= _U16 or gid >= _U16 or nlink >= _U16
                     or size >= _U32)
 
     def _directory(self, o: int, r: Record, mode: int, nlink: int, uid: int, gid: int,
@@ -456,10 +468,10 @@ class _Writer:
             counts = [len(entries)]
         else:
             counts, size = _blocks_of(entries)
-        nid, head, blkaddr, tail = self._flat(bytes(size), (mode, nlink, uid, gid, r[MTIME],
-                                                           xattrs))
+        data = _dir_data(entries, counts)
+        nid, head, blkaddr, tail = self._flat(data, (mode, nlink, uid, gid, r[MTIME], xattrs))
         self.nid[o] = nid
-        self.dirs.append(_Dir(nid, head, blkaddr, tail, entries, counts))
+        self.dirs.append((nid, head, blkaddr, tail, len(counts)))
 
     def _dirents(self, o: int, r: Record) -> list[Dirent]:
         """The directory's presented entries, sorted by name bytes (as EROFS requires)."""
@@ -510,7 +522,7 @@ class _Writer:
         return out
 
     def _opaque(self, ordinal: int) -> bool:
-        r = self.rec.records[ordinal]
+        r = self.rec.record(ordinal)
         lo, hi = r[FIRST_CHILD], r[FIRST_CHILD] + r[CHILD_COUNT]
         names = self.rec.names
         i = bisect.bisect_left(names, OPAQUE, lo, hi)
@@ -524,39 +536,28 @@ class _Writer:
             self.fail(0, f"the image ({blocks} blocks) and the tar stream "
                          f"({self.device_blocks} blocks) do not fit EROFS's 32-bit block "
                          "addresses together")
-        self.chunks.append(bytes(blocks * BLOCK - self.pos))
-        out = bytearray(b"".join(self.chunks))
-        self.chunks = []
-        for d in self.dirs:
-            data = self._dir_data(d)
-            full = len(data) - d.tail
-            out[d.blkaddr * BLOCK : d.blkaddr * BLOCK + full] = data[:full]
-            if d.tail:
-                start = (d.nid << 5) + d.head
-                out[start : start + d.tail] = data[full:]
+        out = self.out
+        out += bytes(blocks * BLOCK - self.pos)
+        for nid, head, blkaddr, tail, blocks_of_dir in self.dirs:
+            for n in range(blocks_of_dir):
+                if tail and n == blocks_of_dir - 1:
+                    self._patch_nids(out, (nid << 5) + head)
+                else:
+                    self._patch_nids(out, (blkaddr + n) * BLOCK)
         self._superblock(out, blocks)
         self._checksum(out)
-        return _Image(bytes(out), self.inodes, blocks, self.device_blocks)
+        return _Image(out, self.inodes, blocks, self.device_blocks)
 
-    def _dir_data(self, d: _Dir) -> bytes:
-        """A directory's data: blocks of dirents (nid, name offset, type) followed by their
-        names; every block but the last padded with zeros to 512 bytes."""
+    def _patch_nids(self, out: bytearray, start: int) -> None:
+        """Put the nids into the dirents of the directory block at ``start`` (its first
+        dirent's name offset tells how many there are), in place of the ordinals
+        ``_dir_data`` wrote there."""
         nids, wh = self.nid, self.whiteout_nid
-        out = []
-        start = 0
-        for n, count in enumerate(d.counts):
-            block = d.entries[start : start + count]
-            start += count
-            nameoff = 12 * count
-            args: list[int] = []
-            for name, ref, ftype in block:
-                args += (nids[ref] if ref >= 0 else wh[~ref], nameoff, ftype)
-                nameoff += len(name)
-            raw = _dirents_struct(count).pack(*args) + b"".join([e[0] for e in block])
-            if n + 1 < len(d.counts):
-                raw += bytes(BLOCK - len(raw))
-            out.append(raw)
-        return b"".join(out)
+        dirents = _dirents_struct(_NAMEOFF.unpack_from(out, start + 8)[0] // 12)
+        fields = list(dirents.unpack_from(out, start))
+        fields[::3] = [nids[ref] if ref < _WH_REF else wh[ref - _WH_REF]
+                       for ref in fields[::3]]
+        dirents.pack_into(out, start, *fields)
 
     def _superblock(self, out: bytearray, blocks: int) -> None:
         uuid = hashlib.sha256(b"clip-erofs\0" + self.index.digest.encode()).digest()[:16]
@@ -581,6 +582,28 @@ class _Writer:
 def _dirents_struct(count: int) -> struct.Struct:
     """``count`` dirents (nid, nameoff, file type, reserved) packed by one call."""
     return struct.Struct("<" + "QHBx" * count)
+
+
+def _dir_data(entries: list[Dirent], counts: list[int]) -> bytes:
+    """A directory's data, made as soon as its entries are known (their nids are not yet:
+    each dirent's nid field holds its ordinal, or ``_WH_REF`` + the ordinal of a whiteout, for
+    ``_Writer._patch_nids``): blocks of dirents (nid, name offset, type) followed by their
+    names; every block but the last padded with zeros to 512 bytes."""
+    out = []
+    start = 0
+    for n, count in enumerate(counts):
+        block = entries[start : start + count]
+        start += count
+        nameoff = 12 * count
+        args: list[int] = []
+        for name, ref, ftype in block:
+            args += (ref if ref >= 0 else _WH_REF + ~ref, nameoff, ftype)
+            nameoff += len(name)
+        raw = _dirents_struct(count).pack(*args) + b"".join([e[0] for e in block])
+        if n + 1 < len(counts):
+            raw += bytes(BLOCK - len(raw))
+        out.append(raw)
+    return b"".join(out)
 
 
 def _blocks_of(entries: list[Dirent]) -> tuple[list[int], int]:
