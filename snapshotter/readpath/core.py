@@ -458,8 +458,8 @@ class ReadPath:
     def _verify_store(self, layer: Layer, dstart: int, pieces: list[bytes], start: int, end: int,
                       ) -> None:
         """Worker thread: verify every chunk touching [start, end) across the blocks (never
-        joined: a second copy of every run was the ContentCache node's largest allocation),
-        then store the blocks of [start, end)."""
+        joined: that was a second copy of every run a ContentCache node reads), then store the
+        blocks of [start, end)."""
         if self.policy.verify:
             layer.verify_cover(dstart, pieces, start, end)
         bs = layer.cache.block_size
