@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -57,6 +58,25 @@ def test_chunk_cover_widens_to_whole_chunks(layer: tuple[LayerIndex, bytes, Path
     # the file's tail chunk ends at the file end
     end = big.uoff + big.size
     assert lay.chunk_cover(end - 10, end)[1] == end
+
+
+def test_verify_cover_hashes_across_pieces_without_joining(
+    layer: tuple[LayerIndex, bytes, Path],
+) -> None:
+    """The ContentCache's blocks are verified as they came (chunks straddle them)."""
+    _, stream, _ = layer
+    lay = make(layer)
+    lo, hi = lay.chunk_cover(2 * MiB, 3 * MiB)
+    cuts = [lo, lo + 1, lo + 300_000, 2 * MiB + 7, hi]  # odd sizes, one piece of one byte
+    pieces = [stream[a:b] for a, b in itertools.pairwise(cuts)]
+    assert lay.verify_cover(lo, pieces, 2 * MiB, 3 * MiB) == lay.verify_cover(
+        lo, stream[lo:hi], 2 * MiB, 3 * MiB) >= 1
+    bad = bytearray(pieces[2])
+    bad[-1] ^= 1
+    with pytest.raises(VerifyError, match="corrupt"):
+        lay.verify_cover(lo, [*pieces[:2], bytes(bad), *pieces[3:]], 2 * MiB, 3 * MiB)
+    with pytest.raises(VerifyError, match="not covered"):
+        lay.verify_cover(lo, pieces[:-1], 2 * MiB, 3 * MiB)
 
 
 def test_verify_cover_rejects_corruption_and_missing_coverage(

@@ -28,7 +28,8 @@ to stream bytes `[entry.uoff + off, ... + size)`, which touch one or two blocks.
 - How far a flight reaches (widening, fragments of a sequential reader): see `plan.py`.
 - A flight first asks the shared ContentCache (when configured) for its blocks, widened to
   whole verification chunks (chunks may cross blocks), in one round trip through the
-  Bridge; the joined bytes are checked against every chunk digest the flight's range touches.
+  Bridge; the blocks are checked against every chunk digest the flight's range touches
+  (hashed across block boundaries, never joined into a second copy).
   A missing block or a mismatch (logged, counted in `clip_verification_failures_total`) makes
   the flight go to the registry instead. Registry bytes are written to disk and queued for the
   ContentCache (bounded, fire and forget).
@@ -69,7 +70,7 @@ from snapshotter.index import (
     compressed_range_from,
     inflate_from,
 )
-from snapshotter.readpath.layer import Layer
+from snapshotter.readpath.layer import Block, Layer
 from snapshotter.readpath.plan import Plan, plan, runs
 from snapshotter.readpath.policy import ReadFailed, ReadPolicy, ReadStats, VerifyError
 from snapshotter.telemetry import TELEMETRY
@@ -77,8 +78,6 @@ from snapshotter.telemetry import TELEMETRY
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: A fetched block: a view of its flight's inflated buffer (copied only where it is kept).
-Block = bytes | memoryview
 _MAX_FRAGMENTS = 64
 _MAX_FAILED = 4096
 
@@ -437,14 +436,15 @@ class ReadPath:
         dstart = numbers[0] * bs
         blocks = {n: v for n, v in zip(numbers, values, strict=True) if v is not None}
         del values
-        data = b"".join(blocks.values())
-        expected = min((numbers[-1] + 1) * bs, layer.size) - dstart
         try:
-            if len(data) != expected:
-                raise VerifyError(f"layer {layer.digest}: content cache blocks have "
-                                  f"{len(data)} bytes, expected {expected}")
+            for n, value in blocks.items():  # each whole, so the pieces are the stream
+                expected = min(bs, layer.size - n * bs)
+                if len(value) != expected:
+                    raise VerifyError(f"layer {layer.digest}: content cache block {n} has "
+                                      f"{len(value)} bytes, expected {expected}")
             await trio.to_thread.run_sync(
-                self._verify_store, layer, dstart, data, start, end, limiter=self._limiter,
+                self._verify_store, layer, dstart, list(blocks.values()), start, end,
+                limiter=self._limiter,
             )
         except VerifyError as exc:
             self.stats.verify_failures += 1
@@ -453,14 +453,20 @@ class ReadPath:
                         layer.digest, exc)
             return None
         self.stats.content_hits += 1
-        del data
         return {b: blocks[b] for b in range(p.first, p.last + 1)}
 
-    def _verify_store(self, layer: Layer, dstart: int, data: bytes, start: int, end: int) -> None:
-        """Worker thread: verify every chunk touching [start, end), then store those blocks."""
+    def _verify_store(self, layer: Layer, dstart: int, pieces: list[bytes], start: int, end: int,
+                      ) -> None:
+        """Worker thread: verify every chunk touching [start, end) across the blocks (never
+        joined: that was a second copy of every run a ContentCache node reads), then store the
+        blocks of [start, end)."""
         if self.policy.verify:
-            layer.verify_cover(dstart, data, start, end)
-        self._store(layer, start, memoryview(data)[start - dstart : end - dstart])
+            layer.verify_cover(dstart, pieces, start, end)
+        bs = layer.cache.block_size
+        for n, piece in enumerate(pieces, dstart // bs):
+            lo, hi = max(start, n * bs), min(end, n * bs + len(piece))
+            if lo < hi:
+                self._store(layer, lo, memoryview(piece)[lo - n * bs : hi - n * bs])
 
     def _store(self, layer: Layer, start: int, data: memoryview) -> None:
         """Worker thread: write fetched bytes to disk unless the budget refuses them."""

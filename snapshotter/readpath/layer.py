@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -23,6 +24,9 @@ from snapshotter.index import Checkpoint, EntryType, LayerIndex, ResumePoint, Re
 from snapshotter.readpath.policy import VerifyError
 from snapshotter.readpath.ranges import LayerRanges
 from snapshotter.readpath.source import Source
+
+#: Stream bytes as the read path hands them on: a flight's blocks are views of its one buffer.
+Block = bytes | memoryview
 
 
 class LayerTasks:
@@ -157,21 +161,23 @@ class Layer:
             i += 1
         return lo, hi
 
-    def verify_cover(self, dstart: int, data: bytes, start: int, end: int) -> int:
+    def verify_cover(self, dstart: int, data: bytes | Sequence[Block], start: int, end: int,
+                     ) -> int:
         """Check every chunk digest of the files touching [start, end); `data` (bytes from
-        `dstart`) must hold all of them (see `chunk_cover`). Returns the chunks checked."""
+        `dstart`, whole or as consecutive pieces, e.g. the ContentCache's blocks, so they are
+        never joined into a second copy) must hold all of them (see `chunk_cover`). Returns
+        the chunks checked."""
+        pieces = _Pieces(dstart, [data] if isinstance(data, bytes | memoryview) else data)
         starts = self._file_map()
         i = max(bisect.bisect_right(starts, start) - 1, 0)
-        view = memoryview(data)
-        dend = dstart + len(data)
         checked = 0
         while i < len(starts) and starts[i] < end:
             for cu, clen, digest in self.index.chunk_digests(self._file_ordinals[i]):
                 if cu + clen <= start or cu >= end:
                     continue
-                if cu < dstart or cu + clen > dend:
+                if cu < dstart or cu + clen > pieces.end:
                     raise VerifyError(f"layer {self.digest}: chunk at {cu}+{clen} not covered")
-                if hashlib.sha256(view[cu - dstart : cu + clen - dstart]).digest() != digest:
+                if pieces.sha256(cu, cu + clen) != digest:
                     raise VerifyError(f"layer {self.digest}: chunk at {cu}+{clen} is corrupt")
                 checked += 1
             i += 1
@@ -195,3 +201,22 @@ class Layer:
                     checked += 1
             i += 1
         return checked
+
+
+class _Pieces:
+    """Consecutive byte pieces from stream offset `start`, hashed by range without joining."""
+
+    def __init__(self, start: int, pieces: Sequence[Block]) -> None:
+        self.views = [memoryview(p) for p in pieces]
+        self.starts = list(itertools.accumulate((len(v) for v in self.views), initial=start))
+        self.end = self.starts[-1]
+
+    def sha256(self, lo: int, hi: int) -> bytes:
+        h = hashlib.sha256()
+        i = bisect.bisect_right(self.starts, lo) - 1
+        while lo < hi:
+            view, base = self.views[i], self.starts[i]
+            take = min(hi, base + len(view))
+            h.update(view[lo - base : take - base])
+            lo, i = take, i + 1
+        return h.digest()
