@@ -494,3 +494,23 @@ def test_warming_is_limited_to_held_blocks_and_off_while_a_profile_is_recorded(
     assert held_parts(layer, 0, 2 * bs) == []
     layer.record_profile(3600)
     assert held_parts(layer, bs, 7 * bs) == []
+
+
+def test_a_complete_layer_gets_no_background_run(tmp_path: Path, layer_files: LayerFiles) -> None:
+    """A layer complete on disk (a node that ran the image before) is mounted over its cache
+    file: its background run fetches nothing and hands no profile run on for warming."""
+    blob, index, stream = layer_files
+    source = Recorder(blob)
+    bs = BLOCK_SIZE
+
+    async def body(rp: ReadPath, layer: Layer) -> None:
+        layer.cache.store(0, stream)
+        assert layer.cache.complete()
+        warmed: list[list[int]] = []
+        fetch = BackgroundFetch(rp, UNLIMITED,
+                                on_profile_run=lambda _layer, blocks: warmed.append(blocks))
+        await fetch.run(layer, list(range(len(stream) // bs)))
+        assert warmed == []
+
+    run(tmp_path, index, source, body)
+    assert source.requests == []

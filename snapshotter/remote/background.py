@@ -78,7 +78,13 @@ class BackgroundFetch:
         return max(1, self.readpath.policy.max_run // layer.cache.block_size)
 
     async def run(self, layer: Layer, profile: list[int]) -> None:
-        """Fetch `profile` blocks now, then (if enabled) the rest of the layer."""
+        """Fetch `profile` blocks now, then (if enabled) the rest of the layer. A layer already
+        complete on disk has nothing to fetch and its mount reads the cache file, not the
+        stream: handing its profile on for warming would only read the stream through FUSE
+        into a page cache nobody reads (measured: 130 blocks, 0.5 s of daemon CPU, on a warm
+        node's smallfiles pull)."""
+        if layer.cache.complete():
+            return
         room = bool(profile) and await self._room(layer, len(profile) * layer.cache.block_size)
         if room and await self._profile(layer, profile):
             log.info("start profile fetched", extra={"fields": {
