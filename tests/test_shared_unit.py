@@ -23,6 +23,7 @@ from snapshotter.remote.profile import (
     PROFILE_MEDIA_TYPE,
     decode_profile,
     encode_profile,
+    in_first_read_order,
     profile_digest,
     runs,
 )
@@ -96,10 +97,10 @@ def test_verify_cover_rejects_corruption_and_missing_coverage(
 def test_profiles_round_trip_and_reject_foreign() -> None:
     d = "sha256:" + "ab" * 32
     data = encode_profile(d, MiB, [5, 1, 5, 3])
-    assert decode_profile(data, d, MiB) == [1, 3, 5]
+    assert decode_profile(data, d, MiB) == [5, 1, 3]  # the order blocks were first read in
     assert decode_profile(data, "sha256:" + "cd" * 32, MiB) is None
     # a profile of larger blocks (published before blocks were 256 KiB) in this size's blocks
-    assert decode_profile(data, d, MiB // 4) == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+    assert decode_profile(data, d, MiB // 4) == [20, 21, 22, 23, 4, 5, 6, 7, 12, 13, 14, 15]
     assert decode_profile(data, d, 2 * MiB) is None  # coarser than recorded: cannot be split
     assert decode_profile(data, d, 3 << 18) is None  # not a divisor of the recorded size
     assert decode_profile(b"not json", d, MiB) is None
@@ -108,9 +109,30 @@ def test_profiles_round_trip_and_reject_foreign() -> None:
     assert profile_digest(d).startswith("sha256:") and profile_digest(d) != d
 
 
+def test_a_recorded_profile_keeps_the_order_blocks_were_first_read(
+    layer: tuple[LayerIndex, bytes, Path],
+) -> None:
+    lay = make(layer)
+    lay.note(range(1))  # not recording: nothing kept
+    lay.record_profile(3600)
+    for blocks in (range(7, 9), range(2, 3), range(8, 10)):
+        lay.note(blocks)
+    assert lay.profile is not None and list(lay.profile) == [7, 8, 2, 9]
+    d = lay.digest
+    assert decode_profile(encode_profile(d, MiB, lay.profile), d, MiB) == [7, 8, 2, 9]
+
+
 def test_runs_group_consecutive_blocks() -> None:
     assert runs([9, 1, 2, 3, 4, 5, 7]) == [[1, 2, 3, 4], [5], [7], [9]]
     assert runs([]) == []
+
+
+def test_profile_runs_are_fetched_in_first_read_order() -> None:
+    profile = [9, 40, 41, 1, 2, 3, 4, 5, 7]  # the container read block 9 first, then 40...
+    work = runs(profile)  # [[1, 2, 3, 4], [5], [7], [9], [40, 41]]
+    work[1:3] = [[5, 6, 7]]  # merge_runs joined two runs with the block between
+    assert in_first_read_order(work, profile) == [[9], [40, 41], [1, 2, 3, 4], [5, 6, 7]]
+    assert in_first_read_order([], profile) == []
 
 
 def test_artifact_tag_and_parse() -> None:

@@ -96,8 +96,9 @@ class Layer:
         self._file_ordinals: list[int] = []
         self._file_ends: list[int] = []
         self._map_lock = threading.Lock()
-        #: Blocks read by foreground reads while a start profile is being recorded.
-        self.profile: set[int] | None = None
+        #: Blocks read by foreground reads while a start profile is being recorded, in the
+        #: order they were first read (a dict keeps insertion order: the prefetch's order).
+        self.profile: dict[int, None] | None = None
         self.profile_until = 0.0
         #: Set once a refused cache write was logged, so a full cache logs once per layer.
         self.cache_full_logged = False
@@ -111,7 +112,7 @@ class Layer:
 
     def record_profile(self, seconds: float) -> None:
         """Record the blocks foreground reads touch during the next `seconds`."""
-        self.profile = set()
+        self.profile = {}
         self.profile_until = time.monotonic() + seconds
 
     @property
@@ -122,7 +123,7 @@ class Layer:
     def note(self, blocks: range) -> None:
         """Foreground reads touched `blocks` (kept while a start profile is recorded)."""
         if self.profile is not None and time.monotonic() < self.profile_until:
-            self.profile.update(blocks)
+            self.profile.update(dict.fromkeys(blocks))
 
     def nblocks(self) -> int:
         return -(-self.size // self.cache.block_size)

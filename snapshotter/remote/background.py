@@ -9,7 +9,8 @@ is verified, stored and shared like any read.
    (`ReadPolicy.max_run`), neighbouring runs merged when the second would restart inflation
    before the first one's compressed end (one request instead of two overlapping ones), up to
    `[background_fetch] concurrency` runs at a time (the layer's `LayerRanges` keeps concurrent
-   runs from requesting the same compressed bytes).
+   runs from requesting the same compressed bytes), in the order the recording container first
+   read them: on a slow link the blocks a start needs first arrive first.
 2. When `[background_fetch] enabled`, the rest of the layer as *one sequential pass*: the
    missing blocks in stream order, one run of up to `max_run` after another. Each run restarts
    at the resume point the previous one recorded and takes the compressed bytes it held past
@@ -37,7 +38,7 @@ from snapshotter.cache import DiskBudget
 from snapshotter.config import BackgroundFetchConfig
 from snapshotter.errors import ClipError
 from snapshotter.readpath import Layer, ReadPath
-from snapshotter.remote.profile import runs
+from snapshotter.remote.profile import in_first_read_order, runs
 from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class BackgroundFetch:
     async def _profile(self, layer: Layer, profile: list[int]) -> bool:
         """The start profile's merged runs, `concurrency` at a time; False when it stopped."""
         limit = self.run_blocks(layer)
-        work = iter(merge_runs(layer, runs(profile, limit), limit))
+        merged = merge_runs(layer, runs(profile, limit), limit)
+        work = iter(in_first_read_order(merged, profile))
         stopped = False
 
         async def worker() -> None:

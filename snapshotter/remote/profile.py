@@ -24,14 +24,18 @@ def profile_digest(layer_digest: str) -> str:
 
 
 def encode_profile(layer_digest: str, block_size: int, blocks: Iterable[int]) -> bytes:
-    doc = {"layer": layer_digest, "block_size": block_size, "blocks": sorted(set(blocks))}
+    """The profile document; `blocks` in the order the container first read them (repeats
+    dropped), which is the order the prefetch fetches them in."""
+    doc = {"layer": layer_digest, "block_size": block_size, "blocks": list(dict.fromkeys(blocks))}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int] | None:
-    """The profile's blocks in `block_size` units, or None when it is malformed, for another
-    layer, or recorded in blocks that are not a multiple of `block_size` (a profile of
-    larger blocks, as published before blocks were 256 KiB, is read as their smaller ones)."""
+    """The profile's blocks in `block_size` units, in the recorded order, or None when it is
+    malformed, for another layer, or recorded in blocks that are not a multiple of
+    `block_size` (a profile of larger blocks, as published before blocks were 256 KiB, is read
+    as their smaller ones; profiles written before the order was kept list blocks in stream
+    order, which is read as the order)."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -46,7 +50,7 @@ def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int]
     if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
         return None
     split = recorded // block_size
-    return sorted({part for b in set(blocks) for part in range(b * split, (b + 1) * split)})
+    return list(dict.fromkeys(part for b in blocks for part in range(b * split, (b + 1) * split)))
 
 
 def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
@@ -58,3 +62,14 @@ def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
         else:
             out.append([b])
     return out
+
+
+def in_first_read_order(work: list[list[int]], profile: list[int]) -> list[list[int]]:
+    """`work` (runs of profile blocks, possibly joined with blocks between) ordered by the
+    earliest place in `profile` of a block each contains: the run the container needed first
+    is fetched first."""
+    rank: dict[int, int] = {}
+    for i, b in enumerate(profile):
+        rank.setdefault(b, i)
+    last = len(profile)
+    return sorted(work, key=lambda blocks: min((rank.get(b, last) for b in blocks), default=last))
