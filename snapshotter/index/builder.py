@@ -1,7 +1,7 @@
 """``build_index``: one streaming pass over a layer blob produces its clip index.
 
 Four threads form a pipeline. The reading thread reads the blob and hashes it; the decoding
-thread decodes it (zlib-ng inflate in C, or zstd) and queues 4 MiB pieces; the calling thread
+thread decodes it (zlib-ng inflate in C, or zstd) and queues 1 MiB pieces; the calling thread
 feeds the uncompressed bytes to ``on_data`` and the tar scanner, builds the tree and chooses
 checkpoints; the side thread (``SideWorker``) hashes file data and compresses the chosen
 checkpoints' windows. Everything but the tar parsing releases the GIL, so on two cores the
@@ -45,7 +45,7 @@ from snapshotter.index.writer import Meta, RawCheckpoint, assemble, compressor
 READ_SIZE = 1 << 20
 HEAD_SIZE = 1 << 16  # the first read, enough to tell the compression
 BATCH_BYTES = 1 << 20  # uncompressed bytes per queued batch (gzip: one piece)
-#: batches queued for the calling thread: a gzip batch is one 4 MiB piece, so each costs 4 MiB
+#: batches queued for the calling thread: a gzip batch is one 1 MiB piece, so each costs 1 MiB
 #: per layer building. Fewer save memory but slow builds that parse many small files (2 or 3:
 #: first-node pulls of a 50,000-file image ~8% slower, measured in the bench).
 QUEUE_BATCHES = 4
