@@ -76,6 +76,19 @@ def link_owner_rule(blob: Path, tree: dict[str, Node]) -> dict[str, Node]:
     return out
 
 
+def dir_mode_rule(blob: Path, tree: dict[str, Node]) -> dict[str, Node]:
+    """Every directory entry ends with exactly its header's mode bits, as containerd's applier
+    leaves it (it chmods each entry). GNU ``tar -x`` differs in one case: a directory created
+    inside a set-group-ID directory inherits that bit from the kernel, and tar keeps it."""
+    out = dict(tree)
+    with tarfile.open(blob) as tar:
+        for m in tar:
+            path = os.path.normpath(m.name)
+            if m.isdir() and path in out and out[path].kind == "dir":
+                out[path] = dataclasses.replace(out[path], mode=m.mode & 0o7777)
+    return out
+
+
 def apply_like_containerd(blob: Path, dest: Path) -> None:
     """What containerd 1.6's applier does beyond ``tar -x`` for a hardlink entry, on disk, in
     tar order: lchown the link path (the shared inode) to the entry's uid/gid (the kernel then

@@ -24,6 +24,7 @@ from erofs_helpers import (
     UOFF_OFFSET,
     Layer,
     apply_like_containerd,
+    dir_mode_rule,
     layer_of_blob,
     link_owner_rule,
     make_layer,
@@ -73,13 +74,15 @@ def lfs(tmp_path: Path) -> Iterator[LayerFS]:
 
 
 def expected_tree(layer: Layer, dest: Path) -> dict[str, Node]:
-    """``tar -x`` as root, hardlinked inodes owned by their last link entry, as an overlay
+    """``tar -x`` as root, hardlinked inodes owned by their last link entry, directories with
+    exactly their header's mode (both as containerd's applier leaves them), as an overlay
     lower (whiteouts char 0/0, opaque markers as the directory's xattr)."""
     if layer.blob.read_bytes()[:2] == b"\x1f\x8b":
         extract(layer.blob, dest)
     else:
         extract_plain(layer.blob, dest)
-    return as_overlay_lower(link_owner_rule(layer.blob, describe(dest)))
+    tree = link_owner_rule(layer.blob, describe(dest))
+    return as_overlay_lower(dir_mode_rule(layer.blob, tree))
 
 
 def assert_same(got: dict[str, Node], expected: dict[str, Node]) -> None:
