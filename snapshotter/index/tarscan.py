@@ -354,7 +354,7 @@ class TarScanner:
             linkname=_text(link_b),
             devmajor=0,
             devminor=0,
-            xattrs={},
+            xattrs=_NO_XATTRS,
             uoff=where + BLOCK,
         )
         if etype is EntryType.CHAR or etype is EntryType.BLOCK:
@@ -407,7 +407,9 @@ class TarScanner:
             raise LayerFormatError(f"PAX header: bad {key} value {pax[key]!r}") from None
 
     @staticmethod
-    def _xattrs(pax: dict[str, bytes], raw_path: str) -> dict[str, bytes]:
+    def _xattrs(pax: dict[str, bytes], raw_path: str) -> Mapping[str, bytes]:
+        """The member's xattrs; the one shared empty mapping when it has none (a dict per
+        member cost 2.7 MB building a 44,000-entry PAX layer)."""
         out: dict[str, bytes] = {}
         for key, value in pax.items():
             if key.startswith("SCHILY.xattr."):
@@ -420,7 +422,7 @@ class TarScanner:
                     raise LayerFormatError(
                         f"layer entry {raw_path!r}: bad LIBARCHIVE.xattr record {key!r}"
                     ) from None
-        return out
+        return out or _NO_XATTRS
 
     # -- member data -------------------------------------------------------------------------
 
