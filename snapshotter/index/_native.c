@@ -672,21 +672,62 @@ add_xattrs(encoded *out, PyObject *xattrs)
     return 0;
 }
 
+static uint32_t
+get32(const unsigned char *at)
+{
+    return (uint32_t)at[0] | (uint32_t)at[1] << 8 | (uint32_t)at[2] << 16
+           | (uint32_t)at[3] << 24;
+}
+
+/* Append the node's full path to the strings: its parent's path, already there (nodes are
+ * encoded breadth-first, so the parent's record is written), "/" and its name; the root's is
+ * empty and a top-level node's is its name. Sets *off and *len to where it went. */
+static int
+add_path(encoded *out, Py_ssize_t ordinal, Py_ssize_t parent, PyObject *name, size_t *off,
+         size_t *len)
+{
+    *off = out->strings.length;
+    *len = 0;
+    if (ordinal == 0)
+        return 0;
+    size_t name_len = (size_t)PyBytes_GET_SIZE(name), parent_off = 0, parent_len = 0;
+    if (parent != 0) {
+        const unsigned char *record = (unsigned char *)out->records.data + parent * ENTRY_SIZE;
+        parent_off = get32(record);
+        parent_len = get32(record + 4);
+    }
+    size_t length = parent_len + (parent_len ? 1 : 0) + name_len;
+    if (buffer_reserve(&out->strings, length) < 0)
+        return -1;
+    char *to = out->strings.data + *off; /* after the reserve: it may move the buffer */
+    memcpy(to, out->strings.data + parent_off, parent_len);
+    if (parent_len)
+        to[parent_len] = '/';
+    memcpy(to + length - name_len, PyBytes_AS_STRING(name), name_len);
+    out->strings.length += length;
+    *len = length;
+    return 0;
+}
+
 /* The record of one node. */
 static int
-encode_node(encoded *out, PyObject *node, PyObject *path, Py_ssize_t parent,
+encode_node(encoded *out, PyObject *node, Py_ssize_t ordinal, Py_ssize_t parent,
             Py_ssize_t first_child, Py_ssize_t child_count, Py_ssize_t subdirs,
             PyObject *error)
 {
     unsigned char r[ENTRY_SIZE] = {0};
-    size_t path_off = out->strings.length, path_len = (size_t)PyBytes_GET_SIZE(path);
-    if (buffer_add(&out->strings, PyBytes_AS_STRING(path), path_len) < 0)
-        return -1;
+    size_t path_off, path_len;
     PyObject *type = PyObject_GetAttr(node, s_type), *name = PyObject_GetAttr(node, s_name);
     PyObject *link = PyObject_GetAttr(node, s_link), *member = PyObject_GetAttr(node, s_member);
     PyObject *links = NULL;
     int result = -1;
     if (type == NULL || name == NULL || link == NULL || member == NULL)
+        goto done;
+    if (!PyBytes_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "encode_tree: names are bytes");
+        goto done;
+    }
+    if (add_path(out, ordinal, parent, name, &path_off, &path_len) < 0)
         goto done;
     long etype = PyLong_AsLong(type);
     long long link_target = -1;
@@ -805,6 +846,33 @@ PyDoc_STRVAR(encode_tree_doc,
 " (parent, link, links set to None, children to ``leaf``) so reference counting frees it.\n"
 "A value that does not fit its record field raises ``error`` naming the entry.");
 
+/* Break a node's reference cycles (parent <-> children, hardlink <-> target). */
+static int
+release_node(PyObject *node, PyObject *leaf)
+{
+    if (PyObject_SetAttr(node, s_parent, Py_None) < 0
+        || PyObject_SetAttr(node, s_link, Py_None) < 0
+        || PyObject_SetAttr(node, s_links, Py_None) < 0
+        || PyObject_SetAttr(node, s_children, leaf) < 0)
+        return -1;
+    return 0;
+}
+
+/* 1 when no hardlink involves the node (its link and links are None), 0 if one does, -1 on
+ * error. */
+static int
+is_plain_node(PyObject *node)
+{
+    PyObject *link = PyObject_GetAttr(node, s_link);
+    if (link == NULL)
+        return -1;
+    PyObject *links = PyObject_GetAttr(node, s_links);
+    int plain = links == NULL ? -1 : link == Py_None && links == Py_None;
+    Py_DECREF(link);
+    Py_XDECREF(links);
+    return plain;
+}
+
 static PyObject *
 encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -818,19 +886,17 @@ encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *root = args[0], *leaf = args[1], *error = args[2];
     Py_ssize_t capacity = 1024, count = 1;
     PyObject **nodes = PyMem_Malloc(sizeof(PyObject *) * (size_t)capacity);
-    PyObject **paths = PyMem_Malloc(sizeof(PyObject *) * (size_t)capacity);
     Py_ssize_t *meta = PyMem_Malloc(sizeof(Py_ssize_t) * 4 * (size_t)capacity);
     encoded out = {{NULL, NULL, 0, 0}, {NULL, NULL, 0, 0}, {NULL, NULL, 0, 0},
                    {NULL, NULL, 0, 0}, 0, 0};
     PyObject *result = NULL, *zero = NULL;
-    if (nodes == NULL || paths == NULL || meta == NULL) {
+    if (nodes == NULL || meta == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     nodes[0] = Py_NewRef(root);
-    paths[0] = PyBytes_FromStringAndSize("", 0);
     zero = PyLong_FromLong(0);
-    if (paths[0] == NULL || zero == NULL || PyObject_SetAttr(root, s_ordinal, zero) < 0)
+    if (zero == NULL || PyObject_SetAttr(root, s_ordinal, zero) < 0)
         goto done;
     meta[0] = 0; /* parent, first child, child count, subdirectories */
     meta[1] = meta[2] = meta[3] = 0;
@@ -858,13 +924,10 @@ encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyObject **more_nodes = PyMem_Realloc(nodes, sizeof(PyObject *) * (size_t)capacity);
             if (more_nodes != NULL)
                 nodes = more_nodes;
-            PyObject **more_paths = PyMem_Realloc(paths, sizeof(PyObject *) * (size_t)capacity);
-            if (more_paths != NULL)
-                paths = more_paths;
             Py_ssize_t *more_meta = PyMem_Realloc(meta, sizeof(Py_ssize_t) * 4 * (size_t)capacity);
             if (more_meta != NULL)
                 meta = more_meta;
-            if (more_nodes == NULL || more_paths == NULL || more_meta == NULL) {
+            if (more_nodes == NULL || more_meta == NULL) {
                 PyErr_NoMemory();
                 Py_DECREF(keys);
                 Py_DECREF(children);
@@ -875,41 +938,26 @@ encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         for (Py_ssize_t k = 0; k < n && !failed; k++) {
             PyObject *key = PyList_GET_ITEM(keys, k);
             PyObject *child = PyDict_GetItemWithError(children, key);
-            PyObject *path = NULL, *ordinal = NULL, *type = NULL;
+            PyObject *ordinal = NULL, *type = NULL;
             if (child == NULL || !PyBytes_Check(key)) {
                 if (!PyErr_Occurred())
                     PyErr_SetString(PyExc_TypeError, "encode_tree: names are bytes");
                 failed = 1;
                 break;
             }
-            if (i == 0) {
-                path = Py_NewRef(key);
-            } else {
-                Py_ssize_t plen = PyBytes_GET_SIZE(paths[i]), klen = PyBytes_GET_SIZE(key);
-                path = PyBytes_FromStringAndSize(NULL, plen + 1 + klen);
-                if (path != NULL) {
-                    char *to = PyBytes_AS_STRING(path);
-                    memcpy(to, PyBytes_AS_STRING(paths[i]), (size_t)plen);
-                    to[plen] = '/';
-                    memcpy(to + plen + 1, PyBytes_AS_STRING(key), (size_t)klen);
-                }
-            }
             ordinal = PyLong_FromSsize_t(count);
             type = PyObject_GetAttr(child, s_type);
-            failed = path == NULL || ordinal == NULL || type == NULL
+            failed = ordinal == NULL || type == NULL
                      || PyObject_SetAttr(child, s_ordinal, ordinal) < 0;
             if (!failed) {
                 long etype = PyLong_AsLong(type);
                 failed = etype == -1 && PyErr_Occurred();
                 subdirs += etype == TYPE_DIR;
                 nodes[count] = Py_NewRef(child);
-                paths[count] = path;
-                path = NULL;
                 meta[4 * count] = i;
                 meta[4 * count + 1] = meta[4 * count + 2] = meta[4 * count + 3] = 0;
                 count++;
             }
-            Py_XDECREF(path);
             Py_XDECREF(ordinal);
             Py_XDECREF(type);
         }
@@ -919,10 +967,19 @@ encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (failed)
             goto done;
     }
-    for (Py_ssize_t i = 0; i < count; i++)
-        if (encode_node(&out, nodes[i], paths[i], meta[4 * i], meta[4 * i + 1],
-                        meta[4 * i + 2], meta[4 * i + 3], error) < 0)
+    /* A node no hardlink involves is released once encoded, so the tree shrinks while the
+     * records grow. Later nodes read a hardlink target's ordinal and links: those nodes stay
+     * until the end. */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (encode_node(&out, nodes[i], i, meta[4 * i], meta[4 * i + 1], meta[4 * i + 2],
+                        meta[4 * i + 3], error) < 0)
             goto done;
+        int plain = is_plain_node(nodes[i]);
+        if (plain < 0 || (plain && release_node(nodes[i], leaf) < 0))
+            goto done;
+        if (plain)
+            Py_CLEAR(nodes[i]);
+    }
     PyObject *records = buffer_take(&out.records), *xattrs = buffer_take(&out.xattrs);
     PyObject *digests = buffer_take(&out.digests), *strings = buffer_take(&out.strings);
     if (records != NULL && xattrs != NULL && digests != NULL && strings != NULL)
@@ -934,20 +991,14 @@ encode_tree(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XDECREF(strings);
 done:
     if (nodes != NULL) {
-        for (Py_ssize_t i = 0; i < count && paths != NULL; i++) {
-            if (result != NULL) { /* break the cycles: refcounting frees the tree */
-                if (PyObject_SetAttr(nodes[i], s_parent, Py_None) < 0
-                    || PyObject_SetAttr(nodes[i], s_link, Py_None) < 0
-                    || PyObject_SetAttr(nodes[i], s_links, Py_None) < 0
-                    || PyObject_SetAttr(nodes[i], s_children, leaf) < 0)
-                    Py_CLEAR(result);
-            }
+        for (Py_ssize_t i = 0; i < count; i++) {
+            /* break the cycles: refcounting frees the tree */
+            if (result != NULL && nodes[i] != NULL && release_node(nodes[i], leaf) < 0)
+                Py_CLEAR(result);
             Py_XDECREF(nodes[i]);
-            Py_XDECREF(paths[i]);
         }
     }
     PyMem_Free(nodes);
-    PyMem_Free(paths);
     PyMem_Free(meta);
     Py_XDECREF(out.records.bytes);
     Py_XDECREF(out.xattrs.bytes);
