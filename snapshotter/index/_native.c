@@ -841,9 +841,9 @@ PyDoc_STRVAR(encode_tree_doc,
 "    digest_count, strings)\n\n"
 "Number the tree's nodes breadth-first from ``root`` (siblings by name bytes, so every\n"
 "directory's children are one contiguous run), encode every node's entry record, xattr\n"
-"records, digests and strings as format.py lays them out, then break the tree's reference\n"
-"cycles"
-" (parent, link, links set to None, children to ``leaf``) so reference counting frees it.\n"
+"records, digests and strings as format.py lays them out, breaking the tree's reference\n"
+"cycles (parent, link, links set to None, children to ``leaf``) so reference counting frees\n"
+"it: each node once encoded, those a hardlink involves at the end.\n"
 "A value that does not fit its record field raises ``error`` naming the entry.");
 
 /* Break a node's reference cycles (parent <-> children, hardlink <-> target). */
