@@ -61,10 +61,11 @@ def test_chunk_cover_widens_to_whole_chunks(layer: tuple[LayerIndex, bytes, Path
     assert lay.chunk_cover(end - 10, end)[1] == end
 
 
-def test_verify_cover_hashes_across_pieces_without_joining(
+def test_verify_cover_checks_whole_bytes_and_pieces_alike(
     layer: tuple[LayerIndex, bytes, Path],
 ) -> None:
-    """The ContentCache's blocks are verified as they came (chunks straddle them)."""
+    """The ContentCache's blocks are verified as they came (chunks straddle them), exactly as
+    joined bytes are: same chunks checked, corruption and missing coverage refused."""
     _, stream, _ = layer
     lay = make(layer)
     lo, hi = lay.chunk_cover(2 * MiB, 3 * MiB)
@@ -72,26 +73,16 @@ def test_verify_cover_hashes_across_pieces_without_joining(
     pieces = [stream[a:b] for a, b in itertools.pairwise(cuts)]
     assert lay.verify_cover(lo, pieces, 2 * MiB, 3 * MiB) == lay.verify_cover(
         lo, stream[lo:hi], 2 * MiB, 3 * MiB) >= 1
-    bad = bytearray(pieces[2])
-    bad[-1] ^= 1
-    with pytest.raises(VerifyError, match="corrupt"):
-        lay.verify_cover(lo, [*pieces[:2], bytes(bad), *pieces[3:]], 2 * MiB, 3 * MiB)
-    with pytest.raises(VerifyError, match="not covered"):
-        lay.verify_cover(lo, pieces[:-1], 2 * MiB, 3 * MiB)
-
-
-def test_verify_cover_rejects_corruption_and_missing_coverage(
-    layer: tuple[LayerIndex, bytes, Path],
-) -> None:
-    _, stream, _ = layer
-    lay = make(layer)
-    lo, hi = lay.chunk_cover(2 * MiB, 3 * MiB)
-    bad = bytearray(stream[lo:hi])
-    bad[len(bad) // 2] ^= 1
-    with pytest.raises(VerifyError, match="corrupt"):
-        lay.verify_cover(lo, bytes(bad), 2 * MiB, 3 * MiB)
-    with pytest.raises(VerifyError, match="not covered"):
-        lay.verify_cover(2 * MiB, stream[2 * MiB : 3 * MiB], 2 * MiB, 3 * MiB)
+    flipped = bytearray(stream[lo:hi])
+    flipped[len(flipped) // 2] ^= 1
+    bad_piece = bytearray(pieces[2])
+    bad_piece[-1] ^= 1
+    for corrupt in (bytes(flipped), [*pieces[:2], bytes(bad_piece), *pieces[3:]]):
+        with pytest.raises(VerifyError, match="corrupt"):
+            lay.verify_cover(lo, corrupt, 2 * MiB, 3 * MiB)
+    for dstart, short in ((2 * MiB, stream[2 * MiB : 3 * MiB]), (lo, pieces[:-1])):
+        with pytest.raises(VerifyError, match="not covered"):
+            lay.verify_cover(dstart, short, 2 * MiB, 3 * MiB)
 
 
 def test_profiles_round_trip_and_reject_foreign() -> None:

@@ -36,7 +36,7 @@ from snapshotter.cache import DiskCache, MemoryTier
 from snapshotter.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from snapshotter.fs.blobserver import BlobServer
 from snapshotter.fs.mounts import clear_stale_mount, is_mounted, lazy_unmount
-from snapshotter.fs.ops import Attached, ClipOperations
+from snapshotter.fs.ops import BLOB_BLKSIZE, Attached, ClipOperations
 from snapshotter.fs.tree import LayerTree
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import Layer, ReadPath, ReadPolicy, Source
@@ -47,9 +47,6 @@ MOUNT_OPTIONS = frozenset({"fsname=clip", "default_permissions", "ro"})
 _LAYER_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _START_TIMEOUT = 30.0
 _FLUSH_PERIOD = 2.0
-#: What the blob server warms around a read (and the READ size it asks the kernel for): the
-#: kernel's largest FUSE READ. Larger than a read-path block (see `held_parts`).
-WARM_SPAN = 1 << 20
 
 
 class LayerFS:
@@ -95,7 +92,7 @@ class LayerFS:
             # never stat the mount itself: a session kept for us waits for its server (us)
             mp = Path(os.path.realpath(given.parent)) / given.name
             self.server = BlobServer(mp, self._holder, wait_for_restore=True,
-                                     warm_span=WARM_SPAN)
+                                     warm_span=BLOB_BLKSIZE)
             if not is_mounted(mp):
                 mp.mkdir(parents=True, exist_ok=True)
         else:

@@ -39,7 +39,9 @@ R = TypeVar("R")
 ROOT = pyfuse3.ROOT_INODE
 #: Layer directories come and go; detach invalidates them, this bounds any leftover.
 ROOT_ENTRY_TIMEOUT = 60.0
-#: What stat reports as a stream's preferred I/O size: the kernel's largest FUSE READ.
+#: The kernel's largest FUSE READ: what stat reports as a stream's preferred I/O size, and
+#: the span the blob server warms around a read (`LayerFS`; larger than a read-path block, see
+#: `held_parts`).
 BLOB_BLKSIZE = 1 << 20
 #: `<mount>/blobs`: the directory of layer streams (slot 0 is the mount root's own slot).
 BLOBS = "blobs"
