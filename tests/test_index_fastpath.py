@@ -72,7 +72,7 @@ def test_any_slicing_gives_the_same_members() -> None:
     for sizes in ([1] * 3000, [rnd.randrange(1, 3000) for _ in range(400)], [511, 513] * 300):
         assert _members(raw, sizes) == whole
     assert len(whole) == 123
-    assert sum(len(m.digests) for m in whole) > 123  # multi-chunk files were split
+    assert sum(len(m.digests) for m in whole) > 123 * 32  # multi-chunk files were split
 
 
 def test_pax_global_header_forces_the_general_path_with_the_same_result() -> None:

@@ -4,6 +4,7 @@ from copies of real system directories."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sys
 import tarfile
@@ -150,6 +151,8 @@ def test_duplicates_later_wins_and_synthesised_parents(tmp_path: Path) -> None:
     # the hardlink keeps the old inode alive: it is now the file carrying the first bytes
     assert index.entry(link).type is EntryType.FILE
     assert reader.read(link, 0, 100) == b"first"
+    # ... and its digest, whenever the side worker hashed the data it adopted
+    assert [d for _, _, d in index.chunk_digests(link)] == [hashlib.sha256(b"first").digest()]
     x = index.lookup("x")
     assert x is not None and index.entry(x).type is EntryType.DIR
     assert [index.entry(i).name for i in index.children(x)] == ["y"]

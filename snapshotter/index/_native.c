@@ -160,6 +160,35 @@ new_piece(PyObject *module, PyObject *arg)
     return PyBytes_FromStringAndSize(NULL, size);
 }
 
+PyDoc_STRVAR(new_buffer_doc,
+"new_buffer(size) -> (bytearray, address)\n\n"
+"A bytearray of ``size`` bytes whose contents are not initialised, and the address of its\n"
+"data, for zlib to inflate a read's range into. Zeroing it first (as a ctypes array is) would\n"
+"touch every page of a buffer that also has room for a tail most reads never use. The\n"
+"caller keeps a memoryview of it while the address is in use: that stops it being resized.");
+
+static PyObject *
+new_buffer(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "new_buffer: size must be positive");
+        return NULL;
+    }
+    PyObject *buffer = PyByteArray_FromStringAndSize(NULL, size);
+    if (buffer == NULL)
+        return NULL;
+    PyObject *address = PyLong_FromVoidPtr(PyByteArray_AS_STRING(buffer));
+    if (address == NULL) {
+        Py_DECREF(buffer);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", buffer, address);
+}
+
 /* ---- scan_members ------------------------------------------------------------------- */
 
 #define BLOCK 512
@@ -249,6 +278,18 @@ normalised_path(PyObject *raw, PyObject *normalise)
     return PyUnicode_Substring(raw, start, end);
 }
 
+/* One int object per mode value (new reference), shared by every member with that mode, as
+ * tarscan._shared_mode does on the general path: an int each would cost 32 bytes a member. */
+static PyObject *modes[010000];
+
+static PyObject *
+shared_mode(int mode)
+{
+    if (modes[mode] == NULL)
+        modes[mode] = PyLong_FromLong(mode);
+    return Py_XNewRef(modes[mode]);
+}
+
 /* The Member of the plain header at ``block``, or Py_None when the general path must take it
  * (NULL with an exception set on error). ``*data_size`` receives the bytes of data that follow
  * the header in the stream. */
@@ -287,7 +328,7 @@ plain_member(const unsigned char *block, long long uoff, PyObject *member_class,
     args[0] = normalised_path(raw, normalise);
     args[1] = raw;
     args[2] = etype;
-    args[3] = PyLong_FromLongLong(mode & 07777);
+    args[3] = shared_mode((int)(mode & 07777));
     args[4] = PyLong_FromLongLong(uid);
     args[5] = PyLong_FromLongLong(gid);
     args[6] = PyLong_FromLongLong(regular ? size : 0);
@@ -388,9 +429,9 @@ typedef unsigned char *(*sha256_fn)(const unsigned char *data, size_t length, un
 
 PyDoc_STRVAR(digest_files_doc,
 "digest_files(files, chunk_size, sha256) -> None\n\n"
-"For each (member, data) in ``files``, append to member.digests the sha256 of data's\n"
-"consecutive ``chunk_size``-byte chunks (one digest for data up to chunk_size; none for\n"
-"empty data). ``sha256`` is the address of libcrypto's one-shot SHA256(). All hashing runs\n"
+"For each (member, data) in ``files``, add to member.digests (bytes) the sha256 of data's\n"
+"consecutive ``chunk_size``-byte chunks, concatenated (one digest for data up to chunk_size;\n"
+"none for empty data). ``sha256`` is the address of libcrypto's one-shot SHA256(). All hashing runs\n"
 "with the GIL released, so a piece's small files cost no interpreter time each.");
 
 static PyObject *
@@ -448,23 +489,26 @@ digest_files(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *list = PyObject_GetAttrString(PyTuple_GET_ITEM(PyList_GET_ITEM(files, i), 0),
-                                                "digests");
-        if (list == NULL)
+        if (firsts[i + 1] == firsts[i])
+            continue;  /* an empty file: no digest */
+        PyObject *member = PyTuple_GET_ITEM(PyList_GET_ITEM(files, i), 0);
+        PyObject *have = PyObject_GetAttrString(member, "digests");
+        if (have == NULL)
             goto done;
-        int failed = !PyList_Check(list);
-        for (Py_ssize_t k = firsts[i]; !failed && k < firsts[i + 1]; k++) {
-            PyObject *digest = PyBytes_FromStringAndSize(
-                (const char *)digests + (size_t)k * DIGEST, DIGEST);
-            failed = digest == NULL || PyList_Append(list, digest) < 0;
-            Py_XDECREF(digest);
-        }
-        Py_DECREF(list);
-        if (failed) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "digest_files: member.digests is not a list");
+        if (!PyBytes_Check(have)) {
+            Py_DECREF(have);
+            PyErr_SetString(PyExc_TypeError, "digest_files: member.digests is not bytes");
             goto done;
         }
+        PyObject *added = PyBytes_FromStringAndSize(
+            (const char *)digests + (size_t)firsts[i] * DIGEST,
+            (firsts[i + 1] - firsts[i]) * DIGEST);
+        PyBytes_Concat(&have, added);  /* ``have`` becomes the sum, or NULL on error */
+        Py_XDECREF(added);
+        int failed = have == NULL || PyObject_SetAttrString(member, "digests", have) < 0;
+        Py_XDECREF(have);
+        if (failed)
+            goto done;
     }
     result = Py_NewRef(Py_None);
 done:
@@ -799,16 +843,16 @@ encode_node(encoded *out, PyObject *node, Py_ssize_t ordinal, Py_ssize_t parent,
             || int_field(member, s_uoff, 0, UINT64_MAX, member, error, &uoff) < 0)
             goto done;
         PyObject *digests = PyObject_GetAttr(member, s_digests);
-        failed = digests == NULL || !PyList_Check(digests);
-        for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(digests); i++) {
-            PyObject *digest = PyList_GET_ITEM(digests, i);
-            failed = !PyBytes_Check(digest)
-                     || buffer_add(&out->digests, PyBytes_AS_STRING(digest),
-                                   (size_t)PyBytes_GET_SIZE(digest)) < 0;
-            out->digest_count++;
+        failed = digests == NULL || !PyBytes_Check(digests)
+                 || PyBytes_GET_SIZE(digests) % DIGEST != 0;
+        if (!failed) {
+            failed = buffer_add(&out->digests, PyBytes_AS_STRING(digests),
+                                (size_t)PyBytes_GET_SIZE(digests)) < 0;
+            out->digest_count += PyBytes_GET_SIZE(digests) / DIGEST;
         }
         if (failed && !PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "encode_tree: digests are a list of bytes");
+            PyErr_SetString(PyExc_TypeError,
+                            "encode_tree: digests are bytes, 32 per chunk");
         Py_XDECREF(digests);
         if (failed)
             goto done;
@@ -1013,6 +1057,7 @@ done:
 static PyMethodDef native_methods[] = {
     {"inflate_blocks", inflate_blocks, METH_VARARGS, inflate_blocks_doc},
     {"new_piece", new_piece, METH_O, new_piece_doc},
+    {"new_buffer", new_buffer, METH_O, new_buffer_doc},
     {"digest_files", (PyCFunction)(void (*)(void))digest_files, METH_FASTCALL,
      digest_files_doc},
     {"encode_tree", (PyCFunction)(void (*)(void))encode_tree, METH_FASTCALL,

@@ -12,6 +12,7 @@ windows of chosen checkpoints, per-entry metadata and digests are kept, never th
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 import os
@@ -214,8 +215,10 @@ class _CheckpointPolicy:
         self.checkpoints: list[RawCheckpoint] = []
         # every boundary: its uoff and the compressed bytes needed to produce everything
         # before it; lets compressed_range stop within one deflate block after the range end.
-        self.mark_uoffs: list[int] = []
-        self.mark_cends: list[int] = []
+        # Arrays, not lists: an int object per boundary, scattered through the heap among the
+        # tree's objects, would keep the freed tree's memory from going back to the system.
+        self.mark_uoffs = array.array("Q")
+        self.mark_cends = array.array("Q")
         self.candidate: _Pending | None = None
         self.large: collections.deque[int] = collections.deque()  # large files' data starts
         self.tail = b""  # the last 32 KiB of stream before the current piece
@@ -385,7 +388,7 @@ def build_index(
     )
 
 
-def _write(out: BinaryIO | os.PathLike[str] | str, data: bytes) -> None:
+def _write(out: BinaryIO | os.PathLike[str] | str, data: bytearray) -> None:
     if not isinstance(out, (str, os.PathLike)):
         out.write(data)
         return

@@ -9,9 +9,10 @@ batch that ``_native.digest_files`` hashes through libcrypto's SHA256 with the G
 (tens of thousands of small files would otherwise cost an interpreter round trip each, and
 hashlib holds the GIL for data under 2 KiB); without libcrypto, hashlib does it.
 
-Digests are appended to ``Member.digests`` in place (the tree may share that list between a
-replaced hardlink target and its heir), so they only need to be complete once the worker is
-closed, before the index is written.
+Digests are added to the member the scanner reported (``Member.digests``, the chunks' digests
+concatenated); when a hardlink target is replaced, its heir takes over that very member (see
+``Tree._remove``), so they only need to be complete once the worker is closed, before the index
+is written.
 """
 
 from __future__ import annotations
@@ -51,11 +52,9 @@ class Digests:
     def whole(self, member: Member, data: memoryview) -> None:
         size, chunk = len(data), self.chunk
         sha256 = hashlib.sha256
-        if size <= chunk:
-            if size:
-                member.digests.append(sha256(data).digest())
-            return
-        member.digests.extend(sha256(data[p : p + chunk]).digest() for p in range(0, size, chunk))
+        member.digests += b"".join(
+            sha256(data[p : p + chunk]).digest() for p in range(0, size, chunk)
+        )
 
     def part(self, member: Member, data: memoryview) -> None:
         if self._hash is None:
@@ -71,13 +70,13 @@ class Digests:
             data = data[take:]
             self._left -= take
             if not self._left:
-                member.digests.append(self._hash.digest())
+                member.digests += self._hash.digest()
                 self._hash = hashlib.sha256()
                 self._left = self.chunk
 
     def end(self, member: Member) -> None:
         if self._hash is not None and self._left != self.chunk:
-            member.digests.append(self._hash.digest())
+            member.digests += self._hash.digest()
         self._hash = None
 
 

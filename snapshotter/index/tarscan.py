@@ -15,7 +15,7 @@ import base64
 import binascii
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from snapshotter.index import _native
@@ -64,7 +64,9 @@ class Member:
     devminor: int
     xattrs: Mapping[str, bytes]
     uoff: int
-    digests: list[bytes] = field(default_factory=list)
+    #: the sha256 of each verification chunk, concatenated (32 bytes each): one bytes object
+    #: per file, not a list of them (a list and its slots cost ~90 bytes an entry)
+    digests: bytes = b""
 
 
 def normalise(raw: str, what: str = "layer entry") -> str:
@@ -138,6 +140,13 @@ def _pax_time_ns(value: str, where: int) -> int:
 
 
 _NO_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+_MODES: dict[int, int] = {}
+
+
+def _shared_mode(mode: int) -> int:
+    """One int object per mode value (there are 4096), shared by every member with it: a
+    layer's entries have a handful of modes, and an int each cost 32 bytes an entry."""
+    return _MODES.setdefault(mode, mode)
 #: typeflag byte -> EntryType for the headers the native scan takes (not GNU dumpdirs: their
 #: data must be skipped, which only the general path does)
 _PLAIN_TYPES = tuple(
@@ -346,7 +355,7 @@ class TarScanner:
             path=normalise(raw_path),
             raw_path=raw_path,
             type=etype,
-            mode=_num(mode_b, "mode", where) & 0o7777,
+            mode=_shared_mode(_num(mode_b, "mode", where) & 0o7777),
             uid=_num(uid_b, "uid", where),
             gid=_num(gid_b, "gid", where),
             size=size,

@@ -139,13 +139,15 @@ class Tree:
             heir.link = None
             heir.type = node.type
             assert heir.member is not None and node.member is not None
-            old = node.member
-            heir.member.type = old.type
-            heir.member.size = old.size
-            heir.member.uoff = old.uoff
-            heir.member.digests = old.digests
-            heir.member.linkname = old.linkname if old.type is EntryType.SYMLINK else ""
-            heir.member.devmajor, heir.member.devminor = old.devmajor, old.devminor
+            # The heir takes over the old inode's member (its type, data and device, and the
+            # digests the side worker may still be adding to that very object), under its
+            # own name and metadata.
+            old, own = node.member, heir.member
+            old.path, old.raw_path, old.xattrs = own.path, own.raw_path, own.xattrs
+            old.mode, old.uid, old.gid, old.mtime_ns = own.mode, own.uid, own.gid, own.mtime_ns
+            if old.type is not EntryType.SYMLINK:
+                old.linkname = ""
+            heir.member = old
             heir.links = node.links[1:]
             for other in heir.links:
                 other.link = heir

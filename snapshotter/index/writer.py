@@ -7,7 +7,8 @@ deterministic and shareable by digest.
 
 from __future__ import annotations
 
-import struct
+import array
+import sys
 from dataclasses import dataclass
 
 import zstandard
@@ -56,31 +57,50 @@ class Meta:
     blob_sha256: bytes
 
 
+def _little_endian(values: array.array[int]) -> bytes:
+    """A u64 array's bytes in the index's byte order."""
+    if sys.byteorder == "little":
+        return values.tobytes()
+    swapped = array.array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
 def assemble(
     entries: Entries,
     checkpoints: list[RawCheckpoint],
-    marks: tuple[list[int], list[int]],
+    marks: tuple[array.array[int], array.array[int]],
     meta: Meta,
     cctx: zstandard.ZstdCompressor,
-) -> bytes:
-    """The index bytes: header, compressed body, windows."""
-    cps = bytearray()
-    windows = bytearray()
-    for cp in checkpoints:
-        cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, cp.window_len, len(windows),
-                                   len(cp.packed))
-        windows += cp.packed
+) -> bytearray:
+    """The index bytes: header, compressed body, windows.
+
+    Written into one buffer as they are made (the header last, in front): joining the
+    compressed parts, then header, body and windows, would hold two more copies of the index
+    at the build's peak."""
     uoffs, cends = marks
-    mark_uoffs = struct.pack(f"<{len(uoffs)}Q", *uoffs)
-    mark_cends = struct.pack(f"<{len(cends)}Q", *cends)
+    mark_uoffs, mark_cends = _little_endian(uoffs), _little_endian(cends)
+    cps = bytearray()
+    windows_len = 0
+    for cp in checkpoints:
+        cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, cp.window_len, windows_len,
+                                   len(cp.packed))
+        windows_len += len(cp.packed)
     parts = (entries.records, entries.xattrs, cps, mark_uoffs, mark_cends, entries.digests,
              entries.strings)
     raw_len = sum(len(part) for part in parts)
-    # compressed part by part: the joined body would be one more copy of every record at the
-    # build's peak (7 MB for a 50,000-entry layer)
+    out = bytearray(fmt.HEADER_SIZE)
+    # compressed part by part: the joined body would be one more copy of every record
     stream = cctx.compressobj(size=raw_len)
-    body = b"".join([*(stream.compress(part) for part in parts), stream.flush()])
-    header = fmt.HEADER.pack(
+    for part in parts:
+        out += stream.compress(part)
+    out += stream.flush()
+    body_len = len(out) - fmt.HEADER_SIZE
+    for cp in checkpoints:
+        out += cp.packed
+    fmt.HEADER.pack_into(
+        out,
+        0,
         fmt.MAGIC,
         fmt.VERSION,
         fmt.HEADER_SIZE,
@@ -94,9 +114,9 @@ def assemble(
         meta.uncompressed_size,
         meta.compressed_size,
         meta.blob_sha256,
-        len(body),
+        body_len,
         raw_len,
-        len(windows),
+        windows_len,
         len(uoffs),
     )
-    return header + body + bytes(windows)
+    return out
