@@ -221,13 +221,15 @@ def _stats(root: Path) -> dict[str, tuple[int, int, int, int, int, int]]:
     return out
 
 
-@VARIANTS
-def test_directory_of_100k_entries(tmp_path: Path, compact_mtime: bool) -> None:
+def test_directory_of_100k_entries(tmp_path: Path) -> None:
+    """In the compact-mtime variant only, the one the daemon's probe picks on kernels 6.15+:
+    the two variants differ per inode, not in how a directory's entries are laid out, and
+    the build-time variant has every other test here (15 s saved)."""
     n = 100_000
     members = [M("big", tarfile.DIRTYPE)]
     members += [M(f"big/f{i:06d}-{'x' * (i % 50)}", data=b"%d" % i if i % 1000 == 0 else b"",
                   uid=i % 7, mtime=1_700_000_000 + i % 3) for i in range(n)]
-    layer = make_layer(tmp_path, "wide", members, compact_mtime=compact_mtime)
+    layer = make_layer(tmp_path, "wide", members, compact_mtime=True)
     dest = tmp_path / "x"
     extract(layer.blob, dest)
     expected = _stats(dest / "big")
