@@ -332,17 +332,3 @@ def test_pieces_per_call_do_not_change_the_index(tmp_path: Path,
         big = index.lookup("zeros")
         assert big is not None and reader.read(big, (40 << 20) - 4096, 4096) == bytes(4096)
 
-
-def test_new_buffer_gives_the_address_of_its_bytes() -> None:
-    """zlib writes a read's range through the address; the bytearray holds what it wrote."""
-    import ctypes
-
-    from snapshotter.index import _native
-
-    buffer, address = _native.new_buffer(3 << 20)
-    view = memoryview(buffer)
-    assert len(buffer) == 3 << 20 and not view.readonly
-    ctypes.memmove(address + (2 << 20), b"written by address", 18)
-    assert bytes(view[2 << 20 : (2 << 20) + 18]) == b"written by address"
-    with pytest.raises(ValueError, match="positive"):
-        _native.new_buffer(0)

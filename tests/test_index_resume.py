@@ -24,6 +24,7 @@ from snapshotter.index import (
     LayerFormatError,
     LayerIndex,
     build_index,
+    resume,
 )
 from snapshotter.index.resume import (
     InflateResult,
@@ -123,6 +124,22 @@ def test_points_are_deterministic(tree_layer: tuple[Layer, Path]) -> None:
     assert [p for p in first if p.uoff > middle.uoff] == list(later)
     grid = [p.uoff // EVERY for p in first[:-1]]
     assert grid == sorted(set(grid))
+
+
+def test_one_bound_per_native_call_gives_the_same_points(
+    tree_layer: tuple[Layer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C block loop returns early when its bounds array is full; the run then calls it
+    again, and the bytes and points are the same as with room for many bounds per call."""
+    layer, _ = tree_layer
+    idx = layer.index
+    cp = idx.checkpoint(0)
+    end = idx.checkpoint(1).uoff if idx.checkpoint_count > 1 else len(layer.raw)
+    many = layer.read(cp, cp.uoff, end - cp.uoff)
+    monkeypatch.setattr(resume, "BOUNDS_PER_CALL", 1)
+    one = layer.read(cp, cp.uoff, end - cp.uoff)
+    assert one.data == many.data == layer.raw[cp.uoff:end]
+    assert one.points == many.points and len(many.points) > 2
 
 
 def test_resume_costs_only_the_bytes_after_the_point(tree_layer: tuple[Layer, Path]) -> None:

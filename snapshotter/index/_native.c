@@ -57,10 +57,12 @@ typedef int (*inflate_fn)(void *strm, int flush);
 #define MAX_PIECES 16
 
 PyDoc_STRVAR(inflate_blocks_doc,
-"inflate_blocks(stream, inflate, bounds, pieces, start) -> (rc, piece, filled, count)\n\n"
+"inflate_blocks(stream, inflate, bounds, pieces, start, stop=-1)\n"
+"    -> (rc, piece, filled, count)\n\n"
 "Call inflate(stream, Z_BLOCK), writing into pieces[0][start:] and then into the following\n"
 "pieces as each fills up, until it returns anything but Z_OK, the last piece is full, the\n"
-"input is used up without output, or ``bounds`` is full. ``stream`` is the address of a\n"
+"input is used up without output, ``bounds`` is full, or (``stop`` >= 0) a block boundary\n"
+"at or past offset ``stop`` of pieces[0] has been recorded. ``stream`` is the address of a\n"
 "prepared z_stream / zng_stream and ``inflate`` the address of the matching inflate\n"
 "function; ``pieces`` is a list of equally sized bytes objects from new_piece() that nothing\n"
 "else has seen yet (the output goes straight into them, so it is never copied). For each\n"
@@ -75,10 +77,10 @@ inflate_blocks(PyObject *module, PyObject *args)
     unsigned long long stream_addr, inflate_addr;
     Py_buffer bounds;
     PyObject *pieces;
-    Py_ssize_t start;
+    Py_ssize_t start, stop = -1;
     (void)module;
-    if (!PyArg_ParseTuple(args, "KKw*O!n:inflate_blocks", &stream_addr, &inflate_addr, &bounds,
-                          &PyList_Type, &pieces, &start))
+    if (!PyArg_ParseTuple(args, "KKw*O!n|n:inflate_blocks", &stream_addr, &inflate_addr,
+                          &bounds, &PyList_Type, &pieces, &start, &stop))
         return NULL;
     Py_ssize_t cap = bounds.len / (Py_ssize_t)(BOUND_FIELDS * sizeof(int64_t));
     Py_ssize_t npieces = PyList_GET_SIZE(pieces), size = 0;
@@ -123,6 +125,8 @@ inflate_blocks(PyObject *module, PyObject *args)
             slot[2] = (int64_t)(s->next_in - in_start);
             slot[3] = (int64_t)(s->data_type & 7);
             count++;
+            if (stop >= 0 && current == 0 && slot[1] >= stop)
+                break;
         }
         if (s->avail_out == 0) {
             if (current + 1 == npieces)
@@ -158,35 +162,6 @@ new_piece(PyObject *module, PyObject *arg)
         return NULL;
     }
     return PyBytes_FromStringAndSize(NULL, size);
-}
-
-PyDoc_STRVAR(new_buffer_doc,
-"new_buffer(size) -> (bytearray, address)\n\n"
-"A bytearray of ``size`` bytes whose contents are not initialised, and the address of its\n"
-"data, for zlib to inflate a read's range into. Zeroing it first (as a ctypes array is) would\n"
-"touch every page of a buffer that also has room for a tail most reads never use. The\n"
-"caller keeps a memoryview of it while the address is in use: that stops it being resized.");
-
-static PyObject *
-new_buffer(PyObject *module, PyObject *arg)
-{
-    (void)module;
-    Py_ssize_t size = PyLong_AsSsize_t(arg);
-    if (size == -1 && PyErr_Occurred())
-        return NULL;
-    if (size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "new_buffer: size must be positive");
-        return NULL;
-    }
-    PyObject *buffer = PyByteArray_FromStringAndSize(NULL, size);
-    if (buffer == NULL)
-        return NULL;
-    PyObject *address = PyLong_FromVoidPtr(PyByteArray_AS_STRING(buffer));
-    if (address == NULL) {
-        Py_DECREF(buffer);
-        return NULL;
-    }
-    return Py_BuildValue("(NN)", buffer, address);
 }
 
 /* ---- scan_members ------------------------------------------------------------------- */
@@ -1057,7 +1032,6 @@ done:
 static PyMethodDef native_methods[] = {
     {"inflate_blocks", inflate_blocks, METH_VARARGS, inflate_blocks_doc},
     {"new_piece", new_piece, METH_O, new_piece_doc},
-    {"new_buffer", new_buffer, METH_O, new_buffer_doc},
     {"digest_files", (PyCFunction)(void (*)(void))digest_files, METH_FASTCALL,
      digest_files_doc},
     {"encode_tree", (PyCFunction)(void (*)(void))encode_tree, METH_FASTCALL,

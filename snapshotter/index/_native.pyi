@@ -6,10 +6,10 @@ from typing_extensions import Buffer
 BOUND_FIELDS: int
 
 def inflate_blocks(
-    stream: int, inflate: int, bounds: Buffer, pieces: list[bytes], start: int, /
+    stream: int, inflate: int, bounds: Buffer, pieces: list[bytes], start: int,
+    stop: int = -1, /,
 ) -> tuple[int, int, int, int]: ...
 def new_piece(size: int, /) -> bytes: ...
-def new_buffer(size: int, /) -> tuple[bytearray, int]: ...
 def scan_members(
     buffer: Buffer,
     start: int,

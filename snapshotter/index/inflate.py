@@ -252,7 +252,8 @@ class Inflater:
         rc = self._inflated(int(API.inflate(self._ref, flush)))
         return rc, room - s.avail_out
 
-    def run_blocks(self, pieces: list[bytes], start: int, bounds: Any) -> tuple[int, int, int, int]:
+    def run_blocks(self, pieces: list[bytes], start: int, bounds: Any, stop: int = -1,
+                   ) -> tuple[int, int, int, int]:
         """Inflate with ``Z_BLOCK`` into ``pieces[0][start:]`` and on into the following pieces
         (fresh ``_native.new_piece`` objects: the output is written into them in place, so it
         is never copied), block after block, until the last piece is full, the input is used
@@ -261,9 +262,10 @@ class Inflater:
         it, boundaries recorded); each boundary is (piece index, offset in that piece, input
         offset from the pending input's start, bits of the last byte that belong to the next
         block). Several pieces per call mean one return to Python (and one wait for the GIL)
-        per input chunk rather than per piece."""
+        per input chunk rather than per piece. ``stop`` >= 0 also returns at the first block
+        boundary at or past that offset of ``pieces[0]``."""
         rc, piece, filled, count = _native.inflate_blocks(
-            self._address, _INFLATE_ADDRESS, bounds, pieces, start
+            self._address, _INFLATE_ADDRESS, bounds, pieces, start, stop
         )
         return self._inflated(rc), piece, filled, count
 

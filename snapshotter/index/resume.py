@@ -23,6 +23,7 @@ starts, which the index records as checkpoints. For those layers ``inflate_from`
 
 from __future__ import annotations
 
+import array
 import bisect
 import threading
 from collections import OrderedDict
@@ -41,6 +42,8 @@ RECORD_EVERY = 256 << 10
 #: bytes (deflate blocks are usually 20-100 KiB; a run of zeros can make one megabytes long)
 TAIL_LIMIT = 1 << 20
 WINDOW = zi.WINDOW_SIZE
+#: block boundaries one C call may record (a range of a few MiB passes tens of them)
+BOUNDS_PER_CALL = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +148,17 @@ class _Run:
     """One inflation from a start point, recording boundaries as it goes.
 
     Output is inflated straight into ``out``, a buffer sized once for the range (plus the
-    tail allowance when recording), from ``start.uoff`` on; ``n`` bytes of it are filled. zlib
-    writes into it by address, and slices of it are handed on as views. It is not zeroed
-    first (``_native.new_buffer``): a ctypes array was, which touched every page of the 1 MiB
-    tail allowance most reads never use (~1.3 ms a read; py-spy of a lazy scipy start: 90
-    samples zeroing, 255 inflating). The compressed position of the inflater is
-    ``fed_end - avail_in`` because every buffer fed is a suffix of the caller's.
+    tail allowance when recording), from ``start.uoff`` on; ``n`` bytes of it are filled.
+    The loop over deflate blocks runs in C (``Inflater.run_blocks``, as the index build's
+    does): it returns to Python once per ``BOUNDS_PER_CALL`` block boundaries, or at the
+    first boundary past the range, not at every block. Returning at every block (a few
+    thousand times in a lazy scipy start) meant taking the GIL back each time from the
+    threads serving the container, and py-spy counted the inflating threads' waits as
+    most of the daemon's samples. The buffer is a ``_native.new_piece``, not zeroed first
+    (a zeroed ctypes array touched every page of the 1 MiB tail allowance most reads never
+    use, ~1.3 ms a read); slices of it are handed on as views. The compressed position of
+    the inflater is ``fed_end - avail_in`` because every buffer fed is a suffix of the
+    caller's.
     """
 
     def __init__(
@@ -162,13 +170,16 @@ class _Run:
         self.end = end
         self.every = every
         capacity = end - start.uoff + (TAIL_LIMIT + 1 if every is not None else 0)
-        buffer, self.address = _native.new_buffer(max(capacity, 1))
-        self.out = memoryview(buffer)  # keeps ``buffer`` alive and its address fixed
+        if capacity > _MAX_CALL:
+            raise ValueError(f"a range of {end - start.uoff} bytes is inflated in parts")
+        self.buffer = _native.new_piece(max(capacity, 1))
+        self.out = memoryview(self.buffer)
         self.capacity = capacity
         self.n = 0
         self.points: list[ResumePoint] = []
         self.last_boundary = start.uoff  # the previous boundary seen (the start is one)
         self.inf = zi.Inflater(zi.RAW)
+        self.bounds = array.array("q", bytes(8 * zi.BOUND_FIELDS * BOUNDS_PER_CALL))
 
     def inflate(self, compressed: bytes) -> None:
         inf = self.inf
@@ -188,37 +199,36 @@ class _Run:
 
     def _loop(self, fed_end: int) -> None:
         inf = self.inf
-        flush = zi.Z_BLOCK if self.every is not None else zi.Z_NO_FLUSH
+        fields = zi.BOUND_FIELDS
         trailer = 8  # the start's member is inflated raw; later members in gzip mode
-        base = self.start.uoff
-        while True:
-            pos = base + self.n
-            if pos >= self.end and (self.every is None or pos - self.end > TAIL_LIMIT):
-                return
-            room = min(self.capacity - self.n, _MAX_CALL)
-            rc, produced = inf.run_into(flush, self.address + self.n, room)
-            self.n += produced
+        stop = self.end - self.start.uoff if self.every is not None else -1
+        while self.n < self.capacity:
+            in_start = fed_end - inf.avail_in
+            rc, _piece, filled, count = inf.run_blocks([self.buffer], self.n, self.bounds, stop)
+            self.n = filled
+            found = self.bounds[: fields * count]
+            if self.every is not None:
+                for k in range(0, len(found), fields):
+                    _p, offset, in_rel, bits = found[k : k + fields]
+                    if self._boundary(offset, in_start + in_rel, bits):
+                        return
             if rc == zi.Z_STREAM_END:
                 rest = inf.unused_input()[trailer:]
                 if not rest or rest[0] == 0:
                     return
                 inf.reset(zi.GZIP)
-                inf.feed_bytes(rest)
+                inf.feed_bytes(rest)  # a suffix of the input: ``fed_end`` stays
                 trailer = 0
                 continue
-            if (
-                self.every is not None
-                and rc == zi.Z_OK
-                and inf.data_type & 0xC0 == 0x80
-                and self._boundary(fed_end - inf.avail_in, inf.data_type & 7)
-            ):
+            if rc == zi.Z_BUF_ERROR:
                 return
-            if rc == zi.Z_BUF_ERROR or (not produced and not inf.avail_in):
-                return
+            if count < BOUNDS_PER_CALL and not (stop >= 0 and count and found[-3] >= stop):
+                return  # the input is used up
 
-    def _boundary(self, consumed: int, bits: int) -> bool:
-        """Record the boundary just reached if it is due; True once past the range end."""
-        uoff = self.start.uoff + self.n
+    def _boundary(self, offset: int, consumed: int, bits: int) -> bool:
+        """Record the boundary at ``offset`` in the buffer if it is due; True once past the
+        range end."""
+        uoff = self.start.uoff + offset
         assert self.every is not None
         prev, self.last_boundary = self.last_boundary, uoff
         tail = uoff >= self.end

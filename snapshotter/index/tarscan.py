@@ -147,6 +147,8 @@ def _shared_mode(mode: int) -> int:
     """One int object per mode value (there are 4096), shared by every member with it: a
     layer's entries have a handful of modes, and an int each cost 32 bytes an entry."""
     return _MODES.setdefault(mode, mode)
+
+
 #: typeflag byte -> EntryType for the headers the native scan takes (not GNU dumpdirs: their
 #: data must be skipped, which only the general path does)
 _PLAIN_TYPES = tuple(
