@@ -331,4 +331,3 @@ def test_pieces_per_call_do_not_change_the_index(tmp_path: Path,
         assert tail is not None and reader.read(tail, 0, 100) == b"after the zeros\n"
         big = index.lookup("zeros")
         assert big is not None and reader.read(big, (40 << 20) - 4096, 4096) == bytes(4096)
-

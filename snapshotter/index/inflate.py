@@ -242,16 +242,6 @@ class Inflater:
         rc = self._inflated(int(API.inflate(self._ref, flush)))
         return rc, self._out_view[: room - s.avail_out]
 
-    def run_into(self, flush: int, address: int, room: int) -> tuple[int, int]:
-        """Inflate once straight into caller memory: at most ``room`` (< 4 GiB) bytes at
-        ``address``, which the caller keeps alive and in place. Returns (zlib code, bytes
-        written) — no copy of the output, unlike ``run``."""
-        s = self._s
-        s.next_out = address
-        s.avail_out = room
-        rc = self._inflated(int(API.inflate(self._ref, flush)))
-        return rc, room - s.avail_out
-
     def run_blocks(self, pieces: list[bytes], start: int, bounds: Any, stop: int = -1,
                    ) -> tuple[int, int, int, int]:
         """Inflate with ``Z_BLOCK`` into ``pieces[0][start:]`` and on into the following pieces

@@ -34,8 +34,9 @@ from snapshotter.index import inflate as zi
 from snapshotter.index.model import Checkpoint, LayerFormatError
 from snapshotter.index.reader import LayerIndex, inflate_range
 
-#: output of one inflate call at most (zlib counts it in 32 bits)
-_MAX_CALL = 1 << 30
+#: the longest range one inflation takes: its output buffer is one piece for the C block
+#: loop, whose zlib stream counts output room in 32 bits
+MAX_RANGE = 1 << 30
 #: default spacing of recorded points, in uncompressed bytes
 RECORD_EVERY = 256 << 10
 #: past the range end, inflation continues to the next block boundary for at most this many
@@ -104,7 +105,8 @@ def inflate_from(
 
     Pure CPU and thread-safe (each call has its own inflate stream; ctypes releases the GIL).
     ``record_every=None`` records nothing (then it costs the same as ``inflate_range``). Raises
-    LayerFormatError when the bytes do not inflate or end before the range does.
+    LayerFormatError when the bytes do not inflate or end before the range does, ValueError for
+    a gzip range longer than ``MAX_RANGE``.
     """
     _check_start(index, start, uoff)
     index.compressed_range(uoff, length)  # validates the range against the layer
@@ -170,8 +172,9 @@ class _Run:
         self.end = end
         self.every = every
         capacity = end - start.uoff + (TAIL_LIMIT + 1 if every is not None else 0)
-        if capacity > _MAX_CALL:
-            raise ValueError(f"a range of {end - start.uoff} bytes is inflated in parts")
+        if capacity > MAX_RANGE:
+            raise ValueError(f"a range of {end - start.uoff} bytes is longer than one "
+                             f"inflation takes ({MAX_RANGE} bytes with the tail allowance)")
         self.buffer = _native.new_piece(max(capacity, 1))
         self.out = memoryview(self.buffer)
         self.capacity = capacity
@@ -222,7 +225,8 @@ class _Run:
                 continue
             if rc == zi.Z_BUF_ERROR:
                 return
-            if count < BOUNDS_PER_CALL and not (stop >= 0 and count and found[-3] >= stop):
+            last_offset = found[-fields + 1] if count else -1  # of the last boundary
+            if count < BOUNDS_PER_CALL and not (stop >= 0 and last_offset >= stop):
                 return  # the input is used up
 
     def _boundary(self, offset: int, consumed: int, bits: int) -> bool:
