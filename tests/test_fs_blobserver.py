@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import pytest
 import trio
+import trio.testing
 from fs_layers import M, index_layer, pread, write_layer
 
 from snapshotter.erofs import write_image
@@ -217,6 +218,49 @@ def test_warming_asks_only_for_what_the_blob_says_is_held(paths: Paths) -> None:
 
     trio.run(main)
     assert all(not (3 * MiB <= o < 4 * MiB) for o, _ in reads)
+
+
+def test_warm_takes_whole_spans_and_warming_around_reads_can_be_off(paths: Paths) -> None:
+    """`warm` widens its range to whole spans (the kernel asks for each in one READ; a part
+    left out would cost the container a READ of its own); while a blob's `warm_around` says
+    False (its layer's start profile is prefetched and warmed run by run), an answered read
+    warms nothing around itself, and once it says True again it does."""
+    data = os.urandom(4 * MiB)
+    reads: list[tuple[int, int]] = []
+    around = False
+    warmed = {2: trio.Event(), 3: trio.Event()}
+
+    def covered(span: int) -> int:
+        lo, hi = span * MiB, (span + 1) * MiB
+        return sum(max(0, min(o + n, hi) - max(o, lo)) for o, n in reads)
+
+    async def read(name: str, offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        for span, event in warmed.items():
+            if covered(span) >= MiB:
+                event.set()
+        return data[offset : offset + size]
+
+    async def main() -> None:
+        nonlocal around
+        server = BlobServer(paths.mnt, paths.sock, warm_span=MiB)
+        path = server.add("blob", len(data), read, warm_around=lambda: around)
+        async with serving(server):
+            got = await trio.to_thread.run_sync(pread, path, 8192, 4096)
+            assert got == data[8192:12288]
+            # Queued after the read was answered: had the read warmed span 0, those READs
+            # would have reached the server first (one warming worker, one request queue).
+            server.warm("blob", 2 * MiB + 300 * KiB, 100 * KiB)
+            await warmed[2].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert covered(0) == 4096
+            assert covered(1) == 0 and covered(2) == MiB
+            around = True
+            got = await trio.to_thread.run_sync(pread, path, 3 * MiB + 8192, 4096)
+            assert got == data[3 * MiB + 8192 : 3 * MiB + 12288]
+            await warmed[3].wait()
+
+    trio.run(main)
 
 
 def test_files_opened_in_narrow_readahead_keep_a_small_window(paths: Paths) -> None:

@@ -312,7 +312,9 @@ def test_profile_runs_are_merged_and_never_overlap(
             await trio.testing.wait_all_tasks_blocked()
             assert len(source.requests) == len(merged)  # all in flight at once
             assert warmed == []
+            assert layer.prefetching_profile  # the blob server leaves warming to the runs
             source.gate.set()
+        assert not layer.prefetching_profile
         assert all(layer.cache.has(b) for b in profile)
         assert sorted(warmed) == sorted(merged)  # each run handed on once it was on disk
 

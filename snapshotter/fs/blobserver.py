@@ -24,11 +24,13 @@ read's aligned span (and ranges the caller names with `warm`) into the kernel's 
 `posix_fadvise(WILLNEED)` on its own descriptor of the blob: one large readahead request, served
 from what the read path already holds, instead of one request per later file. A blob's
 `warmable` callback keeps warming to the parts that need no fetch (the read path's unit is
-smaller than the span: warming must not widen what a lazy start fetches). Unlike pushing the
-bytes (FUSE_NOTIFY_STORE, which waits uninterruptibly on page locks that unanswered reads hold, so
-a killed daemon could never exit), readahead only waits killably. Blob files are opened with
-FOPEN_NOFLUSH, so closing one (by the server, by EROFS at unmount, or by the kernel when a process
-dies) never waits for an answer.
+smaller than the span: warming must not widen what a lazy start fetches); its `warm_around`
+turns warming around answered reads off while the caller names what to warm itself (a layer
+whose start profile is being prefetched). Unlike pushing the bytes (FUSE_NOTIFY_STORE, which
+waits uninterruptibly on page locks that unanswered reads hold, so a killed daemon could never
+exit), readahead only waits killably. Blob files are opened with FOPEN_NOFLUSH, so closing one
+(by the server, by EROFS at unmount, or by the kernel when a process dies) never waits for an
+answer.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ errno."""
 WarmableFn = Callable[[int, int], list[tuple[int, int]]]
 """`warmable(start, end)`: the sorted, disjoint parts of `[start, end)` worth warming (those a
 READ can answer without fetching anything; serving thread)."""
+WarmAroundFn = Callable[[], bool]
+"""`warm_around()`: whether an answered read of the blob warms the rest of its span now
+(serving thread)."""
 
 BLOBS_DIR = "blobs"
 BLOBS_INO = 2
@@ -103,6 +108,7 @@ class Blob:
     size: int
     read: ReadFn
     warmable: WarmableFn | None = None
+    warm_around: WarmAroundFn | None = None
 
 
 class _Errno(Exception):
@@ -170,14 +176,16 @@ class BlobServer:
     # --- the blob table ---------------------------------------------------------------------------
 
     def add(self, name: str, size: int, read: ReadFn, warmable: WarmableFn | None = None,
-            ) -> Path:
+            warm_around: WarmAroundFn | None = None) -> Path:
         """Serve `size` bytes answered by `read` as `<mountpoint>/blobs/<name>` (returned).
-        ``warmable`` limits warming to the parts it names (default: any part)."""
+        ``warmable`` limits warming to the parts it names (default: any part);
+        ``warm_around`` turns warming around answered reads off while it says False (default:
+        always on), for a caller that names what to warm itself with `warm`."""
         if not _NAME_RE.match(name):
             raise InvalidArgument(f"blob server: invalid blob name {name!r}")
         if size < 0:
             raise InvalidArgument(f"blob server: blob {name} has a negative size {size}")
-        blob = Blob(name, blob_inode(name), size, read, warmable)
+        blob = Blob(name, blob_inode(name), size, read, warmable, warm_around)
         with self._lock:
             if name in self._by_name:
                 raise AlreadyExists(f"blob server: blob {name} is already served")
@@ -315,12 +323,15 @@ class BlobServer:
     # --- warming the page cache (see the module doc) ---------------------------------------------
 
     def warm(self, name: str, offset: int, length: int) -> None:
-        """Bring ``[offset, offset + length)`` of blob `name` into the kernel's page cache soon,
-        as much of it as the blob's `warmable` allows (serving thread only; nothing when
-        warming is off or its queue is full)."""
-        blob = self._by_name.get(name)
-        if blob is not None and length > 0:
-            self._warm_parts(blob, offset, min(offset + length, blob.size))
+        """Bring ``[offset, offset + length)`` of blob `name`, widened to whole warm spans, into
+        the kernel's page cache soon, as much of it as the blob's `warmable` allows (serving
+        thread only; nothing when warming is off or its queue is full). Whole spans: the kernel
+        asks for a span in one READ, where the part of one left out would cost a READ of its
+        own when the container reads it (docs/restarts.md has the measurement)."""
+        blob, span = self._by_name.get(name), self.warm_span
+        if blob is not None and length > 0 and span:
+            start = offset // span * span
+            self._warm_parts(blob, start, min(-(-(offset + length) // span) * span, blob.size))
 
     def _warm_parts(self, blob: Blob, start: int, end: int) -> None:
         """Queue the warmable parts of ``[start, end)``, cut at `warm_span` boundaries; a span
@@ -348,7 +359,7 @@ class BlobServer:
         whole needs none (the kernel cached those pages as it took the answer)."""
         span = self.warm_span
         warmed = self._warmed.get(blob.name)
-        if not span or warmed is None:
+        if not span or warmed is None or (blob.warm_around is not None and not blob.warm_around()):
             return
         first, last = offset // span, (offset + size - 1) // span
         if first == last and offset == first * span and offset + size >= min(

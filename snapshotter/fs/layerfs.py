@@ -241,7 +241,8 @@ class LayerFS:
             async def stream(name: str, offset: int, size: int) -> bytes:
                 return await read(layer, offset, size)
 
-            self.server.add(layer_id, layer.size, stream, functools.partial(held_parts, layer))
+            self.server.add(layer_id, layer.size, stream, functools.partial(held_parts, layer),
+                            lambda: not layer.prefetching_profile)
         return self.mountpoint / layer_id
 
     def detach(self, layer_id: str) -> Layer:

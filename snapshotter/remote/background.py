@@ -109,9 +109,13 @@ class BackgroundFetch:
                 if self.on_profile_run is not None:
                     self.on_profile_run(layer, blocks)
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.options.concurrency):
-                nursery.start_soon(worker)
+        layer.prefetching_profile = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.options.concurrency):
+                    nursery.start_soon(worker)
+        finally:
+            layer.prefetching_profile = False
         return not stopped
 
     async def _rest(self, layer: Layer) -> None:
