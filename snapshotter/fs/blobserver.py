@@ -328,17 +328,18 @@ class BlobServer:
         thread only; nothing when warming is off or its queue is full). Whole spans: the kernel
         asks for a span in one READ, where the part of one left out would cost a READ of its
         own when the container reads it (docs/restarts.md has the measurement)."""
-        blob, span = self._by_name.get(name), self.warm_span
-        if blob is not None and length > 0 and span:
-            start = offset // span * span
-            self._warm_parts(blob, start, min(-(-(offset + length) // span) * span, blob.size))
+        blob = self._by_name.get(name)
+        if blob is not None and length > 0:
+            self._warm_parts(blob, offset, offset + length)
 
     def _warm_parts(self, blob: Blob, start: int, end: int) -> None:
-        """Queue the warmable parts of ``[start, end)``, cut at `warm_span` boundaries; a span
-        queued whole is remembered and never queued again."""
+        """Queue the warmable parts of the whole spans ``[start, end)`` touches, cut at
+        `warm_span` boundaries; a span queued whole is remembered and never queued again."""
         span, send, warmed = self.warm_span, self._warm_send, self._warmed.get(blob.name)
+        end = min(end, blob.size)
         if not span or send is None or warmed is None or start >= end:
             return
+        start, end = start // span * span, min(-(-end // span) * span, blob.size)
         parts = blob.warmable(start, end) if blob.warmable is not None else [(start, end)]
         for part_start, part_end in parts:
             for index in range(part_start // span, -(-part_end // span)):
@@ -367,7 +368,7 @@ class BlobServer:
         ):
             warmed.add(first)
             return
-        self._warm_parts(blob, first * span, min((last + 1) * span, blob.size))
+        self._warm_parts(blob, offset, offset + size)
 
     async def _warm_worker(self, receive: trio.MemoryReceiveChannel[tuple[str, int, int]],
                            ) -> None:

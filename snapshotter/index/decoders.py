@@ -15,7 +15,6 @@ records a bound, so its Python work per MiB stays small whatever the block size.
 
 from __future__ import annotations
 
-import array
 from collections.abc import Callable
 
 import zstandard
@@ -66,7 +65,7 @@ class GzipDecoder:
         self.bounds: list[Bound] = []
         self.member_done = False
         self.trailing = False  # inside zero padding after the last member
-        self._bounds = array.array("q", bytes(8 * zi.BOUND_FIELDS * BOUNDS_PER_CALL))
+        self._bounds = zi.new_bounds(BOUNDS_PER_CALL)
 
     def feed(self, data: bytes) -> None:
         if self.member_done and data[:1] == b"\0":

@@ -19,6 +19,7 @@ per block.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import glob
@@ -141,6 +142,11 @@ ENGINE: Final = API.name
 _INFLATE_ADDRESS: Final = int(ctypes.cast(API.inflate, ctypes.c_void_p).value or 0)
 #: int64 fields per block boundary that ``run_blocks`` records (as _native.c defines it)
 BOUND_FIELDS: Final = _native.BOUND_FIELDS
+
+
+def new_bounds(count: int) -> array.array[int]:
+    """A ``bounds`` buffer for `Inflater.run_blocks` with room for `count` block boundaries."""
+    return array.array("q", bytes(8 * BOUND_FIELDS * count))
 
 
 class InflateError(Exception):

@@ -23,7 +23,6 @@ starts, which the index records as checkpoints. For those layers ``inflate_from`
 
 from __future__ import annotations
 
-import array
 import bisect
 import threading
 from collections import OrderedDict
@@ -182,7 +181,7 @@ class _Run:
         self.points: list[ResumePoint] = []
         self.last_boundary = start.uoff  # the previous boundary seen (the start is one)
         self.inf = zi.Inflater(zi.RAW)
-        self.bounds = array.array("q", bytes(8 * zi.BOUND_FIELDS * BOUNDS_PER_CALL))
+        self.bounds = zi.new_bounds(BOUNDS_PER_CALL)
 
     def inflate(self, compressed: bytes) -> None:
         inf = self.inf

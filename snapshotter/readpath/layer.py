@@ -100,9 +100,9 @@ class Layer:
         #: order they were first read (a dict keeps insertion order: the prefetch's order).
         self.profile: dict[int, None] | None = None
         self.profile_until = 0.0
-        #: Set while the layer's known start profile is being prefetched: its
-        #: runs are warmed into the page cache as they land, so the blob server does not also
-        #: warm around each answered read (`BlobServer.add`'s ``warm_around``).
+        #: Set while the layer's known start profile is being prefetched: its runs are warmed
+        #: into the page cache as they land, so the blob server does not also warm around each
+        #: answered read (`BlobServer.add`'s ``warm_around``).
         self.prefetching_profile = False
         #: Set once a refused cache write was logged, so a full cache logs once per layer.
         self.cache_full_logged = False
