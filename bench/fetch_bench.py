@@ -27,6 +27,7 @@ from snapshotter.config import BackgroundFetchConfig
 from snapshotter.index import EntryType, IndexBuildOptions, LayerIndex, build_index
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy
 from snapshotter.remote.background import BackgroundFetch
+from snapshotter.remote.profile import StartProfile
 
 DEFAULT_BLOB = Path(__file__).resolve().parent / "work" / "layers" / "sci.tar.gz"
 
@@ -85,7 +86,7 @@ async def scenario(layer: Layer, rp: ReadPath, profile: list[int],
                                     concurrency=2)
     fetch = BackgroundFetch(rp, options)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fetch.run, layer, profile)
+        nursery.start_soon(fetch.run, layer, StartProfile(profile))
         for i in range(0, len(reads), 5):  # five concurrent reads, then a pause
             async with trio.open_nursery() as batch:
                 for uoff, length in reads[i : i + 5]:

@@ -28,6 +28,7 @@ from snapshotter.contentcache import ContentCache, block_key, open_content_cache
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy
 from snapshotter.remote.background import BackgroundFetch
+from snapshotter.remote.profile import StartProfile
 from tests.fs_layers import M, index_layer, pattern, write_layer
 
 MiB = 1 << 20
@@ -236,7 +237,7 @@ def test_background_fetch_completes_a_layer_profile_first(
     node.readpath.fetch_blocks = spy  # type: ignore[method-assign]
 
     async def body(rp: ReadPath) -> None:
-        await BackgroundFetch(rp, options).run(layer, profile)
+        await BackgroundFetch(rp, options).run(layer, StartProfile(profile))
 
     node.run(body)
     assert layer.cache.complete()
@@ -255,7 +256,7 @@ def test_background_fetch_waits_while_foreground_reads_wait(
     async def body(rp: ReadPath) -> None:
         async with trio.open_nursery() as nursery:
             with rp.foreground_wait():  # as while a FUSE read waits for its fetch
-                nursery.start_soon(BackgroundFetch(rp, options).run, layer, [])
+                nursery.start_soon(BackgroundFetch(rp, options).run, layer, None)
                 await trio.testing.wait_all_tasks_blocked()
                 assert node.source.calls == 0 and layer.cache.present_blocks() == 0
 

@@ -66,7 +66,7 @@ ContentCacheConfig = ContentCacheSettings
 class BackgroundFetchConfig:
     enabled: bool = True
     bytes_per_second: int = 32 * 1024**2
-    concurrency: int = 2
+    concurrency: int = 4
     profile_seconds: float = 10.0
     quiet_seconds: float = 3.0
 

@@ -22,6 +22,7 @@ from snapshotter.config import BackgroundFetchConfig
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import FileSource, Layer, ReadFailed, ReadPath, ReadPolicy
 from snapshotter.remote.background import BackgroundFetch
+from snapshotter.remote.profile import StartProfile
 
 MiB = 1 << 20
 LayerFiles = tuple[Path, LayerIndex, bytes]
@@ -149,7 +150,7 @@ def test_background_fetch_is_throttled_and_completes(
 
     async def body(rp: ReadPath, nursery: trio.Nursery) -> None:
         fetch = BackgroundFetch(rp, options, on_complete=done.append)
-        await fetch.run(layer, [layer.nblocks() - 1])
+        await fetch.run(layer, StartProfile([layer.nblocks() - 1]))
         finished_at.append(trio.current_time())
 
     run(body)
@@ -169,7 +170,7 @@ def test_background_fetch_yields_to_waiting_foreground_reads(
     async def body(rp: ReadPath, nursery: trio.Nursery) -> None:
         async with trio.open_nursery() as inner:
             with rp.foreground_wait():
-                inner.start_soon(BackgroundFetch(rp, options).run, layer, [])
+                inner.start_soon(BackgroundFetch(rp, options).run, layer, None)
                 await trio.testing.wait_all_tasks_blocked()
                 assert source.calls == 0  # parked on the read path's event, not polling
 
@@ -187,7 +188,7 @@ def test_background_fetch_stops_at_the_limit_and_reads_still_work(
     options = BackgroundFetchConfig(enabled=True, bytes_per_second=1 << 40, concurrency=1)
 
     async def body(rp: ReadPath, nursery: trio.Nursery) -> None:
-        await BackgroundFetch(rp, options, budget).run(layer, [])  # 8 MiB runs: one fits
+        await BackgroundFetch(rp, options, budget).run(layer, None)  # 8 MiB runs: one fits
         assert layer.cache.present_blocks() * layer.cache.block_size == 8 * MiB
         span = stream[8 * MiB :]
         assert await rp.read(layer, 8 * MiB, len(span)) == span  # served, not stored

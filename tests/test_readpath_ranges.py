@@ -23,7 +23,8 @@ from snapshotter.fs.layerfs import held_parts
 from snapshotter.index import LayerIndex
 from snapshotter.readpath import FileSource, Layer, ReadPath, ReadPolicy, Source
 from snapshotter.readpath.ranges import LayerRanges
-from snapshotter.remote.background import BackgroundFetch, merge_runs
+from snapshotter.remote.background import BackgroundFetch, PrefetchSlots, merge_runs
+from snapshotter.remote.profile import StartProfile
 
 MiB = 1 << 20
 LayerFiles = tuple[Path, LayerIndex, bytes]
@@ -217,7 +218,7 @@ def test_full_background_pass_requests_the_blob_once(
     source = Recorder(blob)
 
     async def body(rp: ReadPath, layer: Layer) -> None:
-        await BackgroundFetch(rp, UNLIMITED).run(layer, [])
+        await BackgroundFetch(rp, UNLIMITED).run(layer, None)
         assert layer.cache.complete()
         assert await rp.read(layer, 0, len(stream)) == stream
 
@@ -244,7 +245,7 @@ def test_foreground_reads_during_the_pass_never_overlap_it(
 
         source.gate = trio.Event()
         async with trio.open_nursery() as n:
-            n.start_soon(BackgroundFetch(rp, UNLIMITED).run, layer, [])
+            n.start_soon(BackgroundFetch(rp, UNLIMITED).run, layer, None)
             await trio.testing.wait_all_tasks_blocked()  # the pass's first run is in flight
             for uoff, length in reads:
                 n.start_soon(reader, uoff, length)
@@ -308,7 +309,7 @@ def test_profile_runs_are_merged_and_never_overlap(
         assert len(merged) < 5
         source.gate = trio.Event()
         async with trio.open_nursery() as n:
-            n.start_soon(fetch.run, layer, profile)
+            n.start_soon(fetch.run, layer, StartProfile(profile))
             await trio.testing.wait_all_tasks_blocked()
             assert len(source.requests) == len(merged)  # all in flight at once
             assert warmed == []
@@ -320,6 +321,67 @@ def test_profile_runs_are_merged_and_never_overlap(
 
     run(tmp_path, index, source, body)
     assert source.overlaps() == []
+
+
+def test_prefetch_slots_go_to_the_waiter_due_first() -> None:
+    slots = PrefetchSlots(1)
+    granted: list[float] = []
+    scopes: dict[float, trio.CancelScope] = {}
+
+    async def waiter(due: float) -> None:
+        with trio.CancelScope() as scope:
+            scopes[due] = scope
+            async with slots.slot(due):
+                granted.append(due)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n, slots.slot(0.0):
+            for due in (5.0, 1.0, 3.0, 2.0, 0.5):
+                n.start_soon(waiter, due)
+            await trio.testing.wait_all_tasks_blocked()
+            scopes[2.0].cancel()  # cancelled while waiting: leaves the queue
+            await trio.testing.wait_all_tasks_blocked()
+            scopes[0.5].cancel()  # cancelled as the slot is handed to it: passes it on
+        assert granted == [1.0, 3.0, 5.0]
+        with trio.fail_after(1):  # virtual time: the slot is free again, taken at once
+            async with slots.slot(9.0):
+                granted.append(9.0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert granted == [1.0, 3.0, 5.0, 9.0]
+
+
+def test_profile_runs_of_all_layers_go_in_the_order_they_were_first_read(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    """One container start read layer a's blocks at 0.0, 0.2 and 0.3 s and layer b's at 0.1 and
+    0.9 s: with one slot, the runs go in that order across the layers (first come, first served
+    would give b's second run the slot before a's later ones)."""
+    _, index, _ = layer_files
+    k = MiB // BLOCK_SIZE
+    fetched: list[tuple[str, float]] = []
+
+    class Spy(ReadPath):
+        async def fetch_blocks(self, layer: Layer, blocks: list[int]) -> int:
+            fetched.append((layer.name, read_at[layer.name][blocks[0] // (4 * k)]))
+            await trio.lowlevel.checkpoint()
+            return 0
+
+    read_at = {"a": [0.0, 0.2, 0.3], "b": [0.1, 0.9]}
+    rp = Spy(None, MemoryTier(0), POLICY)
+    fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=1))
+
+    async def main() -> None:
+        async with trio.open_nursery() as n, fetch.slots.slot(0.0):  # every run queues first
+            for name, times in read_at.items():
+                layer = Layer(name, index, Recorder(layer_files[0]),
+                              DiskCache(tmp_path / name).layer(index.blob_digest))
+                blocks = [4 * k * i for i in range(len(times))]  # runs far apart
+                n.start_soon(fetch.run, layer, StartProfile(blocks, [100 + t for t in times]))
+            await trio.testing.wait_all_tasks_blocked()
+
+    trio.run(main)
+    assert fetched == [("a", 0.0), ("b", 0.1), ("a", 0.2), ("a", 0.3), ("b", 0.9)]
 
 
 def test_adjacent_sequential_flights_continue_where_the_last_ended(
@@ -393,7 +455,7 @@ def test_pass_pauses_while_a_foreground_read_waits(
         async with trio.open_nursery() as nursery:
             rp.bind(nursery)
             async with trio.open_nursery() as n:
-                n.start_soon(BackgroundFetch(rp, UNLIMITED).run, layer, [])
+                n.start_soon(BackgroundFetch(rp, UNLIMITED).run, layer, None)
                 await trio.testing.wait_all_tasks_blocked()
                 assert len(requests) == 1  # the pass's first run
 
@@ -429,7 +491,7 @@ def test_pass_waits_for_a_quiet_spell_after_foreground_reads(
         assert await rp.read(layer, 0, 1000) == stream[:1000]  # t=0, fetched
         first = len(source.requests)
         async with trio.open_nursery() as n:
-            n.start_soon(BackgroundFetch(rp, options).run, layer, [])
+            n.start_soon(BackgroundFetch(rp, options).run, layer, None)
             clock.jump(1.5)
             await trio.testing.wait_all_tasks_blocked()
             assert len(source.requests) == first
@@ -511,7 +573,7 @@ def test_a_complete_layer_gets_no_background_run(tmp_path: Path, layer_files: La
         warmed: list[list[int]] = []
         fetch = BackgroundFetch(rp, UNLIMITED,
                                 on_profile_run=lambda _layer, blocks: warmed.append(blocks))
-        await fetch.run(layer, list(range(len(stream) // bs)))
+        await fetch.run(layer, StartProfile(list(range(len(stream) // bs))))
         assert warmed == []
 
     run(tmp_path, index, source, body)

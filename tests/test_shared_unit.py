@@ -21,6 +21,7 @@ from snapshotter.remote.artifact import ARTIFACT_TYPE, INDEX_MEDIA_TYPE, artifac
 from snapshotter.remote.artifact import _parse as parse_artifact
 from snapshotter.remote.profile import (
     PROFILE_MEDIA_TYPE,
+    StartProfile,
     decode_profile,
     encode_profile,
     in_first_read_order,
@@ -87,30 +88,50 @@ def test_verify_cover_checks_whole_bytes_and_pieces_alike(
 
 def test_profiles_round_trip_and_reject_foreign() -> None:
     d = "sha256:" + "ab" * 32
-    data = encode_profile(d, MiB, [5, 1, 5, 3])
-    assert decode_profile(data, d, MiB) == [5, 1, 3]  # the order blocks were first read in
+    # block 1 first read 0.25 s after the recording started, at 1000 s since the epoch
+    data = encode_profile(d, MiB, {5: 0.0, 1: 0.25, 3: 1.5}, started=1000.0)
+    assert decode_profile(data, d, MiB) == StartProfile([5, 1, 3], [1000.0, 1000.25, 1001.5])
     assert decode_profile(data, "sha256:" + "cd" * 32, MiB) is None
     # a profile of larger blocks (published before blocks were 256 KiB) in this size's blocks
-    assert decode_profile(data, d, MiB // 4) == [20, 21, 22, 23, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert decode_profile(data, d, MiB // 4) == StartProfile(
+        [20, 21, 22, 23, 4, 5, 6, 7, 12, 13, 14, 15], [1000.0] * 4 + [1000.25] * 4 + [1001.5] * 4)
     assert decode_profile(data, d, 2 * MiB) is None  # coarser than recorded: cannot be split
     assert decode_profile(data, d, 3 << 18) is None  # not a divisor of the recorded size
     assert decode_profile(b"not json", d, MiB) is None
-    assert decode_profile(json.dumps({"layer": d, "block_size": MiB, "blocks": [-1]}).encode(),
-                          d, MiB) is None
+
+    def doc(**fields: object) -> bytes:
+        return json.dumps({"layer": d, "block_size": MiB, **fields}).encode()
+
+    # recorded before times were kept: the order only (repeats dropped)
+    assert decode_profile(doc(blocks=[5, 1, 5, 3]), d, MiB) == StartProfile([5, 1, 3], None)
+    for bad in ({"blocks": [-1]}, {"blocks": "5"}, {"blocks": [5, 1], "started": 9, "ms": [0]},
+                {"blocks": [5, 1], "started": 9, "ms": [0, -3]},
+                {"blocks": [5, 1], "started": 9, "ms": [0, 2.5]},
+                {"blocks": [5, 1], "started": 9, "ms": {"5": 0}},
+                {"blocks": [5, 1], "ms": [0, 1]}, {"blocks": [5, 1], "started": 9},
+                {"blocks": [5, 1], "started": True, "ms": [0, 1]}):
+        assert decode_profile(doc(**bad), d, MiB) is None, bad
     assert profile_digest(d).startswith("sha256:") and profile_digest(d) != d
 
 
-def test_a_recorded_profile_keeps_the_order_blocks_were_first_read(
+def test_a_recorded_profile_keeps_the_order_and_time_blocks_were_first_read(
     layer: tuple[LayerIndex, bytes, Path],
 ) -> None:
     lay = make(layer)
+    now = [100.0]
+    lay.clock = lambda: now[0]
     lay.note(range(1))  # not recording: nothing kept
-    lay.record_profile(3600)
-    for blocks in (range(7, 9), range(2, 3), range(8, 10)):
+    lay.record_profile(10)
+    for at, blocks in ((100.5, range(7, 9)), (101.0, range(2, 3)), (102.25, range(8, 10))):
+        now[0] = at
         lay.note(blocks)
-    assert lay.profile is not None and list(lay.profile) == [7, 8, 2, 9]
+    now[0] = 110.0
+    lay.note(range(20, 21))  # the recording is over
+    assert lay.profile == {7: 0.5, 8: 0.5, 2: 1.0, 9: 2.25}
+    assert list(lay.profile) == [7, 8, 2, 9]
     d = lay.digest
-    assert decode_profile(encode_profile(d, MiB, lay.profile), d, MiB) == [7, 8, 2, 9]
+    assert decode_profile(encode_profile(d, MiB, lay.profile, 50.0), d, MiB) == StartProfile(
+        [7, 8, 2, 9], [50.5, 50.5, 51.0, 52.25])
 
 
 def test_runs_group_consecutive_blocks() -> None:
@@ -118,12 +139,17 @@ def test_runs_group_consecutive_blocks() -> None:
     assert runs([]) == []
 
 
-def test_profile_runs_are_fetched_in_first_read_order() -> None:
-    profile = [9, 40, 41, 1, 2, 3, 4, 5, 7]  # the container read block 9 first, then 40...
-    work = runs(profile)  # [[1, 2, 3, 4], [5], [7], [9], [40, 41]]
+def test_profile_runs_are_ordered_by_when_their_blocks_were_first_read() -> None:
+    blocks = [9, 40, 41, 1, 2, 3, 4, 5, 7]  # the container read block 9 first, then 40...
+    work = runs(blocks)  # [[1, 2, 3, 4], [5], [7], [9], [40, 41]]
     work[1:3] = [[5, 6, 7]]  # merge_runs joined two runs with the block between
-    assert in_first_read_order(work, profile) == [[9], [40, 41], [1, 2, 3, 4], [5, 6, 7]]
-    assert in_first_read_order([], profile) == []
+    untimed = StartProfile(blocks)  # recorded before times were kept: the order decides
+    assert in_first_read_order(work, untimed, untimed=7.0) == [
+        (7.0, [9]), (7.0, [40, 41]), (7.0, [1, 2, 3, 4]), (7.0, [5, 6, 7])]
+    timed = StartProfile(blocks, [0.1, 0.2, 0.2, 0.7, 0.7, 0.7, 0.8, 0.9, 1.2])
+    assert in_first_read_order(work, timed, untimed=7.0) == [
+        (0.1, [9]), (0.2, [40, 41]), (0.7, [1, 2, 3, 4]), (0.9, [5, 6, 7])]
+    assert in_first_read_order([], timed, untimed=7.0) == []
 
 
 def test_artifact_tag_and_parse() -> None:

@@ -96,10 +96,17 @@ class Layer:
         self._file_ordinals: list[int] = []
         self._file_ends: list[int] = []
         self._map_lock = threading.Lock()
-        #: Blocks read by foreground reads while a start profile is being recorded, in the
-        #: order they were first read (a dict keeps insertion order: the prefetch's order).
-        self.profile: dict[int, None] | None = None
+        #: Blocks read by foreground reads while a start profile is being recorded, each with
+        #: when it was first read (seconds after the recording started), in the order they were
+        #: first read (a dict keeps insertion order: the prefetch's order).
+        self.profile: dict[int, float] | None = None
+        self.profile_since = 0.0
         self.profile_until = 0.0
+        #: Wall-clock time the recording started (the profile's time base: the layers one
+        #: container start reads are recorded on one timeline, whenever each was attached).
+        self.profile_started = 0.0
+        #: The clock of the profile's times (tests replace it).
+        self.clock: Callable[[], float] = time.monotonic
         #: Set while the layer's known start profile is being prefetched: its runs are warmed
         #: into the page cache as they land, so the blob server does not also warm around each
         #: answered read (`BlobServer.add`'s ``warm_around``).
@@ -115,19 +122,23 @@ class Layer:
         return held if held is not None and held.uoff > begin.uoff else begin
 
     def record_profile(self, seconds: float) -> None:
-        """Record the blocks foreground reads touch during the next `seconds`."""
+        """Record the blocks foreground reads touch during the next `seconds`, and when."""
         self.profile = {}
-        self.profile_until = time.monotonic() + seconds
+        self.profile_started = time.time()
+        self.profile_since = self.clock()
+        self.profile_until = self.profile_since + seconds
 
     @property
     def recording_profile(self) -> bool:
         """Whether this node's first reads are being recorded as the layer's start profile."""
-        return self.profile is not None and time.monotonic() < self.profile_until
+        return self.profile is not None and self.clock() < self.profile_until
 
     def note(self, blocks: range) -> None:
         """Foreground reads touched `blocks` (kept while a start profile is recorded)."""
-        if self.profile is not None and time.monotonic() < self.profile_until:
-            self.profile.update(dict.fromkeys(blocks))
+        now = self.clock()
+        if self.profile is not None and now < self.profile_until:
+            for b in blocks:
+                self.profile.setdefault(b, now - self.profile_since)
 
     def nblocks(self) -> int:
         return -(-self.size // self.cache.block_size)

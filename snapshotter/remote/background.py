@@ -7,10 +7,16 @@ is verified, stored and shared like any read.
 
 1. The layer's start profile, at once: its blocks grouped into runs of at most one flight
    (`ReadPolicy.max_run`), neighbouring runs merged when the second would restart inflation
-   before the first one's compressed end (one request instead of two overlapping ones), up to
-   `[background_fetch] concurrency` runs at a time (the layer's `LayerRanges` keeps concurrent
-   runs from requesting the same compressed bytes), in the order the recording container first
-   read them: on a slow link the blocks a start needs first arrive first.
+   before the first one's compressed end (one request instead of two overlapping ones), in the
+   order the recording container first read them. The runs of all layers share
+   `[background_fetch] concurrency` slots node-wide (`PrefetchSlots`), handed out by when the
+   recording container first read a run's blocks, counted from each layer's attach: an image's
+   layers are attached together, so on a slow link the blocks its start needs first arrive
+   first, whichever layer holds them (measured on the scipy start at 200 Mbit/s: two runs per
+   layer at once left the link a third idle once the small layers were done, while the
+   container waited 0.4-0.8 s for its first blocks behind the big layer's runs). Foreground
+   reads never wait for a slot. The layer's `LayerRanges` keeps concurrent runs from requesting
+   the same compressed bytes.
 2. When `[background_fetch] enabled`, the rest of the layer as *one sequential pass*: the
    missing blocks in stream order, one run of up to `max_run` after another. Each run restarts
    at the resume point the previous one recorded and takes the compressed bytes it held past
@@ -29,8 +35,12 @@ for room (which evicts unused layers); when there is none it stops the same way.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
@@ -38,7 +48,7 @@ from snapshotter.cache import DiskBudget
 from snapshotter.config import BackgroundFetchConfig
 from snapshotter.errors import ClipError
 from snapshotter.readpath import Layer, ReadPath
-from snapshotter.remote.profile import in_first_read_order, runs
+from snapshotter.remote.profile import StartProfile, in_first_read_order, runs
 from snapshotter.telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,61 @@ log = logging.getLogger(__name__)
 _TRIES = 2
 #: Pause before a failed run's second try (seconds).
 RETRY_PAUSE = 5.0
+
+
+_Ticket = tuple[float, int, int, trio.Event]
+
+
+class PrefetchSlots:
+    """A semaphore that hands a freed slot to the waiter due first (trio thread): the node's
+    slots for start-profile runs, so the run some container will need first is fetched next,
+    whichever layer it belongs to."""
+
+    def __init__(self, total: int) -> None:
+        self._free = total
+        self._waiting: list[_Ticket] = []
+        self._arrival = itertools.count()
+
+    def queue(self, due: float, place: int = 0) -> _Ticket:
+        """Take a place in line now (a slot at once if one is free and nobody waits): behind
+        every ticket due earlier and, due at the same time, with a lower `place` or taken
+        earlier. `held` waits for the slot; a layer queues all its runs before any waits, so
+        its own order never depends on which of its tasks runs first."""
+        ticket = (due, place, next(self._arrival), trio.Event())
+        if self._free and not self._waiting:
+            self._free -= 1
+            ticket[3].set()
+        else:
+            heapq.heappush(self._waiting, ticket)
+        return ticket
+
+    @contextlib.asynccontextmanager
+    async def held(self, ticket: _Ticket) -> AsyncIterator[None]:
+        """Wait for the ticket's slot and hold it for the body."""
+        granted = ticket[3]
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self._release()  # the slot came as it was cancelled: it goes to the next
+            else:
+                self._waiting.remove(ticket)
+                heapq.heapify(self._waiting)
+            raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def slot(self, due: float, place: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
+        """`held(queue(due, place))`."""
+        return self.held(self.queue(due, place))
+
+    def _release(self) -> None:
+        if self._waiting:
+            heapq.heappop(self._waiting)[3].set()
+        else:
+            self._free += 1
 
 
 class BackgroundFetch:
@@ -69,16 +134,17 @@ class BackgroundFetch:
         #: workload is about to read (the EROFS mode warms the kernel's page cache with them).
         self.on_profile_run = on_profile_run
         self._next_slot = 0.0
+        self.slots = PrefetchSlots(options.concurrency)
 
-    def wanted(self, profile: list[int]) -> bool:
+    def wanted(self, profile: StartProfile | None) -> bool:
         """Whether `run` has anything to do for a layer with this start profile."""
-        return bool(profile) or self.options.enabled
+        return (profile is not None and bool(profile.blocks)) or self.options.enabled
 
     def run_blocks(self, layer: Layer) -> int:
         """Blocks per run: one flight of the read path."""
         return max(1, self.readpath.policy.max_run // layer.cache.block_size)
 
-    async def run(self, layer: Layer, profile: list[int]) -> None:
+    async def run(self, layer: Layer, profile: StartProfile | None) -> None:
         """Fetch `profile` blocks now, then (if enabled) the rest of the layer. A layer already
         complete on disk has nothing to fetch and its mount reads the cache file, not the
         stream: handing its profile on for warming would only read the stream through FUSE
@@ -86,37 +152,41 @@ class BackgroundFetch:
         node's smallfiles pull)."""
         if layer.cache.complete():
             return
-        room = bool(profile) and await self._room(layer, len(profile) * layer.cache.block_size)
-        if room and await self._profile(layer, profile):
+        blocks = profile.blocks if profile is not None else []
+        room = bool(blocks) and await self._room(layer, len(blocks) * layer.cache.block_size)
+        if profile is not None and room and await self._profile(layer, profile):
             log.info("start profile fetched", extra={"fields": {
-                    "layer": layer.digest, "blocks": len(profile)}})
+                    "layer": layer.digest, "blocks": len(blocks)}})
         if self.options.enabled:
             await self._rest(layer)
 
-    async def _profile(self, layer: Layer, profile: list[int]) -> bool:
-        """The start profile's merged runs, `concurrency` at a time; False when it stopped."""
+    async def _profile(self, layer: Layer, profile: StartProfile) -> bool:
+        """The start profile's merged runs, each a task waiting for a node-wide slot due when
+        the recording container first read the run (a profile without times: when this layer
+        was attached); False when one failed (the others are then cancelled)."""
         limit = self.run_blocks(layer)
-        merged = merge_runs(layer, runs(profile, limit), limit)
-        work = iter(in_first_read_order(merged, profile))
-        stopped = False
+        merged = merge_runs(layer, runs(profile.blocks, limit), limit)
+        failed = False
 
-        async def worker() -> None:
-            nonlocal stopped
-            for blocks in work:
-                if stopped or not await self._fetch(layer, blocks, limited=False):
-                    stopped = True
-                    return
-                if self.on_profile_run is not None:
-                    self.on_profile_run(layer, blocks)
+        async def fetch_run(ticket: _Ticket, blocks: list[int]) -> None:
+            nonlocal failed
+            async with self.slots.held(ticket):
+                fetched = await self._fetch(layer, blocks, limited=False)
+            if not fetched:
+                failed = True
+                nursery.cancel_scope.cancel()
+            elif self.on_profile_run is not None:
+                self.on_profile_run(layer, blocks)
 
         layer.prefetching_profile = True
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(self.options.concurrency):
-                    nursery.start_soon(worker)
+                ordered = in_first_read_order(merged, profile, untimed=time.time())
+                for place, (read_at, blocks) in enumerate(ordered):
+                    nursery.start_soon(fetch_run, self.slots.queue(read_at, place), blocks)
         finally:
             layer.prefetching_profile = False
-        return not stopped
+        return not failed
 
     async def _rest(self, layer: Layer) -> None:
         """The sequential pass over every block still missing (see the module doc)."""

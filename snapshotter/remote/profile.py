@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeGuard
 
 PROFILE_MEDIA_TYPE = "application/vnd.clip.start-profile.v1+json"
 #: Blocks per background fetch (each is one flight through the read path).
@@ -23,19 +26,43 @@ def profile_digest(layer_digest: str) -> str:
     return "sha256:" + hashlib.sha256(f"clip:start-profile:v1:{layer_digest}".encode()).hexdigest()
 
 
-def encode_profile(layer_digest: str, block_size: int, blocks: Iterable[int]) -> bytes:
-    """The profile document; `blocks` in the order the container first read them (repeats
-    dropped), which is the order the prefetch fetches them in."""
-    doc = {"layer": layer_digest, "block_size": block_size, "blocks": list(dict.fromkeys(blocks))}
+@dataclass(frozen=True, slots=True)
+class StartProfile:
+    """A layer's start profile as this node reads it.
+
+    `blocks` in the order the recording container first read them; `read_at[i]`: when it first
+    read `blocks[i]` (the recording node's wall clock, seconds since the epoch), or None for a
+    profile recorded before those times were kept. The layers of an image are recorded during
+    one container start, so their times are one timeline: the prefetch of all of them shares
+    the link in the order the container read their blocks. (Times relative to each layer's
+    attach are not: a node that builds the indexes attaches each layer after its build, seconds
+    apart.)"""
+
+    blocks: list[int]
+    read_at: list[float] | None = None
+
+
+def encode_profile(layer_digest: str, block_size: int, first_reads: Mapping[int, float],
+                   started: float) -> bytes:
+    """The profile document of `first_reads` (block -> seconds after `started`, the wall-clock
+    time the recording started, when it was first read), blocks in the order they were first
+    read: the order the prefetch fetches them in."""
+    doc = {
+        "layer": layer_digest,
+        "block_size": block_size,
+        "blocks": list(first_reads),
+        "started": round(started, 3),
+        "ms": [round(seconds * 1000) for seconds in first_reads.values()],
+    }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int] | None:
-    """The profile's blocks in `block_size` units, in the recorded order, or None when it is
-    malformed, for another layer, or recorded in blocks that are not a multiple of
-    `block_size` (a profile of larger blocks, as published before blocks were 256 KiB, is read
-    as their smaller ones; profiles written before the order was kept list blocks in stream
-    order, which is read as the order)."""
+def decode_profile(data: bytes, layer_digest: str, block_size: int) -> StartProfile | None:
+    """The profile in `block_size` units, or None when it is malformed, for another layer, or
+    recorded in blocks that are not a multiple of `block_size` (a profile of larger blocks, as
+    published before blocks were 256 KiB, is read as their smaller ones, each part at its
+    block's time; profiles written before the order was kept list blocks in stream order,
+    which is read as the order; those written before times were kept have none)."""
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -43,14 +70,32 @@ def decode_profile(data: bytes, layer_digest: str, block_size: int) -> list[int]
     if not isinstance(doc, dict) or doc.get("layer") != layer_digest:
         return None
     blocks, recorded = doc.get("blocks"), doc.get("block_size")
+    started, ms = doc.get("started"), doc.get("ms")
     if not isinstance(recorded, int) or recorded < block_size or recorded % block_size:
         return None
-    if not isinstance(blocks, list):
+    if not _naturals(blocks):
         return None
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+    timed = ms is not None or started is not None
+    if not timed:
+        times = [0.0] * len(blocks)
+    elif (_naturals(ms) and len(ms) == len(blocks) and isinstance(started, int | float)
+          and not isinstance(started, bool)):
+        times = [started + t / 1000 for t in ms]
+    else:
         return None
     split = recorded // block_size
-    return list(dict.fromkeys(part for b in blocks for part in range(b * split, (b + 1) * split)))
+    first: dict[int, float] = {}
+    for b, t in zip(blocks, times, strict=True):
+        for part in range(b * split, (b + 1) * split):
+            first.setdefault(part, t)
+    return StartProfile(list(first), list(first.values()) if timed else None)
+
+
+def _naturals(value: object) -> TypeGuard[list[int]]:
+    """Whether `value` is a JSON list of non-negative integers."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
 
 
 def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
@@ -64,12 +109,17 @@ def runs(blocks: Iterable[int], limit: int = RUN_BLOCKS) -> list[list[int]]:
     return out
 
 
-def in_first_read_order(work: list[list[int]], profile: list[int]) -> list[list[int]]:
-    """`work` (runs of profile blocks, possibly joined with blocks between) ordered by the
-    earliest place in `profile` of a block each contains: the run the container needed first
-    is fetched first."""
-    rank: dict[int, int] = {}
-    for i, b in enumerate(profile):
-        rank.setdefault(b, i)
-    last = len(profile)
-    return sorted(work, key=lambda blocks: min((rank.get(b, last) for b in blocks), default=last))
+def in_first_read_order(work: list[list[int]], profile: StartProfile, untimed: float,
+                        ) -> list[tuple[float, list[int]]]:
+    """`work` (runs of profile blocks, possibly joined with blocks between), each with the time
+    its earliest block was first read (`untimed` for a profile without times), ordered by that
+    time and then by the block's place in the profile: the run the container needed first is
+    fetched first."""
+    times = profile.read_at if profile.read_at is not None else [untimed] * len(profile.blocks)
+    first: dict[int, tuple[float, int]] = {}
+    for place, (b, seconds) in enumerate(zip(profile.blocks, times, strict=True)):
+        first.setdefault(b, (seconds, place))
+    never = (math.inf, len(profile.blocks))
+    keyed = sorted(((min((first.get(b, never) for b in blocks), default=never), blocks)
+                    for blocks in work), key=lambda item: item[0])
+    return [(key[0], blocks) for key, blocks in keyed]

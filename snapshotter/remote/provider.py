@@ -410,8 +410,8 @@ class RemoteLayerProvider:
         fs, background, bridge = self.fs, self.background, self.bridge
         if fs is None or background is None or bridge is None:
             return
-        if background.wanted(profile or []):
-            bridge.call_in_trio(fs.readpath.spawn, layer, background.run, layer, profile or [])
+        if background.wanted(profile):
+            bridge.call_in_trio(fs.readpath.spawn, layer, background.run, layer, profile)
 
     def _fetched(self, layer: Layer) -> None:
         """Trio thread: background fetch completed a layer; fill whatever blocks the
@@ -435,7 +435,8 @@ class RemoteLayerProvider:
         blocks, layer.profile = layer.profile, None
         if not blocks:
             return
-        data = encode_profile(layer.digest, layer.cache.block_size, blocks)
+        data = encode_profile(layer.digest, layer.cache.block_size, blocks,
+                              layer.profile_started)
         await asyncio.to_thread(self.indexes.put_profile, layer.digest, data)
         await self.content.put_index(profile_digest(layer.digest), data)
         log.info("start profile recorded", extra={"fields": {

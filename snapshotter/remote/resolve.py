@@ -129,7 +129,10 @@ class Resolver:
         return stored
 
     async def _keep_profile(self, digest: str, profile: bytes | None) -> None:
-        if profile is not None and decode_profile(profile, digest, self.cache.block_size):
+        if profile is None:
+            return
+        decoded = decode_profile(profile, digest, self.cache.block_size)
+        if decoded is not None and decoded.blocks:
             await asyncio.to_thread(self.indexes.put_profile, digest, profile)
 
     async def _from_artifact(self, digest: str, ref: str, manifest: str) -> LayerIndex | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from snapshotter.index import LayerIndex
 from snapshotter.remote.build import index_of_blob
-from snapshotter.remote.profile import decode_profile
+from snapshotter.remote.profile import StartProfile, decode_profile
 
 
 class IndexStore:
@@ -60,7 +60,7 @@ class IndexStore:
         temporary.write_bytes(data)
         os.replace(temporary, self.profile_path(digest))
 
-    def profile(self, digest: str, block_size: int) -> list[int] | None:
+    def profile(self, digest: str, block_size: int) -> StartProfile | None:
         try:
             data = self.profile_path(digest).read_bytes()
         except OSError:
