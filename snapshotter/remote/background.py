@@ -10,13 +10,13 @@ is verified, stored and shared like any read.
    before the first one's compressed end (one request instead of two overlapping ones), in the
    order the recording container first read them. The runs of all layers share
    `[background_fetch] concurrency` slots node-wide (`PrefetchSlots`), handed out by when the
-   recording container first read a run's blocks, counted from each layer's attach: an image's
-   layers are attached together, so on a slow link the blocks its start needs first arrive
-   first, whichever layer holds them (measured on the scipy start at 200 Mbit/s: two runs per
-   layer at once left the link a third idle once the small layers were done, while the
-   container waited 0.4-0.8 s for its first blocks behind the big layer's runs). Foreground
-   reads never wait for a slot. The layer's `LayerRanges` keeps concurrent runs from requesting
-   the same compressed bytes.
+   recording container first read a run's blocks (the profile's wall-clock times: one container
+   start records all of an image's layers on one timeline), so on a slow link the blocks its
+   start needs first arrive first, whichever layer holds them (measured on the scipy start at
+   200 Mbit/s: two runs per layer at once left the link a third idle once the small layers
+   were done, while the container waited 0.4-0.8 s for its first blocks behind the big
+   layer's runs). Foreground reads never wait for a slot. The layer's `LayerRanges` keeps
+   concurrent runs from requesting the same compressed bytes.
 2. When `[background_fetch] enabled`, the rest of the layer as *one sequential pass*: the
    missing blocks in stream order, one run of up to `max_run` after another. Each run restarts
    at the resume point the previous one recorded and takes the compressed bytes it held past
@@ -41,6 +41,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import NamedTuple
 
 import trio
 
@@ -59,7 +60,14 @@ _TRIES = 2
 RETRY_PAUSE = 5.0
 
 
-_Ticket = tuple[float, int, int, trio.Event]
+class _Ticket(NamedTuple):
+    """A place in `PrefetchSlots`' line, ordered by its first three fields (`arrival` is
+    unique, so the event is never compared)."""
+
+    due: float
+    place: int
+    arrival: int
+    granted: trio.Event
 
 
 class PrefetchSlots:
@@ -77,10 +85,10 @@ class PrefetchSlots:
         every ticket due earlier and, due at the same time, with a lower `place` or taken
         earlier. `held` waits for the slot; a layer queues all its runs before any waits, so
         its own order never depends on which of its tasks runs first."""
-        ticket = (due, place, next(self._arrival), trio.Event())
+        ticket = _Ticket(due, place, next(self._arrival), trio.Event())
         if self._free and not self._waiting:
             self._free -= 1
-            ticket[3].set()
+            ticket.granted.set()
         else:
             heapq.heappush(self._waiting, ticket)
         return ticket
@@ -88,7 +96,7 @@ class PrefetchSlots:
     @contextlib.asynccontextmanager
     async def held(self, ticket: _Ticket) -> AsyncIterator[None]:
         """Wait for the ticket's slot and hold it for the body."""
-        granted = ticket[3]
+        granted = ticket.granted
         try:
             await granted.wait()
         except BaseException:
@@ -109,7 +117,7 @@ class PrefetchSlots:
 
     def _release(self) -> None:
         if self._waiting:
-            heapq.heappop(self._waiting)[3].set()
+            heapq.heappop(self._waiting).granted.set()
         else:
             self._free += 1
 
