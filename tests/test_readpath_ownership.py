@@ -159,6 +159,50 @@ def test_background_fetch_is_throttled_and_completes(
     assert finished_at[0] >= (len(stream) - 2 * MiB) / (2 * MiB)
 
 
+def test_a_detached_layer_gives_up_its_prefetch_slots(
+    tmp_path: Path, layer_files: LayerFiles
+) -> None:
+    """One slot: layer a's first run hangs at the registry, its second and layer b's runs wait
+    behind it. Detaching a cancels its runs and hands the slot on: b's profile is fetched and
+    the slot is free again."""
+    _, index, _ = layer_files
+    other = write_layer(tmp_path / "b.tgz", [M("big", data=pattern(6 * MiB, 9))])
+    b_index = index_layer(other, tmp_path / "b.index", checkpoint_spacing=512 * 1024)
+    entered, never = trio.Event(), trio.Event()
+
+    async def hanging(coff: int, n: int) -> bytes:
+        entered.set()
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    disk = DiskCache(tmp_path / "cache")
+    a = Layer("a", index, hanging, disk.layer(index.blob_digest))
+    b = Layer("b", b_index, FileSource(other), disk.layer(b_index.blob_digest))
+    a_profile = StartProfile([0, a.nblocks() - 1], [100.0, 101.0])
+    b_profile = StartProfile([0, 8, b.nblocks() - 1], [100.5, 102.0, 103.0])
+    done = trio.Event()
+
+    async def body(rp: ReadPath, nursery: trio.Nursery) -> None:
+        fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=1))
+
+        async def fetch_b() -> None:
+            await fetch.run(b, b_profile)
+            done.set()
+
+        rp.spawn(a, fetch.run, a, a_profile)
+        await entered.wait()
+        nursery.start_soon(fetch_b)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not any(b.cache.has(x) for x in b_profile.blocks)  # queued behind a's run
+        await rp.close_layer(a)
+        await done.wait()
+        assert all(b.cache.has(x) for x in b_profile.blocks)
+        assert fetch.slots.queue(0.0).granted.is_set()  # nothing kept the slot
+
+    run(body)
+    assert a.cache.present_blocks() == 0
+
+
 def test_background_fetch_yields_to_waiting_foreground_reads(
     tmp_path: Path, layer_files: LayerFiles
 ) -> None:
