@@ -331,11 +331,11 @@ def test_prefetch_slots_go_to_the_waiter_due_first() -> None:
     async def waiter(due: float) -> None:
         with trio.CancelScope() as scope:
             scopes[due] = scope
-            async with slots.slot(due):
+            async with slots.held(slots.queue(due)):
                 granted.append(due)
 
     async def main() -> None:
-        async with trio.open_nursery() as n, slots.slot(0.0):
+        async with trio.open_nursery() as n, slots.held(slots.queue(0.0)):
             for due in (5.0, 1.0, 3.0, 2.0, 0.5):
                 n.start_soon(waiter, due)
             await trio.testing.wait_all_tasks_blocked()
@@ -344,7 +344,7 @@ def test_prefetch_slots_go_to_the_waiter_due_first() -> None:
             scopes[0.5].cancel()  # cancelled as the slot is handed to it: passes it on
         assert granted == [1.0, 3.0, 5.0]
         with trio.fail_after(1):  # virtual time: the slot is free again, taken at once
-            async with slots.slot(9.0):
+            async with slots.held(slots.queue(9.0)):
                 granted.append(9.0)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
@@ -372,7 +372,8 @@ def test_profile_runs_of_all_layers_go_in_the_order_they_were_first_read(
     fetch = BackgroundFetch(rp, BackgroundFetchConfig(enabled=False, concurrency=1))
 
     async def main() -> None:
-        async with trio.open_nursery() as n, fetch.slots.slot(0.0):  # every run queues first
+        slots = fetch.slots  # held by the test until every run has queued
+        async with trio.open_nursery() as n, slots.held(slots.queue(0.0)):
             for name, times in read_at.items():
                 layer = Layer(name, index, Recorder(layer_files[0]),
                               DiskCache(tmp_path / name).layer(index.blob_digest))

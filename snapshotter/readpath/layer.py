@@ -135,8 +135,10 @@ class Layer:
 
     def note(self, blocks: range) -> None:
         """Foreground reads touched `blocks` (kept while a start profile is recorded)."""
+        if self.profile is None:  # every read comes here: no clock unless recording
+            return
         now = self.clock()
-        if self.profile is not None and now < self.profile_until:
+        if now < self.profile_until:
             for b in blocks:
                 self.profile.setdefault(b, now - self.profile_since)
 

@@ -111,10 +111,6 @@ class PrefetchSlots:
         finally:
             self._release()
 
-    def slot(self, due: float, place: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
-        """`held(queue(due, place))`."""
-        return self.held(self.queue(due, place))
-
     def _release(self) -> None:
         if self._waiting:
             heapq.heappop(self._waiting).granted.set()
