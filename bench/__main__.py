@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--setups",
         default=None,
         help="comma-separated subset of: " + ",".join(SETUPS) + " (clip-cold runs for any clip "
-        "setup, overlayfs-warm with overlayfs, stargz-warm with stargz)",
+        "setup, overlayfs-warm and -hot with overlayfs, stargz-warm with stargz)",
     )
     parser.add_argument("--mbit", type=int, default=200, help="shaped link bandwidth")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="shaped link round trip")
