@@ -53,7 +53,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="one image (python), one repeat, small throughput phase",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="runs per setup (default 2)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per setup (default 3: the median of three is robust to one outlier run, "
+        "the median of two is their mean)",
+    )
     parser.add_argument(
         "--images",
         default=None,
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     if args.report_only is not None:
         return rerender(args.report_only)
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or (1 if args.quick else 3)
     wanted = args.images.split(",") if args.images else (["python"] if args.quick else None)
     specs = [s for s in IMAGES if wanted is None or s.name in wanted]
     if not specs:
@@ -257,7 +263,7 @@ def run_mode(args: argparse.Namespace) -> str:
         flag
         for flag, on in (
             ("--images", args.images),
-            ("--repeats", args.repeats is not None and args.repeats < 2),
+            ("--repeats", args.repeats is not None and args.repeats < 3),
             ("--no-shaped", args.no_shaped),
             ("--no-throughput", args.no_throughput),
             ("--profile", args.profile),
