@@ -40,6 +40,9 @@ from integration.harness.proxy import CountingProxy
 from integration.harness.redis import RedisServer
 
 HERE = Path(__file__).resolve().parent
+#: Runs per setup of a full run: the median of three is robust to one outlier run, the median
+#: of two is their mean. Fewer makes the run partial.
+FULL_REPEATS = 3
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,8 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="runs per setup (default 3: the median of three is robust to one outlier run, "
-        "the median of two is their mean)",
+        help=f"runs per setup (default {FULL_REPEATS}: the median of three is robust to one "
+        "outlier run, the median of two is their mean)",
     )
     parser.add_argument(
         "--images",
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     if args.report_only is not None:
         return rerender(args.report_only)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else FULL_REPEATS)
     wanted = args.images.split(",") if args.images else (["python"] if args.quick else None)
     specs = [s for s in IMAGES if wanted is None or s.name in wanted]
     if not specs:
@@ -263,7 +266,7 @@ def run_mode(args: argparse.Namespace) -> str:
         flag
         for flag, on in (
             ("--images", args.images),
-            ("--repeats", args.repeats is not None and args.repeats < 3),
+            ("--repeats", args.repeats is not None and args.repeats < FULL_REPEATS),
             ("--no-shaped", args.no_shaped),
             ("--no-throughput", args.no_throughput),
             ("--profile", args.profile),
