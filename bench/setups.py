@@ -100,6 +100,9 @@ class Run:
     load1: float = 0.0  # 1-minute load average at the end (the machine is shared: noise gauge)
     containerd_cpu_s: float | None = None  # containerd's CPU during pull + run (every setup)
     fuse_requests: int | None = None  # requests clip's FUSE mount served during pull + run
+    # seconds clip's reads spent waiting for bytes not yet on the node (read-path latency of
+    # the reads the registry or the ContentCache served; concurrent reads each count)
+    fetch_wait_s: float | None = None
     # clip lazy with background fetch on: per layer, what the registry served over the node's
     # life (pull + run + background fetch until the layer was complete on disk)
     life: list[dict[str, Any]] | None = None
@@ -166,8 +169,18 @@ class Node:
         """Requests clip's FUSE mount has served so far (every operation, both fs modes)."""
         return self._metric_sum("clip_fuse_requests", "_total")
 
-    def _metric_sum(self, prefix: str, suffix: str) -> float | None:
-        """Sum over labels of the clip metric samples named ``prefix...suffix``."""
+    def fetch_wait_seconds(self) -> float | None:
+        """Seconds reads have waited for a fetch so far: the read-path latency of the reads
+        served from below the node (registry, ContentCache), not from memory or disk."""
+        return self._metric_sum(
+            "clip_read_latency_seconds", "_sum", ('tier="registry"', 'tier="contentcache"')
+        )
+
+    def _metric_sum(
+        self, prefix: str, suffix: str, labels: tuple[str, ...] | None = None
+    ) -> float | None:
+        """Sum of the clip metric samples named ``prefix...suffix`` (over all labels, or over
+        the samples carrying one of ``labels``)."""
         if not self.metrics:
             return None
         try:
@@ -179,7 +192,8 @@ class Node:
         for line in text.splitlines():
             name, _, value = line.partition(" ")
             metric = name.split("{", 1)[0]
-            if metric.startswith(prefix) and metric.endswith(suffix):
+            wanted = labels is None or any(label in name for label in labels)
+            if metric.startswith(prefix) and metric.endswith(suffix) and wanted:
                 total += float(value.split()[0])
         return total
 
@@ -307,6 +321,7 @@ class Bench:
         cpu0, ctd0 = cpu_seconds(pid), cpu_seconds(ctd)
         inflate0 = node.inflate_seconds()
         fuse0 = node.fuse_requests()
+        wait0 = node.fetch_wait_seconds()
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
         try:
@@ -339,6 +354,7 @@ class Bench:
             load1=os.getloadavg()[0],
             inflate_s=_delta(node.inflate_seconds(), inflate0),
             fuse_requests=_count(_delta(node.fuse_requests(), fuse0)),
+            fetch_wait_s=_delta(node.fetch_wait_seconds(), wait0),
             output=_short(out),
         )
         self.runs.append(run)
