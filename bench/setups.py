@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.images import PushedImage, compressed_bytes_of, read_set_paths
 from bench.peers import StargzDaemon, rpull
@@ -116,6 +116,27 @@ class Run:
         return {**asdict(self), "end_to_end_s": self.end_to_end_s}
 
 
+class ClipCounters(NamedTuple):
+    """Cumulative clip metrics a measured run reports as deltas (see `Run`)."""
+
+    inflate_s: float
+    fuse_requests: float
+    fetch_wait_s: float
+
+
+def _metric_sum(text: str, prefix: str, suffix: str, labels: tuple[str, ...] = ()) -> float:
+    """Sum of the samples in Prometheus ``text`` named ``prefix...suffix`` (over all labels, or
+    over the samples carrying one of ``labels``)."""
+    total = 0.0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        metric = name.split("{", 1)[0]
+        wanted = not labels or any(label in name for label in labels)
+        if metric.startswith(prefix) and metric.endswith(suffix) and wanted:
+            total += float(value.split()[0])
+    return total
+
+
 class Node:
     """A snapshotter daemon + containerd pair on a private short path, for one measured run.
 
@@ -161,26 +182,9 @@ class Node:
         assert proc is not None, "node not started"
         return proc.pid
 
-    def inflate_seconds(self) -> float | None:
-        """Sum of clip's `clip.inflate.duration` histogram (read-path inflation), if served."""
-        return self._metric_sum("clip_inflate_duration", "_sum")
-
-    def fuse_requests(self) -> float | None:
-        """Requests clip's FUSE mount has served so far (every operation, both fs modes)."""
-        return self._metric_sum("clip_fuse_requests", "_total")
-
-    def fetch_wait_seconds(self) -> float | None:
-        """Seconds reads have waited for a fetch so far: the read-path latency of the reads
-        served from below the node (registry, ContentCache), not from memory or disk."""
-        return self._metric_sum(
-            "clip_read_latency_seconds", "_sum", ('tier="registry"', 'tier="contentcache"')
-        )
-
-    def _metric_sum(
-        self, prefix: str, suffix: str, labels: tuple[str, ...] | None = None
-    ) -> float | None:
-        """Sum of the clip metric samples named ``prefix...suffix`` (over all labels, or over
-        the samples carrying one of ``labels``)."""
+    def counters(self) -> ClipCounters | None:
+        """clip's counters so far, from one scrape of `[daemon] metrics_address`
+        (None for a daemon without it, or when the scrape fails)."""
         if not self.metrics:
             return None
         try:
@@ -188,14 +192,17 @@ class Node:
                 text = resp.read().decode()
         except OSError:
             return None
-        total = 0.0
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            metric = name.split("{", 1)[0]
-            wanted = labels is None or any(label in name for label in labels)
-            if metric.startswith(prefix) and metric.endswith(suffix) and wanted:
-                total += float(value.split()[0])
-        return total
+        return ClipCounters(
+            # read-path inflation (the `clip.inflate.duration` histogram)
+            inflate_s=_metric_sum(text, "clip_inflate_duration", "_sum"),
+            # every operation of clip's FUSE mount, both fs modes
+            fuse_requests=_metric_sum(text, "clip_fuse_requests", "_total"),
+            # the read-path latency of reads served from below the node, not memory or disk
+            fetch_wait_s=_metric_sum(
+                text, "clip_read_latency_seconds", "_sum",
+                ('tier="registry"', 'tier="contentcache"'),
+            ),
+        )
 
     def start(self) -> None:
         self.clip.start()
@@ -319,9 +326,7 @@ class Bench:
         self.proxy.reset()
         cc0 = redis_output_bytes(node.cc_url) if node.cc_url else None
         cpu0, ctd0 = cpu_seconds(pid), cpu_seconds(ctd)
-        inflate0 = node.inflate_seconds()
-        fuse0 = node.fuse_requests()
-        wait0 = node.fetch_wait_seconds()
+        counters0 = node.counters()
         spy = self._py_spy(pid, f"{self.link}-{pushed.spec.name}-{setup}-{repeat}", setup)
         t0 = time.monotonic()
         try:
@@ -335,6 +340,7 @@ class Bench:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
         blobs = sum(self.proxy.blob_bytes(d) for d in pushed.image.layer_digests)
+        counted = _since(node.counters(), counters0)
         run = Run(
             link=self.link,
             image=pushed.spec.name,
@@ -352,9 +358,9 @@ class Bench:
             containerd_cpu_s=cpu_seconds(ctd) - ctd0,
             read_compressed_bytes=_read_bytes(pushed, out),
             load1=os.getloadavg()[0],
-            inflate_s=_delta(node.inflate_seconds(), inflate0),
-            fuse_requests=_count(_delta(node.fuse_requests(), fuse0)),
-            fetch_wait_s=_delta(node.fetch_wait_seconds(), wait0),
+            inflate_s=None if counted is None else counted.inflate_s,
+            fuse_requests=None if counted is None else round(counted.fuse_requests),
+            fetch_wait_s=None if counted is None else counted.fetch_wait_s,
             output=_short(out),
         )
         self.runs.append(run)
@@ -638,12 +644,11 @@ def _flush_redis(url: str) -> None:
     subprocess.run(["redis-cli", "-h", host, "-p", port, "FLUSHALL"], capture_output=True)
 
 
-def _delta(after: float | None, before: float | None) -> float | None:
-    return None if after is None or before is None else after - before
-
-
-def _count(value: float | None) -> int | None:
-    return None if value is None else round(value)
+def _since(after: ClipCounters | None, before: ClipCounters | None) -> ClipCounters | None:
+    """What the counters grew by between two scrapes (None unless both answered)."""
+    if after is None or before is None:
+        return None
+    return ClipCounters(*(a - b for a, b in zip(after, before, strict=True)))
 
 
 def _read_bytes(pushed: PushedImage, out: str) -> int | None:
