@@ -294,6 +294,9 @@ def test_index_push_then_a_fresh_node_builds_nothing_and_background_fetch_comple
     assert _read(first, image.ref, "p1", 3) == cluster_image.middle(3)
     profile = first.clip.root / "indexes" / (cluster_image.big_digest[7:] + ".profile")
     _wait("the start profile", profile.exists)
+    # the read 3 MiB into big.bin (random bytes: checkpoints 2 MiB apart) starts far past a
+    # checkpoint: the profile names the block boundary before it, with its window
+    assert json.loads(profile.read_bytes()).get("points"), profile.read_text()[:300]
     pushed = _push(image.ref, first.clip.root)
     assert pushed["layers"] == len(image.layer_digests) and pushed["profiles"] >= 1
     assert pushed["tag"] == "sha256-" + image.manifest_digest[7:] + ".clip"
@@ -307,7 +310,10 @@ def test_index_push_then_a_fresh_node_builds_nothing_and_background_fetch_comple
         assert _read(fresh, ref, "p2", 11) == cluster_image.middle(11)
         assert fresh.metric("clip_index_builds_total") == 0
         assert fresh.metric("clip_index_fetches_total", source="registry", outcome="hit") >= 1
-        assert "start profile fetched" in fresh.clip.log_path.read_text()
+        fetched = [json.loads(line) for line in fresh.clip.log_path.read_text().splitlines()
+                   if '"start profile fetched"' in line]
+        assert any(entry.get("layer") == cluster_image.big_digest
+                   and entry.get("restart_points", 0) >= 1 for entry in fetched), fetched
         _wait("background fetch", lambda: all(r["complete"] for r in fresh.cache_ls()))
         assert _whole_blob_gets(proxy, image) == []
         assert fresh.metric("clip_background_fetch_done_bytes") > 0

@@ -134,7 +134,7 @@ def test_index_version_and_corruption(tmp_path: Path) -> None:
     assert LayerIndex.from_bytes(good).lookup("f") == 1
     future = bytearray(good)
     future[8:12] = (fmt.VERSION + 1).to_bytes(4, "little")
-    with pytest.raises(IndexFormatError, match="version 2 is not supported"):
+    with pytest.raises(IndexFormatError, match="version 3 is not supported"):
         LayerIndex.from_bytes(bytes(future))
     with pytest.raises(IndexFormatError, match="sizes do not add up"):
         LayerIndex.from_bytes(good[:-3])

@@ -26,6 +26,7 @@ from snapshotter.index import (
     build_index,
     resume,
 )
+from snapshotter.index import format as fmt
 from snapshotter.index.resume import (
     InflateResult,
     ResumePoint,
@@ -208,6 +209,64 @@ def test_multi_member_gzip() -> None:
         length = min(rnd.randrange(1, 400_000), len(layer.raw) - uoff)
         if length > 0:
             assert layer.read(p, uoff, length).data == layer.raw[uoff:uoff + length]
+
+
+def _every_mark_restarts(layer: Layer) -> int:
+    """Inflate 100 KB from every block boundary the index records, its window taken from the
+    stream (as another node publishes it): each gives the stream's bytes."""
+    idx, raw = layer.index, layer.raw
+    marks = sorted({idx.boundary_before(int(u)) for u in idx._mark_uoffs} - {None},
+                   key=lambda m: m.uoff if m else 0)
+    for mark in marks:
+        assert mark is not None and idx.is_boundary(mark)
+        if mark.uoff >= len(raw):
+            continue
+        point = ResumePoint(idx.blob_digest, mark.coff, mark.bits, mark.uoff,
+                            raw[max(0, mark.uoff - resume.WINDOW) : mark.uoff])
+        length = min(100_000, len(raw) - mark.uoff)
+        assert layer.read(point, mark.uoff, length).data == raw[mark.uoff : mark.uoff + length]
+    return len(marks)
+
+
+def test_every_index_mark_is_a_restart_place(tree_layer: tuple[Layer, Path]) -> None:
+    """Version 2 indexes record each block boundary's bit offset: with the 32 KiB before it,
+    inflation restarts at any of them (what published restart points rely on)."""
+    layer, _ = tree_layer
+    idx = layer.index
+    assert _every_mark_restarts(layer) > 2 * idx.checkpoint_count
+    assert _every_mark_restarts(_multi_member_layer(3)) > 10
+    inside = idx.boundary_before(len(layer.raw) // 2)
+    assert inside is not None and inside.uoff <= len(layer.raw) // 2
+    assert idx.boundary_before(0) is None or idx.boundary_before(0).uoff == 0
+    # a place that is not a recorded boundary, or with other bits, is refused
+    assert not idx.is_boundary(Checkpoint(-1, inside.coff, (inside.bits + 1) % 8, inside.uoff))
+    assert not idx.is_boundary(Checkpoint(-1, inside.coff, inside.bits, inside.uoff + 1))
+
+
+def test_version_1_index_still_reads_without_restart_marks(
+        tree_layer: tuple[Layer, Path]) -> None:
+    """An index written before marks had bits (version 1: no bits section) reads as before;
+    its marks bound ranges but name no restart places."""
+    layer, _ = tree_layer
+    v1 = _as_version_1(layer.index)
+    assert v1.lookup("email/__init__.py") == layer.index.lookup("email/__init__.py")
+    assert v1.compressed_range(1000, 5000) == layer.index.compressed_range(1000, 5000)
+    assert v1.boundary_before(len(layer.raw) // 2) is None
+    assert not v1.is_boundary(layer.index.boundary_before(len(layer.raw) // 2))
+
+
+def _as_version_1(index: LayerIndex) -> LayerIndex:
+    """The same index in the version 1 layout (the mark bits section cut out)."""
+    data = index.to_bytes()
+    fields = list(fmt.HEADER.unpack_from(data, 0))
+    body_len, nm = fields[13], fields[16]
+    body = zstandard.ZstdDecompressor().decompress(data[fmt.HEADER_SIZE:][:body_len])
+    bits_end = len(body) - fields[9] - fields[8] * fmt.DIGEST_SIZE  # strings, digests last
+    body = body[: bits_end - nm] + body[bits_end:]
+    packed = zstandard.ZstdCompressor().compress(body)
+    fields[1], fields[13], fields[14] = 1, len(packed), len(body)
+    windows = data[fmt.HEADER_SIZE + body_len :]
+    return LayerIndex.from_bytes(fmt.HEADER.pack(*fields) + packed + windows)
 
 
 def test_stream_end(tree_layer: tuple[Layer, Path]) -> None:

@@ -219,6 +219,7 @@ class _CheckpointPolicy:
         # tree's objects, would keep the freed tree's memory from going back to the system.
         self.mark_uoffs = array.array("Q")
         self.mark_cends = array.array("Q")
+        self.mark_bits = array.array("B")  # so any mark is a restart place (given its window)
         self.candidate: _Pending | None = None
         self.large: collections.deque[int] = collections.deque()  # large files' data starts
         self.tail = b""  # the last 32 KiB of stream before the current piece
@@ -246,6 +247,7 @@ class _CheckpointPolicy:
         uoff, coff = here[0], here[1]
         self.mark_uoffs.append(uoff)
         self.mark_cends.append(coff + (1 if here[2] else 0))
+        self.mark_bits.append(here[2])
         self.density.on_mark()
         if self.forced:
             self._keep(here)
@@ -368,7 +370,7 @@ def build_index(
     reading.join()
     meta = Meta(compression, options.chunk_size, uoff, reading.size, reading.sha.digest())
     entries = tree.encode()
-    marks = (policy.mark_uoffs, policy.mark_cends)
+    marks = (policy.mark_uoffs, policy.mark_cends, policy.mark_bits)
     data = assemble(entries, policy.checkpoints, marks, meta, policy.cctx)
     budget = int(options.index_share * uoff)
     end = Kept(reading.size, uoff, False, 0)

@@ -1,4 +1,4 @@
-"""The on-disk layout of a clip index (version 1); docs/index-format.md is the prose version.
+"""The on-disk layout of a clip index (version 2); docs/index-format.md is the prose version.
 
     header   128 bytes, uncompressed, fixed layout (HEADER)
     body     one zstd frame (with content checksum) holding, back to back:
@@ -7,6 +7,8 @@
                checkpoints  checkpoint_count x CHECKPOINT (40 bytes)
                mark uoffs   mark_count x u64 (every deflate block end / zstd frame start)
                mark cends   mark_count x u64 (compressed bytes needed to reach that uoff)
+               mark bits    mark_count x u8 (bits of the byte before cend that belong to the
+                            next block; version 2 on: a mark is then a full restart place)
                digests      digest_count  x 32-byte sha256
                strings      strings_len bytes (paths, link names, xattr names and values)
     windows  checkpoint windows, each its own zstd frame, at the offsets CHECKPOINT names
@@ -23,7 +25,10 @@ import struct
 from typing import Final
 
 MAGIC: Final = b"CLIPIDX\x00"
-VERSION: Final = 1
+VERSION: Final = 2
+#: Versions this clip reads: version 1 lacks the mark bits (its marks bound ranges but are
+#: not restart places).
+READABLE: Final = (1, 2)
 
 COMPRESSIONS: Final = ("none", "gzip", "zstd")
 

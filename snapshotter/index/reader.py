@@ -58,11 +58,12 @@ class LayerIndex:
         (_magic, version, header_size, comp, self.chunk_size, self._n, self._nx, self._nc,
          self._nd, strings_len, self.uncompressed_size, self.compressed_size, blob_sha,
          body_len, raw_len, windows_len, self._nm) = fields
-        if version != fmt.VERSION:
+        if version not in fmt.READABLE:
             raise IndexFormatError(
                 f"{origin}: index format version {version} is not supported "
-                f"(this clip reads version {fmt.VERSION})"
+                f"(this clip reads versions {', '.join(map(str, fmt.READABLE))})"
             )
+        mark_size = 16 if version == 1 else 17
         body_end = header_size + body_len
         if header_size != fmt.HEADER_SIZE or body_end + windows_len != len(data):
             raise IndexFormatError(f"{origin}: truncated or corrupt index (sizes do not add up)")
@@ -77,7 +78,7 @@ class LayerIndex:
         except zstandard.ZstdError as exc:
             raise IndexFormatError(f"{origin}: corrupt index body ({exc})") from None
         expect = (self._n * fmt.ENTRY.size + self._nx * fmt.XATTR.size
-                  + self._nc * fmt.CHECKPOINT.size + self._nm * 16
+                  + self._nc * fmt.CHECKPOINT.size + self._nm * mark_size
                   + self._nd * fmt.DIGEST_SIZE + strings_len)
         if len(body) != raw_len or raw_len != expect or self._n < 1:
             raise IndexFormatError(f"{origin}: corrupt index body (record counts do not match)")
@@ -88,7 +89,10 @@ class LayerIndex:
         marks_base = self._cp_base + self._nc * fmt.CHECKPOINT.size
         self._mark_uoffs = self._u64s(marks_base, self._nm)
         self._mark_cends = self._u64s(marks_base + 8 * self._nm, self._nm)
-        self._digest_base = marks_base + 16 * self._nm
+        #: per mark, the bits of byte cend-1 that belong to the next block (None: version 1)
+        self._mark_bits = (self._body[marks_base + 16 * self._nm : marks_base + 17 * self._nm]
+                           if version >= 2 else None)
+        self._digest_base = marks_base + mark_size * self._nm
         self._str_base = self._digest_base + self._nd * fmt.DIGEST_SIZE
         self._windows_base = body_end
         self._cp_uoffs = [
@@ -291,6 +295,35 @@ class LayerIndex:
         if i >= self._nm:
             return start, self.compressed_size
         return start, max(start, min(int(self._mark_cends[i]), self.compressed_size))
+
+    def boundary_before(self, uoff: int) -> Checkpoint | None:
+        """The last deflate block boundary at or before ``uoff`` as a restart place without a
+        window (``number`` -1: inflation from it needs the 32 KiB of stream before it from
+        elsewhere), or None when there is none or the index does not record its bit offset
+        (version 1) or the layer is not gzip."""
+        if self.compression != "gzip" or self._mark_bits is None:
+            return None
+        i = bisect.bisect_right(self._mark_uoffs, uoff) - 1
+        if i < 0:
+            return None
+        return self._boundary(i)
+
+    def is_boundary(self, place: Checkpoint) -> bool:
+        """Whether ``place`` (coff, bits, uoff) is exactly a block boundary this index records
+        (a restart place another node names is checked against the index before it is used)."""
+        if self.compression != "gzip" or self._mark_bits is None:
+            return False
+        i = bisect.bisect_left(self._mark_uoffs, place.uoff)
+        if i >= self._nm or self._mark_uoffs[i] != place.uoff:
+            return False
+        mark = self._boundary(i)
+        return (mark.coff, mark.bits) == (place.coff, place.bits)
+
+    def _boundary(self, i: int) -> Checkpoint:
+        assert self._mark_bits is not None
+        bits = self._mark_bits[i]
+        return Checkpoint(-1, int(self._mark_cends[i]) - (1 if bits else 0), bits,
+                          int(self._mark_uoffs[i]))
 
     def window(self, checkpoint: Checkpoint) -> bytes:
         """The 32 KiB of uncompressed data before ``checkpoint`` (gzip only); a few recent

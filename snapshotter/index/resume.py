@@ -26,7 +26,10 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import zstandard
 
 from snapshotter.index import _native
 from snapshotter.index import inflate as zi
@@ -61,6 +64,35 @@ class ResumePoint:
     bits: int
     uoff: int
     window: bytes
+    #: made from a `RestartPoint` another node published (not recorded here)
+    published: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPoint:
+    """A deflate block boundary another node published (`coff`, `bits`, `uoff`, as in a
+    `Checkpoint`) and the zstd frame of the up to 32 KiB of stream before it, decompressed
+    only when a fetch starts there (a node keeps dozens of these per layer)."""
+
+    coff: int
+    bits: int
+    uoff: int
+    packed: bytes
+
+    @property
+    def place(self) -> Checkpoint:
+        return Checkpoint(-1, self.coff, self.bits, self.uoff)
+
+    def window(self) -> bytes:
+        """The window; ValueError when the frame is corrupt or of the wrong size."""
+        try:
+            window = zstandard.ZstdDecompressor().decompress(self.packed, max_output_size=WINDOW)
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"restart point at {self.uoff}: corrupt window ({exc})") from None
+        if len(window) != min(WINDOW, self.uoff):
+            raise ValueError(f"restart point at {self.uoff}: window of {len(window)} bytes")
+        return window
+
 
 
 Start = Checkpoint | ResumePoint
@@ -259,6 +291,9 @@ class ResumePoints:
     ``best_start(uoff)`` is the nearest known point at or before ``uoff`` when it is after the
     index checkpoint there, else that checkpoint; ``add`` takes the points an inflation
     returned. Each point holds its 32 KiB window, so ``max_points=256`` is 8 MiB per layer.
+    ``publish`` adds the restart points of the layer's start profile (kept apart, windows
+    compressed, never evicted: they are few and each is the start of a profile run);
+    ``forget_published`` drops them when a fetch from one failed.
     """
 
     def __init__(self, index: LayerIndex, max_points: int = 256) -> None:
@@ -268,6 +303,8 @@ class ResumePoints:
         self.max_points = max_points
         self._uoffs: list[int] = []  # sorted
         self._points: OrderedDict[int, ResumePoint] = OrderedDict()  # LRU order
+        self._published: list[RestartPoint] = []  # sorted by uoff
+        self._published_uoffs: list[int] = []
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -288,12 +325,43 @@ class ResumePoints:
                 old, _p = self._points.popitem(last=False)
                 del self._uoffs[bisect.bisect_left(self._uoffs, old)]
 
+    def publish(self, points: Iterable[RestartPoint]) -> int:
+        """Take the published points that are exactly block boundaries of this layer's index
+        (the others are ignored); returns how many were taken."""
+        valid = sorted((p for p in points if self.index.is_boundary(p.place)),
+                       key=lambda p: p.uoff)
+        with self._lock:
+            self._published = valid
+            self._published_uoffs = [p.uoff for p in valid]
+        return len(valid)
+
+    @property
+    def published(self) -> int:
+        return len(self._published)
+
+    def forget_published(self) -> bool:
+        """Drop the published points (a fetch from one did not inflate or verify); False if
+        there were none."""
+        with self._lock:
+            had = bool(self._published)
+            self._published, self._published_uoffs = [], []
+        return had
+
     def best_start(self, uoff: int) -> Start:
-        cp = self.index.checkpoint_before(uoff)
+        best: Start = self.index.checkpoint_before(uoff)
         with self._lock:
             i = bisect.bisect_right(self._uoffs, uoff) - 1
-            if i < 0 or self._uoffs[i] <= cp.uoff:
-                return cp
-            point = self._points[self._uoffs[i]]
-            self._points.move_to_end(point.uoff)
-            return point
+            if i >= 0 and self._uoffs[i] > best.uoff:
+                best = self._points[self._uoffs[i]]
+                self._points.move_to_end(best.uoff)
+            j = bisect.bisect_right(self._published_uoffs, uoff) - 1
+            if j < 0 or self._published_uoffs[j] <= best.uoff:
+                return best
+            chosen = self._published[j]
+        try:
+            window = chosen.window()
+        except ValueError:
+            self.forget_published()
+            return best
+        return ResumePoint(self.index.blob_digest, chosen.coff, chosen.bits, chosen.uoff,
+                           window, published=True)

@@ -69,7 +69,7 @@ def _little_endian(values: array.array[int]) -> bytes:
 def assemble(
     entries: Entries,
     checkpoints: list[RawCheckpoint],
-    marks: tuple[array.array[int], array.array[int]],
+    marks: tuple[array.array[int], array.array[int], array.array[int]],
     meta: Meta,
     cctx: zstandard.ZstdCompressor,
 ) -> bytearray:
@@ -78,7 +78,7 @@ def assemble(
     Written into one buffer as they are made (the header last, in front): joining the
     compressed parts, then header, body and windows, would hold two more copies of the index
     at the build's peak."""
-    uoffs, cends = marks
+    uoffs, cends, bits = marks
     mark_uoffs, mark_cends = _little_endian(uoffs), _little_endian(cends)
     cps = bytearray()
     windows_len = 0
@@ -86,8 +86,8 @@ def assemble(
         cps += fmt.CHECKPOINT.pack(cp.uoff, cp.coff, cp.bits, cp.window_len, windows_len,
                                    len(cp.packed))
         windows_len += len(cp.packed)
-    parts = (entries.records, entries.xattrs, cps, mark_uoffs, mark_cends, entries.digests,
-             entries.strings)
+    parts = (entries.records, entries.xattrs, cps, mark_uoffs, mark_cends, bits.tobytes(),
+             entries.digests, entries.strings)
     raw_len = sum(len(part) for part in parts)
     out = bytearray(fmt.HEADER_SIZE)
     # compressed part by part: the joined body would be one more copy of every record

@@ -346,7 +346,9 @@ class ReadPath:
         istart = start + len(head)
         iend = p.tail if p.tail is not None else end
         error: Exception | None = None
-        for attempt in range(self.policy.attempts):
+        # a start at a published restart point that fails is not counted: it is dropped
+        tries = self.policy.attempts + (1 if layer.resume.published else 0)
+        for attempt in range(tries):
             begin = layer.best_start(istart)
             coff, cend = compressed_range_from(layer.index, begin, istart, iend - istart)
             try:
@@ -357,6 +359,12 @@ class ReadPath:
                 if isinstance(exc, VerifyError):
                     self.stats.verify_failures += 1
                     TELEMETRY.verification_failure("registry")
+                if isinstance(begin, ResumePoint) and begin.published:
+                    layer.resume.forget_published()  # the next attempt starts as before
+                    log.warning("layer %s: published restart point at %d rejected (%s); "
+                                "fetching from the index's checkpoints", layer.digest,
+                                begin.uoff, exc)
+                    continue
                 log.warning("layer %s: attempt %d for %d+%d: %s",
                             layer.digest, attempt + 1, start, end - start, exc)
                 continue
@@ -367,7 +375,7 @@ class ReadPath:
         else:
             raise ReadFailed(
                 f"layer {layer.digest}: stream bytes {start}+{end - start} were bad in "
-                f"{self.policy.attempts} attempts: {error}"
+                f"{tries} attempts: {error}"
             )
         self._fragments.pop((layer.digest, p.first), None)
         if p.tail is not None and len(data) > end - start:
@@ -532,7 +540,6 @@ class ReadPath:
         inflation's buffer when there is no head: no copy)."""
         t0 = time.perf_counter()
         result = inflate_from(layer.index, begin, compressed, istart, iend - istart)
-        layer.resume.add(result.points)
         inflated = result.data
         TELEMETRY.inflate(time.perf_counter() - t0, len(inflated), layer.index.compression)
         self.stats.inflated_bytes += len(inflated)
@@ -540,5 +547,6 @@ class ReadPath:
         start = istart - len(head)
         if self.policy.verify:
             layer.verify(start, data)
+        layer.resume.add(result.points)  # after verification: never points of bad bytes
         self._store(layer, start, memoryview(data)[: end - start])
         return data

@@ -160,7 +160,8 @@ class BackgroundFetch:
         room = bool(blocks) and await self._room(layer, len(blocks) * layer.cache.block_size)
         if profile is not None and room and await self._profile(layer, profile):
             log.info("start profile fetched", extra={"fields": {
-                    "layer": layer.digest, "blocks": len(blocks)}})
+                    "layer": layer.digest, "blocks": len(blocks),
+                    "restart_points": layer.resume.published}})
         if self.options.enabled:
             await self._rest(layer)
 

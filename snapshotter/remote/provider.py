@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Coroutine
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,7 @@ from snapshotter.registry.auth import Keychain
 from snapshotter.registry.reference import SHA256_DIGEST
 from snapshotter.remote.background import BackgroundFetch
 from snapshotter.remote.build import LayerBounds
-from snapshotter.remote.profile import encode_profile, profile_digest
+from snapshotter.remote.profile import encode_profile, profile_digest, restart_points
 from snapshotter.remote.resolve import Resolver
 from snapshotter.remote.share import Sharer
 from snapshotter.remote.store import IndexStore
@@ -403,6 +404,13 @@ class RemoteLayerProvider:
         profile = await asyncio.to_thread(
             self.indexes.profile, layer.digest, layer.cache.block_size
         )
+        if profile is not None and profile.points:
+            taken = layer.resume.publish(profile.points)
+            if taken < len(profile.points):
+                log.warning("layer %s: %d of the start profile's %d restart points are not "
+                            "block boundaries its index records (a version 1 index records "
+                            "none); ignored", layer.digest,
+                            len(profile.points) - taken, len(profile.points))
         seconds = self.config.background_fetch.profile_seconds
         if profile is None and seconds > 0:
             layer.record_profile(seconds)
@@ -435,12 +443,15 @@ class RemoteLayerProvider:
         blocks, layer.profile = layer.profile, None
         if not blocks:
             return
+        points = await asyncio.to_thread(
+            restart_points, layer.index, blocks, layer.cache.block_size,
+            partial(_cached_bytes, layer))
         data = encode_profile(layer.digest, layer.cache.block_size, blocks,
-                              layer.profile_started)
+                              layer.profile_started, points)
         await asyncio.to_thread(self.indexes.put_profile, layer.digest, data)
         await self.content.put_index(profile_digest(layer.digest), data)
         log.info("start profile recorded", extra={"fields": {
-            "layer": layer.digest, "blocks": len(blocks)}})
+            "layer": layer.digest, "blocks": len(blocks), "restart_points": len(points)}})
 
     async def _check_content(self) -> None:
         try:
@@ -482,3 +493,12 @@ def _renamed(exc: ClipError, message: str) -> ClipError:
         error = ClipError(message)
         error.grpc_code = exc.grpc_code
         return error
+
+
+def _cached_bytes(layer: Layer, uoff: int, length: int) -> bytes | None:
+    """Stream bytes of `layer` from this node's disk cache, None when not all there (or the
+    layer was detached meanwhile)."""
+    try:
+        return layer.cache.read(uoff, length) if layer.cache.has_range(uoff, length) else None
+    except (OSError, ValueError):
+        return None
