@@ -14,6 +14,11 @@ Which boundaries become points is a property of the stream alone: the first boun
 after each multiple of ``record_every`` (and the first boundary at or after the range end). So
 two reads that pass the same place record the same point, whatever they started from.
 
+Another node can publish points too: ``RestartPoint``s in a layer's start profile (a block
+boundary of the index, whose version 2 marks carry bit offsets, with its window compressed;
+see snapshotter/remote/profile.py). ``ResumePoints.publish`` keeps them beside the recorded
+ones and ``best_start`` considers both.
+
 gzip only. Plain tar is random access already (the range itself is fetched), and zstd frames
 have no block-level restart state that could be captured from Python (``zstandard`` exposes no
 way to snapshot or prime a decompression context mid-frame); a zstd layer restarts at frame
@@ -92,7 +97,6 @@ class RestartPoint:
         if len(window) != min(WINDOW, self.uoff):
             raise ValueError(f"restart point at {self.uoff}: window of {len(window)} bytes")
         return window
-
 
 
 Start = Checkpoint | ResumePoint
