@@ -343,13 +343,11 @@ class ResumePoints:
     def published(self) -> int:
         return len(self._published)
 
-    def forget_published(self) -> bool:
-        """Drop the published points (a fetch from one did not inflate or verify); False if
-        there were none."""
+    def forget_published(self) -> None:
+        """Drop the published points (a fetch from one did not inflate or verify, or the
+        layer is complete on disk)."""
         with self._lock:
-            had = bool(self._published)
             self._published, self._published_uoffs = [], []
-        return had
 
     def best_start(self, uoff: int) -> Start:
         best: Start = self.index.checkpoint_before(uoff)

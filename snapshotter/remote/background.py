@@ -206,6 +206,7 @@ class BackgroundFetch:
         if not layer.cache.complete():
             return
         layer.ranges.clear()  # nothing of the layer is fetched again
+        layer.resume.forget_published()
         await trio.to_thread.run_sync(layer.cache.flush)
         log.info("layer fully fetched", extra={"fields": {"layer": layer.digest}})
         if fetched_any and self.on_complete is not None:
