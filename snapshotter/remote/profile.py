@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
 
-import zstandard
-
 from snapshotter.index import Checkpoint, LayerIndex
 from snapshotter.index.resume import WINDOW, RestartPoint
+from snapshotter.index.writer import compressor
 
 PROFILE_MEDIA_TYPE = "application/vnd.clip.start-profile.v1+json"
 #: Blocks per background fetch (each is one flight through the read path).
@@ -104,7 +103,7 @@ def restart_points(index: LayerIndex, blocks: Iterable[int], block_size: int,
             if gain >= MIN_GAIN:
                 gains.append((gain, mark))
         reach = max(reach, index.compressed_range(start, end - start)[1])
-    cctx = zstandard.ZstdCompressor(level=3)
+    cctx = compressor()  # as the index compresses its checkpoint windows
     out = []
     for _gain, mark in heapq.nlargest(MAX_POINTS, gains, key=lambda item: item[0]):
         length = min(WINDOW, mark.uoff)
