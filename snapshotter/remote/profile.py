@@ -33,6 +33,7 @@ from typing import TypeGuard
 from snapshotter.index import Checkpoint, LayerIndex
 from snapshotter.index.resume import WINDOW, RestartPoint
 from snapshotter.index.writer import compressor
+from snapshotter.readpath.plan import runs as consecutive
 
 PROFILE_MEDIA_TYPE = "application/vnd.clip.start-profile.v1+json"
 #: Blocks per background fetch (each is one flight through the read path).
@@ -94,9 +95,9 @@ def restart_points(index: LayerIndex, blocks: Iterable[int], block_size: int,
     length)` (the stream bytes before it, None when this node lacks them) has its window."""
     gains: list[tuple[int, Checkpoint]] = []
     reach = 0  # compressed end of the runs so far: a node fetches those bytes anyway
-    for run in runs(blocks, limit=1 << 62):
-        start = run[0] * block_size
-        end = min((run[-1] + 1) * block_size, int(index.uncompressed_size))
+    for first, last in consecutive(sorted(set(blocks))):
+        start = first * block_size
+        end = min((last + 1) * block_size, int(index.uncompressed_size))
         mark = index.boundary_before(start)
         if mark is not None:
             gain = mark.coff - max(index.checkpoint_before(start).coff, reach)
