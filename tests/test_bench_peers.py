@@ -80,6 +80,20 @@ def test_no_limit_without_a_probe_or_a_warm_overlayfs_run() -> None:
     assert report.limits(report.summarize(RUNS[3:]), PARAMS) == {}
 
 
+def test_reruns_add_first_exec_samples_and_nothing_else() -> None:
+    # A run-only setup's re-runs (no pull, less daemon CPU) pool into its first-exec median;
+    # pull, pull+run and the other figures stay those of each repeat's first run.
+    first = replace(run("clip-warm", 0.5, 1.0), daemon_cpu_s=0.3)
+    reruns = [replace(run("clip-warm", 0.0, t), rerun=n, daemon_cpu_s=0.1)
+              for n, t in ((1, 0.7), (2, 0.8))]
+    row = report.summarize([first, *reruns])[f"{LINK}/python/clip-warm"]
+    assert row["n"] == 3
+    assert row["first_exec_s"] == {"min": pytest.approx(0.7), "median": pytest.approx(0.8)}
+    assert row["pull_s"] == {"min": pytest.approx(0.5), "median": pytest.approx(0.5)}
+    assert row["end_to_end_s"]["median"] == pytest.approx(1.5)
+    assert row["daemon_cpu_s"] == pytest.approx(0.3)
+
+
 def test_ratios_to_overlayfs_stargz_and_the_limit() -> None:
     summary = report.summarize(RUNS)
     ratios = report.ratios(summary, report.limits(summary, PARAMS))
