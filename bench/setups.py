@@ -378,17 +378,9 @@ class Bench:
         )
         return run
 
-    def measure_runs(
-        self,
-        node: Node,
-        pushed: PushedImage,
-        setup: str,
-        repeat: int,
-        pull: Callable[[str], None] | None,
-        snapshotter: str,
-        *,
-        drop: bool = True,
-    ) -> None:
+    def measure_runs(self, node: Node, pushed: PushedImage, setup: str, repeat: int,
+                     pull: Callable[[str], None] | None, snapshotter: str, *,
+                     drop: bool = True) -> None:
         """A run-only setup (its bytes already on the node): `measure` once with ``pull``, then
         `RERUNS` more runs on the same node, each prepared alike (see `RERUNS`)."""
         self.measure(node, pushed, setup, repeat, pull, snapshotter, drop=drop)
