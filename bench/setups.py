@@ -583,9 +583,9 @@ class Bench:
 
 #: More runs of each run-only setup per repeat (1b, 1c, 5, 5b, 6b), pooled into its first-exec
 #: median: those runs take 0.15-2.5 s and vary by tens of ms from one to the next on this
-#: shared 2-core machine, which three samples left larger than the 5 % the warm target allows
-#: (a fresh node per sample is what makes the other setups slow; these need none). A re-run
-#: is prepared like the first (page cache dropped, every byte on disk); pull and the other
+#: 2-core machine, and more samples cost no fresh node here (what makes the other setups slow).
+#: They steady the median, not the drift between setups run minutes apart. A re-run is
+#: prepared like the first (page cache dropped, every byte on disk); pull and the other
 #: figures come from each repeat's first run.
 RERUNS = 2
 NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
