@@ -562,7 +562,8 @@ def _link_lines(
         f"## Link: {link}",
         "",
         "Times in seconds, median (min) over the repeats; the first exec of a run-only setup "
-        f"(1b, 1c, 5, 5b, 6b) over all its runs, {1 + RERUNS} per repeat on the repeat's node. "
+        f"(1b, 1c, 5, 5b, 6b) over all its runs, {1 + RERUNS} per repeat on the repeat's node "
+        "(1b+1c, 5b and 5 taking turns). "
         "The three ratios are median pull+run "
         "over overlayfs's, stargz's (lazy) and the physical limit's, same link and image. "
         "Registry MB = layer blob bytes served; unique MB = the same with overlapping ranges "

@@ -35,11 +35,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from bench.images import PushedImage, compressed_bytes_of, read_set_paths
 from bench.peers import StargzDaemon, rpull
@@ -52,6 +52,7 @@ NAMESPACE = "clip-bench"
 PROXY_PLUGIN = "clip"  # the harness containerd's proxy plugin: clip serve or the stargz daemon
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def say(text: str) -> None:
@@ -407,13 +408,29 @@ class Bench:
 
     def image_round(self, pushed: PushedImage, repeat: int, with_cc: bool) -> None:
         """Setups 1-5 for one image, each on a clean node; a failing setup is recorded in
-        ``failures`` and the round goes on with what does not depend on it."""
+        ``failures`` and the round goes on with what does not depend on it. The nodes of the
+        run-only setups 1b/1c, 5 and 5b stay up until the end of the round and take their runs
+        in turns (`interleave`)."""
         name = pushed.spec.name
-        if self.wants("overlayfs", "overlayfs-warm", "overlayfs-hot"):
-            self._attempt(pushed, "overlayfs", repeat, lambda: self._overlay(pushed, repeat))
-        esgz = self.esgz.get(name)
-        if self.stargz is not None and esgz is not None and self.wants("stargz", "stargz-warm"):
-            self._attempt(esgz, "stargz", repeat, lambda: self._stargz(esgz, repeat))
+        warm: list[WarmNode] = []
+        try:
+            if self.wants("overlayfs", "overlayfs-warm", "overlayfs-hot"):
+                self._attempt(pushed, "overlayfs", repeat,
+                              kept(warm, partial(self._overlay, pushed, repeat)))
+            esgz = self.esgz.get(name)
+            if self.stargz is not None and esgz is not None and self.wants("stargz", "stargz-warm"):
+                self._attempt(esgz, "stargz", repeat, lambda: self._stargz(esgz, repeat))
+            self._clip_setups(pushed, repeat, with_cc, warm)
+            self._interleave(pushed, repeat, warm)
+        finally:
+            for unit in warm:
+                unit.node.remove()
+
+    def _clip_setups(
+        self, pushed: PushedImage, repeat: int, with_cc: bool, warm: list[WarmNode]
+    ) -> None:
+        """Setups 2-4 measured, then the nodes of 5b and 5 prepared and added to ``warm``."""
+        name = pushed.spec.name
         clip_setups = [s for s in CLIP_SETUPS if self.wants(s) and (with_cc or "content" not in s)]
         if not clip_setups:
             return
@@ -447,14 +464,25 @@ class Bench:
                 )
             for setup in ("clip-warm-fusetree", "clip-warm"):  # the last one moves the cache
                 if setup in clip_setups:
-                    self._attempt(
-                        pushed, setup, repeat, partial(self._warm, pushed, repeat, cold, setup)
-                    )
+                    self._attempt(pushed, setup, repeat,
+                                  kept(warm, partial(self._warm, pushed, cold, setup)))
         finally:
             cold.remove()
 
+    def _interleave(self, pushed: PushedImage, repeat: int, warm: list[WarmNode]) -> None:
+        """The run-only setups' 1 + `RERUNS` runs each, in turns on their nodes (`turns`): the
+        machine's drift over the minutes of a round then reaches every setup alike, which one
+        setup's runs after another's did not (issue 15: warm ratios 0.93-1.08x from run to run).
+        A node's first turn runs its ``pull`` first (clip pull on a warm node is a figure)."""
+        for rerun, unit in turns(warm, 1 + RERUNS):
+            for setup, drop in unit.setups:
+                pull = unit.pull if rerun == 0 else None
+                self._attempt(pushed, setup, repeat, partial(
+                    self.measure, unit.node, pushed, setup, repeat, pull, unit.snapshotter,
+                    drop=drop, rerun=rerun))
+
     def _attempt(
-        self, pushed: PushedImage, setup: str, repeat: int, step: Callable[[], None]
+        self, pushed: PushedImage, setup: str, repeat: int, step: Callable[[], object]
     ) -> bool:
         try:
             step()
@@ -475,15 +503,17 @@ class Bench:
             say("".join(f"      | {line}\n" for line in text[1:][-20:]).rstrip())
             return False
 
-    def _overlay(self, pushed: PushedImage, repeat: int) -> None:
+    def _overlay(self, pushed: PushedImage, repeat: int) -> WarmNode:
+        """Setup 1; the node is kept for 1b and 1c (1c right after each 1b: the page cache as
+        1b left it)."""
         node = self.node(f"{pushed.spec.name}-o")
         try:
             node.start()
             self.measure(node, pushed, "overlayfs", repeat, node.overlay_pull, "overlayfs")
-            self.measure_runs(node, pushed, "overlayfs-warm", repeat, None, "overlayfs")
-            self.measure_runs(node, pushed, "overlayfs-hot", repeat, None, "overlayfs", drop=False)
-        finally:
+        except BaseException:
             node.remove()
+            raise
+        return WarmNode(node, "overlayfs", (("overlayfs-warm", True), ("overlayfs-hot", False)))
 
     def _stargz(self, esgz: PushedImage, repeat: int) -> None:
         """Setup 6 on the eStargz twin: rpull + run, then the warm run on the same node."""
@@ -560,9 +590,9 @@ class Bench:
             })
         return out
 
-    def _warm(self, pushed: PushedImage, repeat: int, cold: Node, setup: str) -> None:
-        """Setup 5: node 2's disk cache and indexes on a fresh node: copied for the FUSE-tree
-        variant (which runs first), moved for the last one."""
+    def _warm(self, pushed: PushedImage, cold: Node, setup: str) -> WarmNode:
+        """Setup 5's node: node 2's disk cache and indexes on a fresh node, copied for the
+        FUSE-tree variant (prepared first), moved for the last one; started, not yet run."""
         fuse_tree = setup == "clip-warm-fusetree"
         node = self.node(f"{pushed.spec.name}-{setup}", extra=FUSE_TREE if fuse_tree else "")
         try:
@@ -576,17 +606,18 @@ class Bench:
                 else:
                     (cold.root / part).rename(node.root / part)
             node.start()
-            self.measure_runs(node, pushed, setup, repeat, node.clip_pull, "clip")
-        finally:
+        except BaseException:
             node.remove()
+            raise
+        return WarmNode(node, "clip", ((setup, True),), node.clip_pull)
 
 
 #: More runs of each run-only setup per repeat (1b, 1c, 5, 5b, 6b), pooled into its first-exec
 #: median: those runs take 0.15-2.5 s and vary by tens of ms from one to the next on this
 #: 2-core machine, and more samples cost no fresh node here (what makes the other setups slow).
-#: They steady the median, not the drift between setups run minutes apart. A re-run is
-#: prepared like the first (page cache dropped, every byte on disk); pull and the other
-#: figures come from each repeat's first run.
+#: They steady each median; taking them in turns (`turns`) spreads the drift between minutes
+#: over the setups alike. A re-run is prepared like the first (page cache dropped, every byte
+#: on disk); pull and the other figures come from each repeat's first run.
 RERUNS = 2
 NO_BACKGROUND = "[background_fetch]\nenabled = false\n"
 # The FUSE-tree mode (clip serves every file operation), side by side with the default, in
@@ -603,6 +634,31 @@ CLIP_SETUPS = (
     "clip-warm",
 )
 SETUPS = ("overlayfs", "overlayfs-warm", "overlayfs-hot", "stargz", "stargz-warm", *CLIP_SETUPS)
+
+
+class WarmNode(NamedTuple):
+    """A node kept up for run-only setups: ``setups`` are (setup, drop the page cache first),
+    run back to back at each of the node's turns; ``pull`` runs before its first turn."""
+
+    node: Node
+    snapshotter: str
+    setups: tuple[tuple[str, bool], ...]
+    pull: Callable[[str], None] | None = None
+
+
+def kept(warm: list[WarmNode], prepare: Callable[[], WarmNode]) -> Callable[[], None]:
+    """A step that prepares a run-only setup's node and keeps it in ``warm``."""
+    return lambda: warm.append(prepare())
+
+
+def turns(units: Sequence[T], rounds: int) -> list[tuple[int, T]]:
+    """``rounds`` turns of every unit as (round, unit), the order reversed in every other round
+    (A B C, C B A, A B C, ...): a drift linear in time then costs each unit the same on
+    average, and no unit always runs right after a particular other."""
+    order: list[tuple[int, T]] = []
+    for n in range(rounds):
+        order.extend((n, unit) for unit in (units if n % 2 == 0 else list(reversed(units))))
+    return order
 
 
 def wait_for_profiles(node: Node, pushed: PushedImage, limit: float = 30.0) -> None:

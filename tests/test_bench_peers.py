@@ -11,7 +11,7 @@ import pytest
 
 from bench import peers, report
 from bench.images import ImageSpec, PushedImage, compressed_bytes_of, read_set_paths
-from bench.setups import Run
+from bench.setups import Run, turns
 from integration.harness.images import BuiltImage
 
 LINK = "200mbit-20ms"
@@ -92,6 +92,18 @@ def test_reruns_add_first_exec_samples_and_nothing_else() -> None:
     assert row["pull_s"] == {"min": pytest.approx(0.5), "median": pytest.approx(0.5)}
     assert row["end_to_end_s"]["median"] == pytest.approx(1.5)
     assert row["daemon_cpu_s"] == pytest.approx(0.3)
+
+
+def test_run_only_setups_take_turns_in_alternating_order() -> None:
+    # Every unit once per round, every other round reversed: a drift linear in time costs
+    # each the same over two rounds, and no unit always follows the same other.
+    assert turns(["o", "f", "c"], 3) == [
+        (0, "o"), (0, "f"), (0, "c"),
+        (1, "c"), (1, "f"), (1, "o"),
+        (2, "o"), (2, "f"), (2, "c"),
+    ]  # fmt: skip
+    assert turns(["o"], 2) == [(0, "o"), (1, "o")]
+    assert turns([], 3) == []
 
 
 def test_ratios_to_overlayfs_stargz_and_the_limit() -> None:
