@@ -53,9 +53,9 @@ def layer_of_blob(tmp: Path, name: str, blob: Path, *, compact_mtime: bool = Fal
 
 
 @contextmanager
-def mounted_image(layer: Layer, where: Path) -> Iterator[Path]:
+def mounted_image(layer: Layer, where: Path, *, direct_io: bool = False) -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
-    mount_image(layer.image, layer.tar, where)
+    mount_image(layer.image, layer.tar, where, direct_io=direct_io)
     try:
         yield where
     finally:

@@ -265,6 +265,43 @@ def test_a_mount_written_for_the_other_mtime_variant_is_replaced(
         assert os.stat(target).st_dev == before
 
 
+def _options(target: Path) -> set[str]:
+    """The mount options /proc/self/mounts shows for ``target``."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(target):
+            return set(fields[3].split(","))
+    raise AssertionError(f"{target} is not mounted")
+
+
+def test_complete_layers_read_the_disk_cache_with_direct_io(
+    streams: FakeStreams, tmp_path: Path
+) -> None:
+    """Where the probe allows it (this kernel and ext4 do), a mount over the complete cache
+    file reads it with direct I/O: each byte cached once, in the layer's own files, and no
+    readahead across file boundaries of the stream. Over the FUSE stream reads stay buffered
+    (clip's read path sees them with the readahead the start profile is recorded with)."""
+    root = tmp_path / "root"
+    layers = ErofsLayers(streams, root, "erofs", tmp_path / "root" / "cache")
+    asyncio.run(layers.start())
+    assert layers.direct_io
+    target = root / "layers" / NAME
+    asyncio.run(layers.prepare(LAYER))
+    assert "directio" not in _options(target)  # over the FUSE stream
+    asyncio.run(layers.release(LAYER, str(target)))
+    streams.complete = True
+    asyncio.run(layers.prepare(LAYER))
+    assert mount_at(target) == ("erofs", str(root / "erofs" / f"{NAME}.disk.mtime.img"))
+    assert "directio" in _options(target)
+    tool = (target / "usr/bin/tool").read_bytes()
+    assert len(tool) == 300_000 and (target / "etc/hostname").read_bytes() == b"clip\n"
+    with open(streams.cache, "rb") as raw, tarfile.open(fileobj=raw) as tar:
+        member = tar.extractfile("usr/bin/tool")
+        assert member is not None and member.read() == tool
+    asyncio.run(layers.release(LAYER, str(target)))
+    assert mount_at(target) is None
+
+
 def test_a_complete_layer_recording_its_start_profile_mounts_over_the_stream(
     streams: FakeStreams, tmp_path: Path
 ) -> None:

@@ -105,7 +105,7 @@ async def _serve(cfg: config_mod.Config) -> None:
     cri = cfg.cri
     keychain = CriKeychain(cri.credential_ttl_seconds) if cri.image_service_address else None
     provider = RemoteLayerProvider(cfg, keychain=keychain)
-    layers = ErofsLayers(provider, Path(cfg.daemon.root), cfg.fs.mode)
+    layers = ErofsLayers(provider, Path(cfg.daemon.root), cfg.fs.mode, cfg.cache_dir())
     daemon = Daemon(cfg, layers)
     daemon.add_service(layers)
     daemon.add_service(provider)

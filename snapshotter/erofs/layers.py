@@ -47,31 +47,44 @@ from snapshotter.snapshots.remote import LayerProvider, RemoteLayer
 log = logging.getLogger(__name__)
 
 
-def choose_mode(configured: str, workdir: Path) -> tuple[str, bool]:
-    """`[fs] mode` made definite: ("erofs" or "fuse", whether images get compact mtimes).
+@dataclasses.dataclass(frozen=True)
+class FsMode:
+    """`[fs] mode` made definite, with what the start-time probe found."""
+
+    mode: str  # "erofs" or "fuse"
+    compact_mtime: bool = False  # images get compact inodes with their own mtimes
+    direct_io: bool = False  # mounts over the disk cache read it with direct I/O
+
+
+def choose_mode(configured: str, workdir: Path, device_dir: Path | None = None) -> FsMode:
+    """`[fs] mode` made definite.
 
     "auto" mounts a tiny image file-backed with an extra device (what every layer needs) and
     uses EROFS if that works; "erofs" insists on it and refuses to start without it. The same
-    mount says whether the kernel shows compact inodes' own mtimes (6.15+).
+    probe says whether the kernel shows compact inodes' own mtimes (6.15+) and whether a mount
+    over a file in ``device_dir`` (the disk cache's directory) can read it with direct I/O.
     """
     if configured == "fuse":
-        return "fuse", False
+        return FsMode("fuse")
     probe = workdir / f".probe-{os.getpid()}"
     probe.mkdir(parents=True, exist_ok=True)
     try:
-        found = probe_file_backed(probe)
+        found = probe_file_backed(probe, device_dir)
     finally:
         shutil.rmtree(probe, ignore_errors=True)
     why = found.unusable
     if why is None:
         log.info("fs mode: erofs (the kernel serves layers; file-backed EROFS works; compact "
-                 "inodes %s)", "with their own mtimes" if found.compact_mtime
-                 else "only at the layer's most common mtime: this kernel ignores theirs")
-        return "erofs", found.compact_mtime
+                 "inodes %s; complete layers read from the disk cache %s)",
+                 "with their own mtimes" if found.compact_mtime
+                 else "only at the layer's most common mtime: this kernel ignores theirs",
+                 "with direct I/O" if found.direct_io
+                 else "through its page cache (no direct I/O here)")
+        return FsMode("erofs", found.compact_mtime, found.direct_io)
     if configured == "erofs":
         raise FailedPrecondition(f"[fs] mode = \"erofs\" but file-backed EROFS is unusable: {why}")
     log.warning("fs mode: fuse (file-backed EROFS is unusable here: %s)", why)
-    return "fuse", False
+    return FsMode("fuse")
 
 
 class LayerStreams(Protocol):
@@ -113,21 +126,27 @@ class ErofsLayers:
 
     name = "layer-mounts"
 
-    def __init__(self, inner: StreamProvider, root: Path, mode: str = "auto") -> None:
+    def __init__(
+        self, inner: StreamProvider, root: Path, mode: str = "auto", cache_dir: Path | None = None
+    ) -> None:
         self.inner = inner
         self.images = root / "erofs"
         self.layers = root / "layers"
+        self.cache_dir = cache_dir or root / "cache"
         self.mode = mode
         #: Images get compact inodes with their own mtimes (settled by ``start``'s probe).
         self.compact_mtime = False
+        #: Mounts over the disk cache read it with direct I/O (settled by ``start``'s probe).
+        self.direct_io = False
         self._users: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def start(self, daemon: object = None) -> None:
         """Settle the mode; in EROFS mode the inner provider's stream mount then outlives
         restarts through a holder process (its socket: ``<root>/fuse-holder.sock``)."""
-        self.mode, self.compact_mtime = await asyncio.to_thread(choose_mode, self.mode,
-                                                                self.images)
+        found = await asyncio.to_thread(choose_mode, self.mode, self.images, self.cache_dir)
+        self.mode, self.compact_mtime, self.direct_io = (
+            found.mode, found.compact_mtime, found.direct_io)
         if self.mode == "erofs":
             self.inner.serve_blobs(self.images.parent / "fuse-holder.sock")
 
@@ -229,14 +248,19 @@ class ErofsLayers:
         # EROFS opens the stream at mount, and keeps the readahead window it had then: a layer
         # recording its profile reads with a narrow one, so the profile is what was read
         narrow = over_fuse and self.inner.recording_profile(digest)
+        # Over the disk cache, buffered reads would cache each byte twice (the layer's file
+        # and the cache file) and read ahead across file boundaries in the stream; over the
+        # FUSE stream they go through clip's read path, whose readahead the profile relies on.
+        direct = self.direct_io and not over_fuse
         try:
             with self.inner.narrow_readahead() if narrow else contextlib.nullcontext():
-                mount_image(image, device, target)
+                mount_image(image, device, target, direct_io=direct)
         except ClipError as exc:
             image.unlink(missing_ok=True)
             raise type(exc)(f"layer {digest} of {layer.image_ref}: {exc}") from None
         log.info("layer %s of %s mounted (EROFS over %s)", digest, layer.image_ref,
-                 "the disk cache" if device != self._blob(digest) else "the FUSE stream")
+                 "the FUSE stream" if over_fuse
+                 else "the disk cache, direct I/O" if direct else "the disk cache")
 
     def _image(self, digest: str, device: Path) -> Path:
         kind = "fuse" if device == self._blob(digest) else "disk"

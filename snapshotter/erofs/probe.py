@@ -26,9 +26,10 @@ class ProbeLayer:
     stamp_mtime_ns: int  # what ``stamp`` shows where compact mtimes are honoured
 
 
-def probe_layer(root: Path) -> ProbeLayer:
-    """Write the probe layer's tar (the device), index and image (with compact mtimes) under
-    ``root``."""
+def probe_layer(root: Path, device_dir: Path | None = None) -> ProbeLayer:
+    """Write the probe layer's tar (the device: in ``device_dir``, by default ``root``),
+    index and image (with compact mtimes) under ``root``. ``probe``'s data starts at offset
+    512 of the tar, as a file's data may in any layer."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data, mtime in (("probe", PROBE_DATA, PROBE_MTIME),
@@ -36,7 +37,7 @@ def probe_layer(root: Path) -> ProbeLayer:
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data), mtime
             tar.addfile(info, io.BytesIO(data))
-    device = root / "probe.tar"
+    device = (device_dir or root) / f"{root.name}.probe.tar"
     device.write_bytes(raw.getvalue())
     out = io.BytesIO()
     with open(device, "rb") as f:
