@@ -397,8 +397,12 @@ def test_write_then_mount_again_after_rewrite(tmp_path: Path) -> None:
 
 def test_the_probe_asks_about_a_compact_inode_with_a_time_of_its_own(tmp_path: Path) -> None:
     """The probe's "yes" means something only if its stamp file really is a compact inode whose
-    mtime differs from the superblock's, and its data is read through the device mapping."""
-    layer = probe_layer(tmp_path)
+    mtime differs from the superblock's, and its data is read through the device mapping, from
+    an offset that is 512-aligned but not 4 KiB-aligned (what its direct-I/O answer rests on)."""
+    (tmp_path / "cache").mkdir()
+    layer = probe_layer(tmp_path, tmp_path / "cache")
+    assert layer.device.parent == tmp_path / "cache"
+    assert layer.device.read_bytes().index(layer.data) == 512
     img = Image.open(layer.image)
     tree = img.walk()
     stamp = tree[b"stamp"]
