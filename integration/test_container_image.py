@@ -194,7 +194,8 @@ def _check_serving(store: PodmanStore, container: str, dirs: HostDirs, started: 
     # the kernel (6.12+) mounts file-backed EROFS inside the container too: layers are served
     # by EROFS images, the FUSE mount carries their streams
     assert report["fuse"] == {
-        "mounted": True, "mountpoint": f"{ROOT_IN_CONTAINER}/mnt", "fs_mode": "erofs"}
+        "mounted": True, "mountpoint": f"{ROOT_IN_CONTAINER}/mnt", "fs_mode": "erofs",
+        "direct_io": True}
     # The container's FUSE mount reached the host through the rshared root.
     fuse = [(p, t) for p, t in _mounts_under(dirs.root) if p == f"{dirs.root}/mnt"]
     assert len(fuse) == 1 and fuse[0][1].startswith("fuse"), _mounts_under(dirs.root)

@@ -130,7 +130,8 @@ def test_status_of_a_lazy_node_fills_as_containers_read(
     report = node.report()
     assert report["version"] == __version__ and report["root"] == str(node.clip.root)
     assert report["fuse"] == {
-        "mounted": True, "mountpoint": str(node.clip.root / "mnt"), "fs_mode": "erofs"}
+        "mounted": True, "mountpoint": str(node.clip.root / "mnt"), "fs_mode": "erofs",
+        "direct_io": True}
     snapshots = report["snapshots"]
     assert isinstance(snapshots, dict) and snapshots["committed"] == len(image.layer_digests)
     layers = _layers(report)

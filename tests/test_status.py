@@ -150,8 +150,10 @@ def test_cli_prints_a_report(served: ClipDaemon, capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert out.startswith(f"clip {__version__} serving {served.root} on {served.socket}")
     assert f"fuse:          mounted at {served.root / 'mnt'}" in out
-    # clip serve's default [fs] mode is auto: on this kernel the kernel serves the layers
-    assert "layers served: by the kernel (EROFS images over the layer streams)" in out
+    # clip serve's default [fs] mode is auto: on this kernel the kernel serves the layers,
+    # complete ones read from the disk cache (on ext4 here) with direct I/O
+    assert ("layers served: by the kernel (EROFS images over the layer streams); complete "
+            "layers read from the disk cache with direct I/O\n") in out
     assert "content cache: none" in out
     assert "remote layers: 0" in out
 
@@ -169,7 +171,7 @@ def test_cli_json_has_every_field(served: ClipDaemon, capsys: pytest.CaptureFixt
         "detail": "",
     }
     assert data["fuse"]["mounted"] is True and data["layers"] == []
-    assert data["fuse"]["fs_mode"] == "erofs"
+    assert data["fuse"]["fs_mode"] == "erofs" and data["fuse"]["direct_io"] is True
 
 
 @pytest.mark.parametrize("case", ["missing", "not-a-socket", "nobody-listens"])

@@ -122,7 +122,8 @@ def render(status: pb.GetStatusResponse) -> str:
         f"(pid {status.pid}, up {human_duration(status.uptime_seconds)})",
         f"snapshots:     {snaps.committed} committed, {snaps.active} active, {snaps.view} view",
         f"fuse:          {'mounted at ' + fuse.mountpoint if fuse.mounted else 'not mounted'}",
-        f"layers served: {_MODES.get(fuse.fs_mode, fuse.fs_mode or 'unknown')}",
+        f"layers served: {_MODES.get(fuse.fs_mode, fuse.fs_mode or 'unknown')}"
+        + ("; complete layers read from the disk cache with direct I/O" if fuse.direct_io else ""),
         f"disk cache:    {human_bytes(disk.used_bytes)} used of {human_bytes(disk.limit_bytes)} "
         f"({disk.dir})",
         f"content cache: {tier_line}",

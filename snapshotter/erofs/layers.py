@@ -192,7 +192,8 @@ class ErofsLayers:
 
     def status(self) -> ProviderStatus:
         """The inner provider's report, saying how layers are served."""
-        return dataclasses.replace(self.inner.status(), fs_mode=self.mode)
+        return dataclasses.replace(self.inner.status(), fs_mode=self.mode,
+                                   direct_io=self.mode == "erofs" and self.direct_io)
 
     def mounted(self) -> dict[str, Path]:
         """Layer digest -> mount directory of every layer mounted by this daemon."""

@@ -85,6 +85,7 @@ class ProviderStatus:
     layers: list[LayerStatus] = field(default_factory=list)
     content_cache: TierHealth = field(default_factory=TierHealth)
     fs_mode: str = "fuse"
+    direct_io: bool = False  # EROFS mounts over complete cache files read with direct I/O
 
 
 @runtime_checkable
@@ -147,6 +148,7 @@ class StatusService(pb_grpc.StatusServicer):
                 mounted=bool(provider and provider.fuse_mounted),
                 mountpoint=provider.mountpoint if provider else "",
                 fs_mode=provider.fs_mode if provider else "",
+                direct_io=bool(provider and provider.direct_io),
             ),
         )
 

@@ -176,20 +176,26 @@ class FuseMount(_message.Message):
     MOUNTED_FIELD_NUMBER: _builtins.int
     MOUNTPOINT_FIELD_NUMBER: _builtins.int
     FS_MODE_FIELD_NUMBER: _builtins.int
+    DIRECT_IO_FIELD_NUMBER: _builtins.int
     mounted: _builtins.bool
     mountpoint: _builtins.str
     fs_mode: _builtins.str
     """how remote layers are served: "erofs" (kernel) or "fuse" (clip's tree)"""
+    direct_io: _builtins.bool
+    """EROFS mode: layers complete on disk are read from their disk-cache file with direct I/O
+    (the start-time probe found the kernel and the cache's file system allow it)
+    """
     def __init__(
         self,
         *,
         mounted: _builtins.bool = ...,
         mountpoint: _builtins.str = ...,
         fs_mode: _builtins.str = ...,
+        direct_io: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fs_mode", b"fs_mode", "mounted", b"mounted", "mountpoint", b"mountpoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct_io", b"direct_io", "fs_mode", b"fs_mode", "mounted", b"mounted", "mountpoint", b"mountpoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
