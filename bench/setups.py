@@ -379,15 +379,6 @@ class Bench:
         )
         return run
 
-    def measure_runs(self, node: Node, pushed: PushedImage, setup: str, repeat: int,
-                     pull: Callable[[str], None] | None, snapshotter: str, *,
-                     drop: bool = True) -> None:
-        """A run-only setup (its bytes already on the node): `measure` once with ``pull``, then
-        `RERUNS` more runs on the same node, each prepared alike (see `RERUNS`)."""
-        self.measure(node, pushed, setup, repeat, pull, snapshotter, drop=drop)
-        for rerun in range(1, RERUNS + 1):
-            self.measure(node, pushed, setup, repeat, None, snapshotter, drop=drop, rerun=rerun)
-
     def _py_spy(self, pid: int, name: str, setup: str) -> subprocess.Popen[bytes] | None:
         """py-spy recording `clip serve` (all threads, native frames off) when asked for."""
         if setup not in self.profile:
@@ -473,7 +464,8 @@ class Bench:
         """The run-only setups' 1 + `RERUNS` runs each, in turns on their nodes (`turns`): the
         machine's drift over the minutes of a round then reaches every setup alike, which one
         setup's runs after another's did not (issue 15: warm ratios 0.93-1.08x from run to run).
-        A node's first turn runs its ``pull`` first (clip pull on a warm node is a figure)."""
+        A node's first turn runs its ``pull`` first (clip pull on a warm node is a figure). Each
+        run is its own `_attempt`: a failed run is recorded and the others still run."""
         for rerun, unit in turns(warm, 1 + RERUNS):
             for setup, drop in unit.setups:
                 pull = unit.pull if rerun == 0 else None
@@ -521,7 +513,7 @@ class Bench:
         try:
             node.start()
             self.measure(node, esgz, "stargz", repeat, node.stargz_pull, PROXY_PLUGIN)
-            self.measure_runs(node, esgz, "stargz-warm", repeat, None, PROXY_PLUGIN)
+            self._interleave(esgz, repeat, [WarmNode(node, PROXY_PLUGIN, (("stargz-warm", True),))])
         finally:
             node.remove()
 

@@ -193,7 +193,7 @@ class ErofsLayers:
     def status(self) -> ProviderStatus:
         """The inner provider's report, saying how layers are served."""
         return dataclasses.replace(self.inner.status(), fs_mode=self.mode,
-                                   direct_io=self.mode == "erofs" and self.direct_io)
+                                   direct_io=self.direct_io)
 
     def mounted(self) -> dict[str, Path]:
         """Layer digest -> mount directory of every layer mounted by this daemon."""
